@@ -1,0 +1,82 @@
+"""Shared fixtures: a fake upstream, a temp HOME with iFlow credentials, and the
+real server started in-process on 127.0.0.1 port 0 with either HTTP adapter."""
+import json
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import iflow2api  # noqa: E402
+from fakes import FakeUpstream  # noqa: E402
+
+FAKE_KEY = "sk-fake-0123456789abcdef0123456789"
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def write_settings(home, base_url, api_key=FAKE_KEY, **extra):
+    """~/.iflow/settings.json as the iFlow CLI writes it."""
+    os.makedirs(os.path.join(home, ".iflow"), exist_ok=True)
+    data = {"selectedAuthType": "api-key", "apiKey": api_key, "baseUrl": base_url,
+            "modelName": "glm-5", "theme": "Default"}
+    data.update(extra)
+    with open(os.path.join(home, ".iflow", "settings.json"), "w") as f:
+        json.dump(data, f)
+
+
+@pytest.fixture
+def fake_upstream():
+    fake = FakeUpstream()
+    yield fake
+    fake.close()
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """An empty temp HOME and IFLOW2API_HOME; nothing from the real home leaks in."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("IFLOW2API_HOME", str(tmp_path / ".iflow2api"))
+    for name in list(os.environ):
+        if name.startswith("IFLOW2API_") and name != "IFLOW2API_HOME":
+            monkeypatch.delenv(name)
+    return tmp_path
+
+
+@pytest.fixture(params=["h11", "stdlib"])
+def adapter(request):
+    if request.param == "h11" and iflow2api.h11 is None:
+        if in_ci():
+            pytest.fail("h11 must be installed in CI")
+        pytest.skip("h11 not installed")
+    return request.param
+
+
+@pytest.fixture
+def start_server(home, adapter):
+    """Start the real server with config overrides; stops them all at the end."""
+    services = []
+
+    def start(**overrides):
+        overrides.setdefault("port", 0)
+        overrides.setdefault("host", "127.0.0.1")
+        env = dict(os.environ, IFLOW2API_HTTP=adapter)
+        service = iflow2api.Service(iflow2api.Config(env=env, cli=overrides))
+        services.append(service)
+        return service.start()
+
+    yield start
+    for service in services:
+        service.stop()
+
+
+@pytest.fixture
+def server(start_server, fake_upstream, home):
+    """The server with credentials pointing at the fake upstream."""
+    write_settings(str(home), fake_upstream.url)
+    return start_server()

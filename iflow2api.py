@@ -1810,7 +1810,7 @@ class HTTPServer:
         return "http://%s:%d" % (host, self.port)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.5},
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
                                         name="iflow2api-http-%d" % self.port, daemon=True)
         self._thread.start()
 

@@ -1,0 +1,99 @@
+"""iflow2api.py needs only the standard library (h11 and certifi optional) and
+nothing newer than Python 3.8."""
+import ast
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, in_ci
+
+OPTIONAL = {"h11", "certifi"}
+SOURCE = os.path.join(ROOT, "iflow2api.py")
+
+
+def imported_top_level_modules(path):
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_imports_only_stdlib_and_optional_packages():
+    stdlib = set(sys.stdlib_module_names)
+    foreign = imported_top_level_modules(SOURCE) - stdlib - OPTIONAL - {"__future__"}
+    assert not foreign, "non-stdlib imports: %s" % sorted(foreign)
+
+
+def test_never_imports_gui_toolkits():
+    assert not imported_top_level_modules(SOURCE) & {"tkinter", "pystray", "PIL"}
+
+
+def test_works_without_optional_packages():
+    code = ("import sys; sys.modules['h11'] = None; sys.modules['certifi'] = None; "
+            "import iflow2api as I; assert I.h11 is None and I.certifi is None; "
+            "assert I.pick_http_adapter({}) == 'stdlib'; I.make_tls_context(); print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_minimum_python_is_3_8_per_vermin():
+    vermin = shutil.which("vermin")
+    if vermin is None:
+        if in_ci():
+            pytest.fail("vermin must be installed in CI")
+        pytest.skip("vermin not installed")
+    out = subprocess.run([vermin, "--target=3.8-", "--violations", "--no-tips", "--eval-annotations",
+                          "--backport", "typing", SOURCE], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def _python38():
+    for candidate in ("/root/.pyenv/versions/3.8.18/bin/python", shutil.which("python3.8")):
+        if candidate and os.path.exists(candidate):
+            out = subprocess.run([candidate, "-c", "import sys; print(sys.version_info[:2])"],
+                                 capture_output=True, text=True)
+            if out.stdout.strip() == "(3, 8)":
+                return candidate
+    return None
+
+
+def test_serves_a_request_on_python_3_8_when_present(tmp_path):
+    """Beyond vermin's static check: the server really runs on 3.8 (stdlib adapter)."""
+    py38 = _python38()
+    if py38 is None:
+        pytest.skip("no Python 3.8 interpreter here (vermin covers the check)")
+    import json, socket, time, urllib.request
+    from conftest import write_settings
+    from fakes import FakeUpstream
+    fake = FakeUpstream()
+    write_settings(str(tmp_path), fake.url)
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    env = dict(os.environ, HOME=str(tmp_path), IFLOW2API_HOME=str(tmp_path / ".i"))
+    proc = subprocess.Popen([py38, SOURCE, "--port", str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        body = json.dumps({"model": "glm-5", "messages": [{"role": "user", "content": "hi"}]}).encode()
+        answer = None
+        for _ in range(100):
+            try:
+                req = urllib.request.Request("http://127.0.0.1:%d/v1/chat/completions" % port, body,
+                                             {"content-type": "application/json"})
+                answer = json.loads(urllib.request.urlopen(req, timeout=2).read())
+                break
+            except OSError:
+                time.sleep(0.05)
+        assert answer and answer["choices"][0]["message"]["content"] == "Hello world"
+    finally:
+        proc.kill()
+        proc.wait()
+        fake.close()

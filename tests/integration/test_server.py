@@ -1,0 +1,265 @@
+"""HTTP-level behaviour of both adapters over raw sockets: keep-alive, framing,
+limits and timeouts, protocol errors, startup as a real process."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from conftest import ROOT, write_settings
+
+CHAT = json.dumps({"model": "glm-5", "messages": [{"role": "user", "content": "hi"}]}).encode()
+
+
+def raw_request(method, path, body=b"", headers=(), version="HTTP/1.1"):
+    lines = ["%s %s %s" % (method, path, version), "Host: 127.0.0.1"]
+    lines += ["%s: %s" % h for h in headers]
+    if body and not any(h[0].lower() == "transfer-encoding" for h in headers):
+        lines.append("Content-Length: %d" % len(body))
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def read_response(sock, timeout=5):
+    """(status, headers dict, body) of one response; handles length and chunked framing."""
+    sock.settimeout(timeout)
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        piece = sock.recv(65536)
+        if not piece:
+            raise ConnectionError("closed before head: %r" % buf)
+        buf += piece
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(":")
+        headers[k.strip().lower()] = v.strip()
+    if "content-length" in headers:
+        n = int(headers["content-length"])
+        while len(rest) < n:
+            rest += sock.recv(65536)
+        return status, headers, rest[:n]
+    if headers.get("transfer-encoding") == "chunked":
+        body = b""
+        while True:
+            while b"\r\n" not in rest:
+                rest += sock.recv(65536)
+            size_line, _, rest = rest.partition(b"\r\n")
+            size = int(size_line, 16)
+            while len(rest) < size + 2:
+                rest += sock.recv(65536)
+            body, rest = body + rest[:size], rest[size + 2:]
+            if size == 0:
+                return status, headers, body
+    while True:  # close-delimited
+        piece = sock.recv(65536)
+        if not piece:
+            return status, headers, rest
+        rest += piece
+
+
+def connect(server):
+    return socket.create_connection(("127.0.0.1", server.port), timeout=5)
+
+
+def test_keep_alive_serves_several_requests_on_one_connection(server, fake_upstream):
+    sock = connect(server)
+    for _ in range(3):
+        sock.sendall(raw_request("POST", "/v1/chat/completions", CHAT,
+                                 [("Content-Type", "application/json")]))
+        status, headers, body = read_response(sock)
+        assert status == 200 and json.loads(body)["choices"][0]["message"]["content"] == "Hello world"
+    sock.sendall(raw_request("GET", "/health"))
+    assert read_response(sock)[0] == 200
+    sock.close()
+
+
+def test_stream_is_chunked_on_http11_and_close_delimited_on_http10(server, fake_upstream):
+    body = json.dumps({"model": "glm-5", "stream": True, "messages": [{"role": "user", "content": "x"}]})
+    for version, framing in (("HTTP/1.1", "chunked"), ("HTTP/1.0", None)):
+        sock = connect(server)
+        sock.sendall(raw_request("POST", "/v1/chat/completions", body.encode(), version=version))
+        status, headers, data = read_response(sock)
+        assert status == 200 and headers.get("transfer-encoding") == framing
+        assert headers["content-type"].startswith("text/event-stream")
+        assert b"data: [DONE]" in data or b"data:[DONE]" in data
+        sock.close()
+
+
+def test_chunked_request_body_is_accepted(server, fake_upstream):
+    sock = connect(server)
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(CHAT), CHAT)
+    sock.sendall(raw_request("POST", "/v1/chat/completions", chunked, [("Transfer-Encoding", "chunked")]))
+    status, _h, body = read_response(sock)
+    assert status == 200 and b"Hello world" in body
+
+
+def test_head_and_options_requests(server):
+    sock = connect(server)
+    sock.sendall(raw_request("HEAD", "/health"))
+    status, headers, _body = _read_head_only(sock)
+    assert status == 200 and int(headers["content-length"]) > 0
+    sock.sendall(raw_request("GET", "/health"))
+    assert read_response(sock)[0] == 200  # the connection is still in sync after HEAD
+
+
+def _read_head_only(sock):
+    sock.settimeout(5)
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        buf += sock.recv(1)
+    lines = buf.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (l.partition(":") for l in lines[1:] if l)}
+    return int(lines[0].split()[1]), headers, b""
+
+
+def test_malformed_request_is_400_json_and_connection_closed(server):
+    sock = connect(server)
+    sock.sendall(b"THIS IS NOT HTTP\r\n\r\n")
+    status, headers, body = read_response(sock)
+    assert status == 400
+    assert "error" in json.loads(body)
+    assert sock.recv(10) == b""
+
+
+def test_content_length_over_limit_is_413_without_reading_body(start_server, fake_upstream, home):
+    write_settings(str(home), fake_upstream.url)
+    server = start_server(max_body_bytes=1000)
+    sock = connect(server)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5000000\r\n\r\n")
+    status, _h, body = read_response(sock)
+    assert status == 413 and json.loads(body)["error"]["code"] == "request_too_large"
+
+
+def test_slow_client_times_out_and_does_not_block_others(start_server, fake_upstream, home):
+    write_settings(str(home), fake_upstream.url)
+    server = start_server(header_timeout_s=0.5)
+    slow = connect(server)
+    slow.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")  # head never finishes
+    fast = connect(server)
+    started = time.time()
+    fast.sendall(raw_request("POST", "/v1/chat/completions", CHAT))
+    assert read_response(fast)[0] == 200
+    assert time.time() - started < 2
+    slow.settimeout(5)
+    data = b""
+    try:
+        while True:
+            piece = slow.recv(4096)
+            if not piece:
+                break
+            data += piece
+    except ConnectionResetError:
+        pass
+    assert time.time() - started < 4  # the slow client was cut off by the header timeout
+    assert data == b"" or b" 408 " in data.split(b"\r\n")[0]
+
+
+def test_idle_keep_alive_connection_is_closed(start_server, fake_upstream, home):
+    write_settings(str(home), fake_upstream.url)
+    server = start_server(idle_timeout_s=0.3)
+    sock = connect(server)
+    sock.sendall(raw_request("GET", "/health"))
+    assert read_response(sock)[0] == 200
+    sock.settimeout(3)
+    assert sock.recv(10) == b""
+
+
+def test_max_connections_answers_503(start_server, fake_upstream, home):
+    write_settings(str(home), fake_upstream.url)
+    server = start_server(max_connections=2)
+    held = [connect(server), connect(server)]
+    time.sleep(0.2)
+    extra = connect(server)
+    status, headers, _b = read_response(extra)
+    assert status == 503 and headers["retry-after"] == "1"
+    for sock in held:
+        sock.close()
+    time.sleep(0.2)
+    sock = connect(server)
+    sock.sendall(raw_request("GET", "/health"))
+    assert read_response(sock)[0] == 200
+
+
+def test_expect_100_continue(server, fake_upstream):
+    sock = connect(server)
+    sock.sendall(raw_request("POST", "/v1/chat/completions", b"", [("Expect", "100-continue"),
+                                                                    ("Content-Length", str(len(CHAT)))]))
+    status, _h, _b = _read_head_only(sock)
+    assert status == 100
+    sock.sendall(CHAT)
+    assert read_response(sock)[0] == 200
+
+
+# -- as a real process ------------------------------------------------------------------------
+
+def _free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@pytest.mark.parametrize("http_impl", ["h11", "stdlib"])
+def test_cli_process_serves_and_stops_on_sigterm(tmp_path, fake_upstream, http_impl):
+    write_settings(str(tmp_path), fake_upstream.url)
+    port = _free_port()
+    env = dict(os.environ, HOME=str(tmp_path), IFLOW2API_HOME=str(tmp_path / ".iflow2api"),
+               IFLOW2API_HTTP=http_impl)
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "iflow2api.py"), "--port", str(port)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        health = None
+        for _ in range(100):
+            try:
+                with urllib.request.urlopen("http://127.0.0.1:%d/health" % port, timeout=1) as r:
+                    health = json.loads(r.read())
+                    break
+            except OSError:
+                time.sleep(0.05)
+        assert health and health["status"] == "ok" and health["http_adapter"] == http_impl
+        proc.terminate()
+        out = proc.communicate(timeout=10)[0].decode()
+        assert proc.returncode == 0
+        assert "listening on http://127.0.0.1:%d" % port in out
+        assert "sk-fake" not in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_cli_port_in_use_is_a_clear_message(tmp_path):
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1)
+    port = sock.getsockname()[1]
+    env = dict(os.environ, HOME=str(tmp_path), IFLOW2API_HOME=str(tmp_path / ".i"))
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "iflow2api.py"), "--port", str(port)],
+                            env=env, capture_output=True, text=True, timeout=20)
+    sock.close()
+    assert result.returncode != 0
+    assert "cannot listen on 127.0.0.1:%d" % port in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_env_and_config_file_precedence(tmp_path):
+    home = tmp_path / ".iflow2api"
+    home.mkdir()
+    (home / "config.json").write_text(json.dumps({"port": 1234, "concurrency": 3}))
+    env = dict(os.environ, HOME=str(tmp_path), IFLOW2API_HOME=str(home), IFLOW2API_CONCURRENCY="5")
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "iflow2api.py"), "config", "concurrency"],
+                         env=env, capture_output=True, text=True, timeout=20)
+    assert out.stdout.strip() == "5"
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "iflow2api.py"), "config", "port", "28005"],
+                         env=env, capture_output=True, text=True, timeout=20)
+    assert out.returncode == 0
+    assert json.loads((home / "config.json").read_text()) == {"port": 28005, "concurrency": 3}
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "iflow2api.py"), "config", "port", "abc"],
+                         env=env, capture_output=True, text=True, timeout=20)
+    assert out.returncode != 0 and "port" in out.stderr and "Traceback" not in out.stderr

@@ -1,0 +1,247 @@
+"""Pure parts of the core: signature, per-model tweaks, reasoning, SSE, config, redaction."""
+import hashlib
+import hmac
+import json
+import logging
+import os
+import stat
+
+import pytest
+from hypothesis import given, strategies as st
+
+import iflow2api as I
+
+
+# -- iFlow protocol -------------------------------------------------------------
+
+def test_signature_is_hmac_sha256_of_agent_session_timestamp():
+    expected = hmac.new(b"sk-abc", b"iFlow-Cli:sess-1:1700000000000", hashlib.sha256).hexdigest()
+    assert I.iflow_signature("sk-abc", "sess-1", 1700000000000) == expected
+
+
+def test_provider_headers_stream_has_no_accept_and_signature_matches():
+    class Creds:
+        api_key, base_url = "sk-test-key-123", "http://up/v1"
+    provider = I.IFlowProvider(Creds(), session_id="sid", clock=lambda: 1700000000.5)
+    url, headers, body = provider.prepare({"model": "glm-4.6", "stream": True, "messages": []})
+    assert url == "http://up/v1/chat/completions"
+    assert "Accept" not in headers
+    assert headers["User-Agent"] == "iFlow-Cli"
+    assert headers["Authorization"] == "Bearer sk-test-key-123"
+    assert headers["session-id"] == "sid"
+    assert headers["x-iflow-timestamp"] == "1700000000500"
+    assert headers["x-iflow-signature"] == I.iflow_signature("sk-test-key-123", "sid", 1700000000500)
+    assert json.loads(body)["chat_template_kwargs"] == {"enable_thinking": True}
+    _url, headers2, _ = provider.prepare({"model": "x", "messages": []})
+    assert headers2["Accept"] == "application/json"
+    assert headers2["conversation-id"] != headers["conversation-id"]
+
+
+@pytest.mark.parametrize("model, added, absent", [
+    ("deepseek-v3.2-chat", {"thinking_mode": True, "reasoning": True}, []),
+    ("glm-5", {"chat_template_kwargs": {"enable_thinking": True}, "enable_thinking": True,
+               "thinking": {"type": "enabled"}}, []),
+    ("glm-4.7", {"chat_template_kwargs": {"enable_thinking": True}}, ["enable_thinking"]),
+    ("glm-4.6", {"chat_template_kwargs": {"enable_thinking": True}}, ["thinking"]),
+    ("kimi-k2.5", {"thinking": {"type": "enabled"}}, []),
+    ("kimi-k2-thinking", {"thinking_mode": True}, []),
+    ("mimo-v2", {"thinking": {"type": "enabled"}}, []),
+    ("claude-x", {"chat_template_kwargs": {"enable_thinking": True}}, []),
+    ("my-reasoning-model", {"reasoning": True}, []),
+    ("qwen3-coder-plus", {}, ["thinking_mode", "reasoning", "chat_template_kwargs"]),
+])
+def test_model_tweaks_follow_the_iflow_cli(model, added, absent):
+    body = I.iflow_model_tweaks({"model": model})
+    for key, value in added.items():
+        assert body[key] == value
+    for key in absent:
+        assert key not in body
+
+
+def test_model_tweaks_never_override_client_fields_and_qwen_4b_strips_thinking():
+    assert I.iflow_model_tweaks({"model": "glm-5", "enable_thinking": False})["enable_thinking"] is False
+    body = I.iflow_model_tweaks({"model": "qwen3-4b", "reasoning": True, "thinking_mode": True})
+    assert "reasoning" not in body and "thinking_mode" not in body
+
+
+# -- reasoning ----------------------------------------------------------------------
+
+def test_default_mode_merges_reasoning_into_content():
+    msg = I.normalize_reasoning_message({"content": "4", "reasoning_content": "2+2"}, preserve=False)
+    assert msg == {"content": "2+2\n\n4"}
+
+
+def test_default_mode_reasoning_only_becomes_content():
+    msg = I.normalize_reasoning_message({"content": None, "reasoning_content": "it is 4"}, False)
+    assert msg == {"content": "it is 4"}
+
+
+def test_preserve_mode_keeps_reasoning_and_fills_empty_content():
+    assert I.normalize_reasoning_message({"content": "4", "reasoning_content": "r"}, True) == \
+        {"content": "4", "reasoning_content": "r"}
+    assert I.normalize_reasoning_message({"content": "", "reasoning_content": "r"}, True) == \
+        {"content": "r", "reasoning_content": "r"}
+
+
+def _merge_stream(deltas):
+    merger = I.ReasoningMerger()
+    out = []
+    for delta in deltas:
+        data = json.dumps({"choices": [{"index": 0, "delta": delta}]})
+        out.append(json.loads(merger.rewrite(data))["choices"][0]["delta"])
+    return out
+
+
+def test_stream_merger_turns_reasoning_into_content_with_one_separator():
+    out = _merge_stream([{"reasoning_content": "a"}, {"reasoning_content": "b"}, {"content": "X"},
+                         {"content": "Y"}])
+    assert [d.get("content") for d in out] == ["a", "b", "\n\nX", "Y"]
+    assert all("reasoning_content" not in d for d in out)
+
+
+def test_stream_merger_leaves_plain_chunks_unparsed():
+    merger = I.ReasoningMerger()
+    assert not merger.wants(b'data: {"choices":[{"delta":{"content":"x"}}]}\n\n')
+
+
+# -- SSE codec ------------------------------------------------------------------------
+
+def test_sse_split_anywhere_gives_same_events():
+    raw = b'event: a\ndata: {"x":1}\n\n: keep-alive\r\ndata:[DONE]\r\n\r\n'
+    whole = I.SSEParser().feed(raw)
+    parser = I.SSEParser()
+    pieces = [ev for i in range(len(raw)) for ev in parser.feed(raw[i:i + 1])]
+    assert pieces == whole == [("a", '{"x":1}'), (None, "[DONE]")]
+
+
+def test_sse_multibyte_character_split_across_reads():
+    raw = 'data: {"t":"你好"}\n\n'.encode("utf-8")
+    parser = I.SSEParser()
+    events = parser.feed(raw[:12]) + parser.feed(raw[12:])
+    assert events == [(None, '{"t":"你好"}')]
+
+
+@given(st.lists(st.text(alphabet=st.characters(blacklist_categories=("Cs",),
+                                                 blacklist_characters="\r\n"), max_size=20),
+                min_size=1, max_size=8),
+       st.integers(min_value=1, max_value=7))
+def test_sse_parser_property_any_split(datas, step):
+    raw = b"".join(b"data: " + d.encode("utf-8") + b"\n\n" for d in datas)
+    parser = I.SSEParser()
+    events = [ev for i in range(0, len(raw), step) for ev in parser.feed(raw[i:i + step])]
+    expected = [(None, d[1:] if d.startswith(" ") else d) for d in datas]
+    # a data line that is empty still counts as a data field
+    assert events == expected
+
+
+def test_split_complete_events_keeps_partial_tail():
+    done, rest = I.split_complete_events(b"data: a\n\ndata: b\r\n\r\ndata: c")
+    assert done == b"data: a\n\ndata: b\r\n\r\n" and rest == b"data: c"
+
+
+def test_last_usage_found_in_stream_tail():
+    tail = b'ta: {"choices":[]}\n\ndata: {"choices":[],"usage":{"prompt_tokens":5}}\n\ndata: [DONE]\n\n'
+    assert I.last_usage_in_stream(tail) == {"prompt_tokens": 5}
+
+
+# -- errors -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("status, to_client, openai_type", [
+    (400, 400, "invalid_request_error"), (401, 401, "invalid_request_error"),
+    (429, 429, "rate_limit_error"), (500, 500, "server_error"), (503, 529, "server_error"),
+    (502, 502, "server_error"), (422, 400, "invalid_request_error"), (504, 504, "server_error"),
+])
+def test_upstream_status_maps_to_client_status(status, to_client, openai_type):
+    exc = I.upstream_http_error(status, b'{"error":{"message":"boom"}}')
+    assert exc.status == to_client and exc.openai_type == openai_type
+    assert str(exc).startswith("upstream %d: boom" % status)
+
+
+def test_iflow_error_inside_200_body_is_an_auth_error():
+    exc = I.error_in_body({"status": "434", "msg": "Invalid apiKey"})
+    assert exc.status == 401 and "Invalid apiKey" in str(exc)
+    assert I.error_in_body({"choices": []}) is None
+
+
+@pytest.mark.parametrize("body, param", [
+    ([], None), ({"messages": []}, "messages"), ({"messages": "hi"}, "messages"),
+    ({"model": 5, "messages": [{"role": "user"}]}, "model"),
+    ({"messages": [{"role": "user"}], "stream": "yes"}, "stream"),
+    ({"messages": [{"role": "user"}], "max_tokens": "10"}, "max_tokens"),
+    ({"messages": [{"role": "user"}], "temperature": "hot"}, "temperature"),
+    ({"messages": ["hi"]}, "messages"),
+])
+def test_invalid_chat_requests_name_the_field(body, param):
+    with pytest.raises(I.InvalidRequestError) as info:
+        I.validate_chat_request(body)
+    assert getattr(info.value, "param", None) == param
+
+
+# -- config -------------------------------------------------------------------------------
+
+def test_precedence_cli_over_env_over_file_over_default():
+    merged, warnings = I.resolve_config({"port": 1111, "host": "10.0.0.1", "concurrency": 3},
+                                        {"IFLOW2API_PORT": "2222", "IFLOW2API_CONCURRENCY": "7"},
+                                        {"port": 3333, "host": None})
+    assert merged["port"] == 3333 and merged["concurrency"] == 7 and merged["host"] == "10.0.0.1"
+    assert merged["preserve_reasoning_content"] is False and not warnings
+
+
+def test_original_keys_are_read_and_bad_values_fall_back_with_a_warning():
+    merged, warnings = I.resolve_config({"api_concurrency": 4, "port": "abc", "theme_mode": "dark",
+                                         "unknown_key": 1}, {}, {})
+    assert merged["concurrency"] == 4 and merged["port"] == 28000
+    assert merged["theme_mode"] == "dark" and merged["unknown_key"] == 1
+    assert any("port" in w for w in warnings)
+
+
+def test_config_write_is_atomic_and_private(tmp_path):
+    path = str(tmp_path / "sub" / "config.json")
+    config = I.Config(path=path, env={})
+    config.update({"port": 28001, "preserve_reasoning_content": True})
+    assert json.load(open(path)) == {"port": 28001, "preserve_reasoning_content": True}
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert not [n for n in os.listdir(tmp_path / "sub") if n.endswith(".tmp")]
+    with pytest.raises(ValueError):
+        config.update({"port": "not a port"})
+    assert json.load(open(path))["port"] == 28001
+
+
+def test_corrupt_config_is_kept_as_bak_and_reported(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text("{not json")
+    config = I.Config(path=str(path), env={})
+    assert config["port"] == 28000
+    assert (tmp_path / "config.json.bak").read_text() == "{not json"
+    assert any("not valid JSON" in w for w in config.warnings)
+
+
+def test_credentials_follow_settings_json_changes(tmp_path):
+    settings = tmp_path / "settings.json"
+    config = I.Config(path=str(tmp_path / "c.json"), env={})
+    creds = I.IFlowCredentials(config, str(settings))
+    assert creds.api_key == "" and creds.base_url == I.IFLOW_BASE_URL
+    settings.write_text(json.dumps({"apiKey": "sk-one-11111111", "baseUrl": "http://x/v1/",
+                                    "selectedAuthType": "oauth-iflow"}))
+    assert creds.api_key == "sk-one-11111111" and creds.base_url == "http://x/v1"
+    assert creds.auth_type == "oauth-iflow"
+    settings.write_text(json.dumps({"searchApiKey": "sk-two-2222222222"}))
+    assert creds.api_key == "sk-two-2222222222"
+
+
+# -- redaction ----------------------------------------------------------------------------
+
+def test_secrets_never_reach_log_handlers(caplog):
+    I.register_secret("sk-very-secret-value-42")
+    logger = I.get_logger("test")
+    with caplog.at_level(logging.INFO, logger="iflow2api"):
+        logger.info("key %s and header Authorization: Bearer abcdef123456 json %s",
+                    "sk-very-secret-value-42", '{"apiKey": "zzzz-9999-yyyy"}')
+    text = caplog.text
+    assert "sk-very-secret-value-42" not in text and "abcdef123456" not in text
+    assert "zzzz-9999-yyyy" not in text and "***" in text
+
+
+def test_mask_secret_shows_only_ends():
+    assert I.mask_secret("sk-1234567890abcdef") == "sk-...cdef"
+    assert I.mask_secret("short") == "***"

@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import re
+import select
 import selectors
 import signal
 import socket
@@ -907,6 +908,35 @@ class UpstreamResponse:
 
     def read1(self, n: int = 65536) -> bytes:
         return self._resp.read1(n)
+
+    def wait_readable(self, timeout_s: float) -> bool:
+        """True when read1() can return data now or within timeout_s (False: still silent).
+
+        select() alone is wrong here: http.client may already hold the next bytes in
+        its buffer (or TLS in its own), invisible to select. So first look into the
+        buffer without blocking; for a chunked body, the bytes must include the next
+        chunk-size line, or read1() would still block."""
+        sock, fp = self._conn.sock, self._resp.fp
+        if sock is None or fp is None:
+            return True  # closed: read1() returns at once
+        sock.settimeout(0.0)
+        try:
+            buffered = fp.peek(1)
+        except (BlockingIOError, ssl.SSLWantReadError):
+            buffered = b""
+        except OSError:
+            return True  # let read1() raise the real error
+        finally:
+            sock.settimeout(self._conn.read_timeout_s)
+        if self._resp.chunked and not self._resp.chunk_left:
+            if self._resp.chunk_left == 0 and buffered.startswith(b"\r\n"):
+                buffered = buffered[2:]
+            if b"\n" in buffered:
+                return True
+        elif buffered:
+            return True
+        readable, _w, _x = select.select([sock], [], [], timeout_s)
+        return bool(readable)
 
     def abort(self) -> None:
         sock = self._conn.sock

@@ -12,7 +12,7 @@ import pytest
 
 import iflow2api as I
 from conftest import FAKE_KEY, write_settings
-from fakes import Reply, chunk, completion, sse, text_stream
+from fakes import Reply, completion, sse, text_stream
 
 
 def client(server, **kw):

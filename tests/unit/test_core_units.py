@@ -152,15 +152,15 @@ def test_last_usage_found_in_stream_tail():
     (502, 502, "server_error"), (422, 400, "invalid_request_error"), (504, 504, "server_error"),
 ])
 def test_upstream_status_maps_to_client_status(status, to_client, openai_type):
-    exc = I.upstream_http_error(status, b'{"error":{"message":"boom"}}')
+    exc = I.upstream_error(status, b'{"error":{"message":"boom"}}')
     assert exc.status == to_client and exc.openai_type == openai_type
     assert str(exc).startswith("upstream %d: boom" % status)
+    assert isinstance(exc, I.Iflow2apiError)
 
 
 def test_iflow_error_inside_200_body_is_an_auth_error():
-    exc = I.error_in_body({"status": "434", "msg": "Invalid apiKey"})
+    exc = I.upstream_error(200, {"status": "434", "msg": "Invalid apiKey"})
     assert exc.status == 401 and "Invalid apiKey" in str(exc)
-    assert I.error_in_body({"choices": []}) is None
 
 
 @pytest.mark.parametrize("body, param", [

@@ -294,6 +294,8 @@ DEFAULT_CONFIG = {
     "cors_allow_origins": ["*"],
     "api_keys": [],
     "default_model": "",
+    # Anthropic route: Claude tiers (and any other alias) -> upstream model, like the original (glm-5)
+    "model_map": {"opus": "glm-5", "sonnet": "glm-5", "haiku": "glm-5"},
 }
 
 # Original key names that map to one of ours when ours is absent.
@@ -373,6 +375,12 @@ def _coerce(value, default):
         if isinstance(value, bool):
             raise ValueError("expected a number")
         return float(value)
+    if isinstance(default, dict):
+        if isinstance(value, str):
+            value = json.loads(value)
+        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            raise ValueError("expected an object of names to model ids")
+        return value
     if isinstance(default, list):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
@@ -1384,6 +1392,7 @@ def _apply_thinking(req, body, ctx):
         body["thinking"] = {"type": "enabled" if enabled else "disabled"}
     elif style == "chat_template_kwargs":
         body["chat_template_kwargs"] = {"enable_thinking": enabled}
+    # style "provider": the provider's own per-model request fields decide (iFlow).
 
 
 # -- 2. Response: OpenAI -> Anthropic (non-streaming) -----------------------------------------
@@ -2591,6 +2600,42 @@ IFLOW_TEXT_MODELS = [
     ("kimi-k2-0905", "Kimi-K2-0905"), ("minimax-m2.5", "MiniMax-M2.5"),
 ]
 IFLOW_VISION_MODELS = [("qwen-vl-max", "Qwen-VL-Max")]
+# Context windows (tokens) as the model makers publish them; a request whose prompt
+# plus max_tokens would not fit gets max_tokens lowered (translation.md 1.8).
+IFLOW_CONTEXT_WINDOWS = {
+    "glm-4.6": 200000, "glm-4.7": 200000, "glm-5": 200000, "iFlow-ROME-30BA3B": 128000,
+    "deepseek-v3.2-chat": 128000, "qwen3-coder-plus": 1000000, "kimi-k2": 128000,
+    "kimi-k2-0905": 256000, "kimi-k2-thinking": 256000, "kimi-k2.5": 256000,
+    "minimax-m2.5": 200000, "qwen-vl-max": 128000,
+}
+# Names the original also routed images to (besides qwen-vl-max).
+_VISION_NAME_RE = re.compile(r"(?i)(-vl\b|-vl-|^qwen\d*(\.\d+)?-vl|glm-4(\.\d)?v|vision)")
+
+
+def iflow_model_info(model: str) -> dict:
+    """What translation needs to know of an iFlow model: vision and context window.
+
+    A name we do not know may accept images: the upstream decides."""
+    known_text = {m for m, _d in IFLOW_TEXT_MODELS}
+    vision = model not in known_text or bool(_VISION_NAME_RE.search(model))
+    return {"vision": vision, "context_window": IFLOW_CONTEXT_WINDOWS.get(model),
+            "max_output_tokens": None}
+
+
+def iflow_profile(model: str) -> dict:
+    """Translation flags for an iFlow model (translation.md 1.6, 1.7, section 7)."""
+    name = model.lower()
+    profile = {"thinking_style": "provider"}  # iflow_model_tweaks() turns thinking on
+    if name.startswith("glm-"):
+        profile["thinking_style"] = "chat_template_kwargs"
+    elif name.startswith(("kimi-k2.5", "mimo-")):
+        profile["thinking_style"] = "thinking_type"
+    if name.startswith(("kimi-k2-thinking", "kimi-k2.5", "deepseek")):
+        # These answer 400 when an assistant tool-call turn lacks reasoning_content.
+        profile["replay_reasoning"] = True
+    return profile
+
+
 # Unix time of 2025-01-01, the `created` stamp of catalogue entries (stable output).
 CATALOGUE_CREATED = 1735689600
 
@@ -2877,6 +2922,10 @@ class ModelCatalogue:
         entries += [(m, m, "text") for m in self._upstream() if m not in known]
         return entries
 
+    def static_ids(self) -> list:
+        """Known model ids without asking the upstream (its list is used once fetched)."""
+        return [m for m, _d in IFLOW_TEXT_MODELS + IFLOW_VISION_MODELS] + list(self._upstream_ids)
+
     def _upstream(self) -> list:
         with self._lock:
             now = self.clock()
@@ -2978,6 +3027,9 @@ class Headers:
         return self.get(name) is not None
 
 
+_UNSET = object()
+
+
 class Request:
     """One HTTP request as the handlers see it."""
 
@@ -2995,6 +3047,7 @@ class Request:
         self.id = "req_" + uuid.uuid4().hex[:24]
         self.log = {}  # model, tokens, ... for the access log line
         self._watcher = watcher
+        self._json = _UNSET
 
     @property
     def query(self) -> dict:
@@ -3002,12 +3055,14 @@ class Request:
 
     def json(self):
         """The body parsed as JSON (whatever the content-type says), or a 400."""
-        if not self.body:
-            raise InvalidRequestError("request body is empty; expected a JSON object")
-        try:
-            return json.loads(self.body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise InvalidRequestError("request body is not valid JSON: %s" % exc) from None
+        if self._json is _UNSET:
+            if not self.body:
+                raise InvalidRequestError("request body is empty; expected a JSON object")
+            try:
+                self._json = json.loads(self.body)
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise InvalidRequestError("request body is not valid JSON: %s" % exc) from None
+        return self._json
 
     def watch_disconnect(self, callback):
         """Call callback (from another thread) if the client goes away; returns a cancel function."""
@@ -3743,9 +3798,16 @@ class Api:
         r.add("GET", "/v1/models/{model_id}", self.get_model)
         r.add("GET", "/v1/vision-models", self.list_vision_models)
         for path in ("/v1/chat/completions", "/v1/chat/completions/", "/chat/completions",
-                     "/chat/completions/", "/api/v1/chat/completions", "/api/v1/chat/completions/",
-                     "/", "/v1", "/v1/"):
+                     "/chat/completions/", "/api/v1/chat/completions", "/api/v1/chat/completions/"):
             r.add("POST", path, self.chat_completions)
+        for path in ("/v1/messages", "/v1/messages/", "/messages", "/messages/", "/api/v1/messages",
+                     "/api/v1/messages/"):
+            r.add("POST", path, self.messages, "anthropic")
+        for path in ("/v1/messages/count_tokens", "/messages/count_tokens"):
+            r.add("POST", path, self.count_tokens, "anthropic")
+        for path in ("/", "/v1", "/v1/"):
+            r.add("POST", path, self.root_post)
+        r.add("POST", "/api/event_logging/batch", self.telemetry, "anthropic")
         return r
 
     # -- small endpoints -------------------------------------------------------
@@ -3887,15 +3949,222 @@ class Api:
             _log_usage(req, last_usage_in_stream(older + previous + data))
 
 
+    # -- Anthropic Messages ----------------------------------------------------
+
+    def messages(self, req: Request) -> Response:
+        """POST /v1/messages: translate to the upstream's OpenAI API and back.
+
+        The upstream is always called with stream=true (translation.md 3.11), so
+        streaming and non-streaming clients share one state machine."""
+        self.client_keys.check(req.headers)
+        body = req.json()
+        ctx = self._anthropic_context(body)
+        try:
+            openai_body = anthropic_to_openai_request(body, ctx)
+        except TranslationError as exc:
+            raise InvalidRequestError(str(exc), status=exc.status, anthropic_type=exc.error_type) from None
+        req.log["model"] = ctx.upstream_model
+        is_stream = body.get("stream") is True
+        openai_body["stream"] = True
+        if ctx.flag("stream_usage"):
+            openai_body["stream_options"] = {"include_usage": True}
+        upstream, release = self._open_upstream(openai_body)
+        stream = AnthropicStream(ctx)
+        reader = None
+        try:
+            if "text/event-stream" in upstream.content_type:
+                reader = ChunkReader(upstream)
+                events = _until_started(reader, stream, ANTHROPIC_START_AFTER_S if is_stream else None,
+                                        self.clock)
+            else:  # one JSON body: replay it through the same state machine
+                events = _feed_items(stream, completion_to_chunks(_parse_completion(_read_all(upstream, release)))
+                                     + [ChunkReader.DONE])
+        except BaseException:
+            upstream.close()
+            release()
+            raise
+        headers = [("request-id", req.id)]
+        if is_stream:
+            return Response(200, headers=headers + _SSE_HEADERS,
+                            stream=self._anthropic_events(req, reader, stream, events, upstream, release))
+        try:
+            while reader is not None and not stream.state.done:
+                events += _feed_items(stream, reader.next(None))
+        except (OSError, http.client.HTTPException) as exc:
+            events += stream.fail("api_error", "upstream stream failed: %s" % (exc or type(exc).__name__))
+        finally:
+            upstream.close()
+            release()
+            _log_stream_usage(req, stream)
+        return Response.json(_message_or_raise(events), headers=headers)
+
+    def _anthropic_events(self, req, reader, stream, events, upstream, release):
+        """The SSE body of a streaming /v1/messages answer, with pings while the upstream is silent."""
+        cancel = req.watch_disconnect(upstream.abort)
+        silent_s = 0.0
+        try:
+            if events:
+                yield _encode_events(events)
+            while reader is not None and not stream.state.done:
+                try:
+                    items = reader.next(ANTHROPIC_PING_S)
+                    if items is None:
+                        silent_s += ANTHROPIC_PING_S
+                        if silent_s >= self.config["upstream_read_timeout_s"]:
+                            raise socket.timeout("no data for %.0f s" % silent_s)
+                        events = [PING_EVENT]
+                    else:
+                        silent_s = 0.0
+                        events = _feed_items(stream, items)
+                except (OSError, http.client.HTTPException) as exc:
+                    message = "upstream stream failed: %s" % (exc or type(exc).__name__)
+                    req.log["error"] = message
+                    events = stream.fail("api_error", message)
+                if events:
+                    yield _encode_events(events)
+        finally:
+            cancel()
+            upstream.close()
+            release()
+            _log_stream_usage(req, stream)
+
+    def count_tokens(self, req: Request) -> Response:
+        """POST /v1/messages/count_tokens: a local estimate, never an upstream call."""
+        self.client_keys.check(req.headers)
+        body = req.json()
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+            raise InvalidRequestError("messages: Field required")
+        return Response.json({"input_tokens": estimate_tokens_anthropic(body)})
+
+    def telemetry(self, req: Request) -> Response:
+        """Claude Code's event logging: refused fast, never proxied (translation.md 6.2)."""
+        raise NotFoundError("telemetry is not collected here")
+
+    def root_post(self, req: Request) -> Response:
+        """POST / and /v1: chat completions or messages, by the shape of the request."""
+        if _looks_like_anthropic(req):
+            req.dialect = "anthropic"
+            return self.messages(req)
+        return self.chat_completions(req)
+
+    def _anthropic_context(self, body) -> TranslationContext:
+        if not isinstance(body, dict):
+            raise InvalidRequestError("request body must be a JSON object")
+        client_model = body.get("model")
+        if not isinstance(client_model, str) or not client_model.strip():
+            raise InvalidRequestError("model: Field required")
+        upstream_model = resolve_model(client_model, self.config["model_map"], self.catalogue.static_ids(),
+                                       self.config.get("default_model") or DEFAULT_MODEL)
+        return TranslationContext(client_model=client_model, upstream_model=upstream_model,
+                                  new_id=new_random_id, profile=iflow_profile(upstream_model),
+                                  model_info=iflow_model_info(upstream_model),
+                                  preserve_reasoning=self.config["preserve_reasoning_content"])
+
+# -- Anthropic streaming glue -----------------------------------------------------
+
+ANTHROPIC_START_AFTER_S = 10.0  # start the stream anyway when the upstream is silent (3.4)
+ANTHROPIC_PING_S = 15.0  # ping while the upstream is silent (3.8)
+PING_EVENT = ("ping", {"type": "ping"})
+_SSE_HEADERS = [("content-type", "text/event-stream; charset=utf-8"), ("cache-control", "no-cache"),
+                ("x-accel-buffering", "no")]
+
+
+class ChunkReader:
+    """Upstream SSE as a list of items per read: chunk dicts, DONE or EOF."""
+
+    DONE = "[DONE]"
+    EOF = "<eof>"
+
+    def __init__(self, upstream: UpstreamResponse):
+        self.upstream = upstream
+        self.parser = SSEParser()
+
+    def next(self, timeout_s):
+        """Items from the next read; None when nothing came within timeout_s (None: wait)."""
+        if timeout_s is not None and not self.upstream.wait_readable(timeout_s):
+            return None
+        data = self.upstream.read1(65536)
+        if not data:
+            return self._items(self.parser.flush()) + [self.EOF]
+        return self._items(self.parser.feed(data))
+
+    def _items(self, events) -> list:
+        items = []
+        for _event, data in events:
+            if data == "[DONE]":
+                items.append(self.DONE)
+                continue
+            try:
+                items.append(json.loads(data))
+            except ValueError:
+                log.debug("skipping a non-JSON upstream event: %.200r", data)
+        return items
+
+
+def _feed_items(stream: AnthropicStream, items) -> list:
+    events = []
+    for item in items:
+        if item is ChunkReader.DONE:
+            events += stream.close(True)
+        elif item is ChunkReader.EOF:
+            events += stream.close(False)
+        else:
+            events += stream.feed(item)
+    return events
+
+
+def _until_started(reader: ChunkReader, stream: AnthropicStream, start_after_s, clock) -> list:
+    """Events up to the stream's start. Errors until then raise, so they can still
+    become an HTTP status (translation.md 3.4); after start_after_s of silence the
+    stream is started anyway."""
+    deadline = None if start_after_s is None else clock() + start_after_s
+    events = []
+    while not stream.state.started and not stream.state.done:
+        items = reader.next(None if deadline is None else max(0.0, deadline - clock()))
+        if items is None:
+            return events + stream.start()
+        events += _feed_items(stream, items)
+    return events
+
+
+def _encode_events(events) -> bytes:
+    return b"".join(encode_anthropic_event(event) for event in events)
+
+
+def _message_or_raise(events) -> dict:
+    return aggregate_stream_to_message(events)
+
+
+def _log_stream_usage(req: Request, stream: AnthropicStream) -> None:
+    if stream.state.started:
+        req.log["input_tokens"], req.log["output_tokens"] = stream.usage_for_log()
+
+
+def _looks_like_anthropic(req: Request) -> bool:
+    """Whether a POST to / or /v1 is an Anthropic Messages request."""
+    if req.headers.get("anthropic-version"):
+        return True
+    body = req.json()
+    return isinstance(body, dict) and ("system" in body or "stop_sequences" in body
+                                       or isinstance(body.get("thinking"), dict))
+
+
+def new_random_id(prefix: str) -> str:
+    """prefix + 24 random base62 characters (ids of messages and tool calls)."""
+    number = int.from_bytes(os.urandom(18), "big")
+    chars = []
+    for _ in range(24):
+        number, digit = divmod(number, 62)
+        chars.append(_BASE62[digit])
+    return prefix + "".join(chars)
+
 def _rewrite_events(events: bytes, parser: SSEParser, merger: ReasoningMerger) -> bytes:
     return b"".join(encode_sse_data(merger.rewrite(data)) for _event, data in parser.feed(events))
 
 
 def _sse_response(stream) -> Response:
     body = stream if isinstance(stream, bytes) else b""
-    return Response(200, body, [("content-type", "text/event-stream; charset=utf-8"),
-                                ("cache-control", "no-cache"), ("x-accel-buffering", "no")],
-                    stream=None if isinstance(stream, bytes) else stream)
+    return Response(200, body, list(_SSE_HEADERS), stream=None if isinstance(stream, bytes) else stream)
 
 
 def _read_all(upstream: UpstreamResponse, release) -> bytes:

@@ -199,3 +199,20 @@ class FakeUpstream:
     def close(self):
         self.server.shutdown()
         self.server.server_close()
+
+
+def tool_call_stream(name, arguments, call_id="call_fake_1", text=None, usage=(50, 10)):
+    """Chunks of an answer that calls one tool (arguments split in two fragments)."""
+    chunks = [chunk({"role": "assistant", "content": ""})]
+    if text:
+        chunks.append(chunk({"content": text}))
+    args = json.dumps(arguments)
+    half = len(args) // 2
+    chunks.append(chunk({"tool_calls": [{"index": 0, "id": call_id, "type": "function",
+                                         "function": {"name": name, "arguments": ""}}]}))
+    for part in (args[:half], args[half:]):
+        chunks.append(chunk({"tool_calls": [{"index": 0, "function": {"arguments": part}}]}))
+    chunks.append(chunk({}, "tool_calls"))
+    chunks.append(chunk(usage=usage))
+    chunks.append("[DONE]")
+    return chunks

@@ -8,6 +8,7 @@ Sets up what the tests need, then runs pytest:
 Under CI (CI=true) a missing tool fails the tests instead of skipping them.
 """
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -15,6 +16,35 @@ import venv
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV = os.path.join(ROOT, ".venv-test")
 REQUIREMENTS = os.path.join(ROOT, "tests", "requirements.txt")
+CLAUDE_CODE_VERSION = "2.1.197"
+CLAUDE_CODE_DIR = os.path.join(ROOT, ".cache", "claude-code")
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def apt_install(*packages) -> None:
+    """Debian packages for e2e tests, only where we may (CI runs as root)."""
+    if shutil.which("apt-get") and hasattr(os, "geteuid") and os.geteuid() == 0:
+        subprocess.call(["apt-get", "update", "-qq"])
+        subprocess.call(["apt-get", "install", "-y", "-qq", "--no-install-recommends"] + list(packages))
+
+
+def install_claude_code():
+    """The Claude Code CLI (pinned) in .cache/claude-code; its path, or None."""
+    claude = os.path.join(CLAUDE_CODE_DIR, "node_modules", ".bin", "claude")
+    if os.path.exists(claude):
+        return claude
+    if shutil.which("npm") is None and in_ci():
+        apt_install("nodejs", "npm")
+    npm = shutil.which("npm")
+    if npm is None:
+        return None
+    print("tests/run.py: installing @anthropic-ai/claude-code@%s" % CLAUDE_CODE_VERSION, flush=True)
+    subprocess.call([npm, "install", "--prefix", CLAUDE_CODE_DIR, "--no-audit", "--no-fund", "--silent",
+                     "@anthropic-ai/claude-code@" + CLAUDE_CODE_VERSION])
+    return claude if os.path.exists(claude) else None
 
 
 def venv_python() -> str:
@@ -40,6 +70,7 @@ def ensure_venv() -> str:
 
 def main(argv) -> int:
     python = ensure_venv()
+    install_claude_code()
     env = dict(os.environ)
     env["PATH"] = os.path.dirname(python) + os.pathsep + env.get("PATH", "")
     args = argv or ["tests"]

@@ -26,6 +26,7 @@ __version__ = "0.1.0"
 import argparse
 import base64
 import collections
+import datetime
 import hashlib
 import hmac
 import http.client
@@ -296,6 +297,21 @@ DEFAULT_CONFIG = {
     "default_model": "",
     # Anthropic route: Claude tiers (and any other alias) -> upstream model, like the original (glm-5)
     "model_map": {"opus": "glm-5", "sonnet": "glm-5", "haiku": "glm-5"},
+    # accounts besides the iFlow CLI's settings.json: [{"id", "label", "auth_type", "api_key",
+    # "base_url", "oauth_access_token", "oauth_refresh_token", "oauth_expires_at"}]
+    "accounts": [],
+    "account_cooldown_s": 30.0,
+    # binding anything but 127.0.0.1/::1/localhost needs client keys unless this is true
+    "allow_remote_without_key": False,
+    # iFlow OAuth (public client of the iFlow CLI); URLs configurable for tests and mirrors
+    "oauth_authorize_url": "https://iflow.cn/oauth",
+    "oauth_token_url": "https://iflow.cn/oauth/token",
+    "oauth_userinfo_url": "https://iflow.cn/api/oauth/getUserInfo",
+    "oauth_client_id": "10009311001",
+    "oauth_client_secret": "4Z3YjXycVsQvyGF1etiNlIBB4RsqSDtW",
+    "oauth_callback_port": 11451,
+    "oauth_refresh_before_s": 86400.0,
+    "oauth_refresh_check_s": 300.0,
 }
 
 # Original key names that map to one of ours when ours is absent.
@@ -356,6 +372,107 @@ def read_json_file(path: str):
             backup = "(could not move it aside)"
         return {}, "%s is not valid JSON (%s); kept it as %s and used defaults" % (path, exc, backup)
 
+
+# -- Secrets at rest ----------------------------------------------------------------
+# Config secrets are stored as "enc:v1:<base64(nonce | ciphertext | tag)>": an
+# HMAC-SHA256 keystream (counter mode) and an HMAC-SHA256 tag over the nonce and
+# ciphertext, with a random 32-byte key kept apart from the config in a 0600 file
+# (secret.key next to config.json). Stdlib only; tampering and wrong keys are
+# detected by the tag. Plaintext from older configs is read and sealed on the next save.
+
+SECRET_PREFIX = "enc:v1:"
+
+
+class SecretError(Iflow2apiError):
+    status, code = 500, "secret_unreadable"
+
+
+class SecretBox:
+    """Authenticated encryption of short strings with one key (see above)."""
+
+    def __init__(self, key: bytes):
+        if len(key) < 32:
+            raise ValueError("secret key must be at least 32 bytes")
+        self._enc_key = hmac.new(key, b"iflow2api-encrypt", hashlib.sha256).digest()
+        self._mac_key = hmac.new(key, b"iflow2api-authenticate", hashlib.sha256).digest()
+
+    def seal(self, text: str, nonce: bytes = None) -> str:
+        nonce = nonce or os.urandom(16)
+        data = text.encode("utf-8")
+        cipher = bytes(a ^ b for a, b in zip(data, self._keystream(nonce, len(data))))
+        tag = hmac.new(self._mac_key, b"v1" + nonce + cipher, hashlib.sha256).digest()
+        return SECRET_PREFIX + base64.b64encode(nonce + cipher + tag).decode("ascii")
+
+    def open(self, token: str) -> str:
+        """The plaintext of a sealed value; SecretError when it was changed or the key is wrong."""
+        try:
+            raw = base64.b64decode(token[len(SECRET_PREFIX):].encode("ascii"), validate=True)
+        except (ValueError, UnicodeEncodeError):
+            raise SecretError("a stored secret is not readable (damaged)") from None
+        if len(raw) < 48:
+            raise SecretError("a stored secret is not readable (too short)")
+        nonce, cipher, tag = raw[:16], raw[16:-32], raw[-32:]
+        expected = hmac.new(self._mac_key, b"v1" + nonce + cipher, hashlib.sha256).digest()
+        if not hmac.compare_digest(tag, expected):
+            raise SecretError("a stored secret failed its integrity check (tampered, or another key)")
+        return bytes(a ^ b for a, b in zip(cipher, self._keystream(nonce, len(cipher)))).decode("utf-8")
+
+    def _keystream(self, nonce: bytes, length: int) -> bytes:
+        blocks = []
+        for counter in range((length + 31) // 32):
+            blocks.append(hmac.new(self._enc_key, nonce + counter.to_bytes(8, "big"), hashlib.sha256).digest())
+        return b"".join(blocks)[:length]
+
+
+def load_secret_key(path: str) -> bytes:
+    """The key in path, created (random, 0600) when missing."""
+    try:
+        with open(path, "rb") as f:
+            key = base64.b64decode(f.read().strip())
+        if len(key) >= 32:
+            return key
+        raise ValueError("key file too short")
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError) as exc:
+        raise SecretError("cannot use the key file %s (%s); move it away to start over, "
+                          "then log in again" % (path, exc)) from None
+    key = os.urandom(32)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(base64.b64encode(key) + b"\n")
+    return key
+
+
+# Which config fields hold secrets: top-level names, lists of secrets, and fields
+# inside each account.
+SECRET_FIELDS = ("api_key", "custom_api_key", "oauth_access_token", "oauth_refresh_token")
+SECRET_LISTS = ("api_keys",)
+ACCOUNT_SECRET_FIELDS = ("api_key", "oauth_access_token", "oauth_refresh_token")
+
+
+def map_secrets(data: dict, fn) -> dict:
+    """A copy of config data with fn applied to every secret string in it."""
+    out = dict(data)
+    for key in SECRET_FIELDS:
+        if isinstance(out.get(key), str) and out[key]:
+            out[key] = fn(out[key])
+    for key in SECRET_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [fn(v) if isinstance(v, str) and v else v for v in out[key]]
+    if isinstance(out.get("accounts"), list):
+        accounts = []
+        for account in out["accounts"]:
+            if isinstance(account, dict):
+                account = dict(account)
+                for key in ACCOUNT_SECRET_FIELDS:
+                    if isinstance(account.get(key), str) and account[key]:
+                        account[key] = fn(account[key])
+            accounts.append(account)
+        out["accounts"] = accounts
+    return out
 
 def _coerce(value, default):
     """Convert a config value to the type of its default, or raise ValueError."""
@@ -426,18 +543,24 @@ def resolve_config(file_data: dict, env: dict, cli: dict):
 
 
 class Config:
-    """The app config: file contents plus environment and CLI overrides."""
+    """The app config: file contents plus environment and CLI overrides.
+
+    Secrets are sealed in the file (see SecretBox) and plain in memory. A sealed
+    value that cannot be opened stays sealed (and unused), so saving never loses it."""
 
     def __init__(self, path: str = None, env=None, cli: dict = None, data: dict = None):
         self.env = dict(os.environ if env is None else env)
         self.path = path or self.env.get("IFLOW2API_CONFIG") or os.path.join(app_home(self.env), "config.json")
+        self.key_path = os.path.join(os.path.dirname(os.path.abspath(self.path)), "secret.key")
         self.cli = dict(cli or {})
         self.lock = threading.RLock()
         self.warnings = []
+        self._box = None
         if data is None:
             data, problem = read_json_file(self.path)
             if problem:
                 self.warnings.append(problem)
+            data = map_secrets(data, self._open_secret)
         self.file_data = data
         self._resolve()
 
@@ -460,7 +583,77 @@ class Config:
             self.file_data = dict(self.file_data, **changes)
             self._resolve()
             if save:
-                write_json_atomic(self.path, self.file_data)
+                self.save()
+
+    def save(self) -> None:
+        """Write the file layer with every secret sealed (plaintext from older files too)."""
+        with self.lock:
+            write_json_atomic(self.path, map_secrets(self.file_data, self._seal_secret))
+
+    def _secret_box(self, create: bool):
+        if self._box is None and (create or os.path.exists(self.key_path)):
+            self._box = SecretBox(load_secret_key(self.key_path))
+        return self._box
+
+    def _seal_secret(self, value: str) -> str:
+        if value.startswith(SECRET_PREFIX):
+            return value  # one we could not open: keep it as it was
+        return self._secret_box(create=True).seal(value)
+
+    def _open_secret(self, value: str) -> str:
+        if not value.startswith(SECRET_PREFIX):
+            return value  # plaintext from an older config: sealed on the next save
+        try:
+            box = self._secret_box(create=False)
+            if box is None:
+                raise SecretError("the key file %s is missing" % self.key_path)
+            return box.open(value)
+        except SecretError as exc:
+            self.warnings.append("%s; that secret is ignored (log in or set it again)" % exc)
+            return value
+
+
+def usable_secret(value) -> str:
+    """value when it is a usable plain secret, else "" (missing, or sealed and unreadable)."""
+    if isinstance(value, str) and value and not value.startswith(SECRET_PREFIX):
+        return value
+    return ""
+
+
+def parse_expiry(value):
+    """Seconds since the epoch from an ISO 8601 time (naive = local, as the original
+    writes it; offsets and Z accepted) or a number of seconds or milliseconds; else None."""
+    if isinstance(value, bool) or value in (None, ""):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value) / 1000.0 if value > 1e11 else float(value)
+    try:
+        text = str(value).strip()
+        if text.endswith("Z"):
+            text = text[:-1] + "+00:00"
+        return datetime.datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None
+
+
+def format_expiry(epoch_s: float) -> str:
+    """An expiry as settings.json holds it: local time, ISO 8601, no offset (like the original)."""
+    return datetime.datetime.fromtimestamp(epoch_s).replace(microsecond=0).isoformat()
+
+
+def update_iflow_settings(path: str, updates: dict, remove=()) -> None:
+    """Set credential keys in the iFlow CLI's settings.json and keep every other key.
+
+    A file we cannot parse is not overwritten: it belongs to the iFlow CLI."""
+    data = {}
+    if os.path.exists(path):
+        data, problem = _read_settings(path)
+        if problem:
+            raise Iflow2apiError("%s; fix or remove it, then log in again" % problem)
+    data.update(updates)
+    for key in remove:
+        data.pop(key, None)
+    write_json_atomic(path, data)
 
 
 class IFlowCredentials:
@@ -495,10 +688,14 @@ class IFlowCredentials:
                     register_secret(self._data.get(key))
             return self._data
 
+    def data(self) -> dict:
+        """The current settings.json contents (re-read only when the file changed)."""
+        return self._load()
+
     @property
     def api_key(self) -> str:
         data = self._load()
-        key = data.get("apiKey") or data.get("searchApiKey") or self.config.get("api_key") or ""
+        key = data.get("apiKey") or data.get("searchApiKey") or usable_secret(self.config.get("api_key"))
         register_secret(key)
         return key
 
@@ -509,7 +706,7 @@ class IFlowCredentials:
 
     @property
     def auth_type(self) -> str:
-        return self._load().get("selectedAuthType") or ("api-key" if self.config.get("api_key") else "")
+        return self._load().get("selectedAuthType") or ("api-key" if self.api_key else "")
 
     @property
     def model_name(self) -> str:
@@ -519,7 +716,7 @@ class IFlowCredentials:
         data = self._load()
         if data.get("apiKey") or data.get("searchApiKey"):
             return self.path
-        return self.config.path if self.config.get("api_key") else ""
+        return self.config.path if usable_secret(self.config.get("api_key")) else ""
 
 
 def _read_settings(path: str):
@@ -2861,22 +3058,18 @@ class ConnectionPool:
 
 
 class IFlowProvider:
-    """The iFlow API as the iFlow CLI calls it: signed headers, per-model tweaks."""
+    """The iFlow API as the iFlow CLI calls it: signed headers, per-model tweaks.
+
+    Stateless but for the session id: the account to use comes with each call."""
 
     name = "iflow"
 
-    def __init__(self, credentials: IFlowCredentials, session_id: str = None, clock=time.time):
-        self.credentials = credentials
+    def __init__(self, session_id: str = None, clock=time.time):
         # One session id per process, as the CLI does; conversation ids per call.
         self.session_id = session_id or str(uuid.uuid4())
         self.clock = clock
 
-    @property
-    def has_credentials(self) -> bool:
-        return bool(self.credentials.api_key)
-
-    def headers(self, is_stream: bool) -> dict:
-        api_key = self.credentials.api_key
+    def headers(self, api_key: str, is_stream: bool) -> dict:
         timestamp_ms = int(self.clock() * 1000)
         headers = {
             "Content-Type": "application/json",
@@ -2892,24 +3085,214 @@ class IFlowProvider:
             headers["Accept"] = "application/json"
         return headers
 
-    def prepare(self, body: dict):
-        """(url, headers, body bytes) for a chat completion call."""
+    def prepare(self, body: dict, account):
+        """(url, headers, body bytes) for a chat completion call with the account's key."""
         body = iflow_model_tweaks(body)
         data = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-        return (self.credentials.base_url + "/chat/completions",
-                self.headers(bool(body.get("stream"))), data)
+        return (account.base_url + "/chat/completions",
+                self.headers(account.api_key, bool(body.get("stream"))), data)
 
-    def models_request(self):
-        headers = self.headers(False)
+    def models_request(self, account):
+        headers = self.headers(account.api_key, False)
         headers.pop("Content-Type", None)
-        return self.credentials.base_url + "/models", headers
+        return account.base_url + "/models", headers
 
+class Account:
+    """One set of iFlow credentials in the pool, with its state and counters.
+
+    Account "iflow-cli" is the iFlow CLI's settings.json (shared with the CLI and
+    re-read when it changes); the others are entries of config `accounts`."""
+
+    PRIMARY = "iflow-cli"
+
+    def __init__(self, account_id: str):
+        self.id = account_id
+        self.label = account_id
+        self.auth_type = ""
+        self.api_key = ""
+        self.base_url = IFLOW_BASE_URL
+        self.access_token = ""
+        self.refresh_token = ""
+        self.expires_at = None  # seconds since the epoch, OAuth accounts only
+        self.status = "ok"  # ok | auth_failed | refresh_failed
+        self.message = ""
+        self.cooldown_until = 0.0
+        self.in_flight = 0
+        self.requests = 0
+        self.errors = 0
+        self.refresh_failures = 0
+        self.next_refresh_at = 0.0
+        self.lock = threading.Lock()  # one refresh at a time
+
+    @property
+    def is_oauth(self) -> bool:
+        return self.auth_type == "oauth-iflow" and bool(self.refresh_token)
+
+    def usable(self, now: float) -> bool:
+        return bool(self.api_key) and self.status != "auth_failed" and self.cooldown_until <= now
+
+    def snapshot(self, now: float) -> dict:
+        """What UIs may show: the key masked, never the tokens."""
+        cooling = max(0.0, self.cooldown_until - now)
+        return {"id": self.id, "label": self.label, "auth_type": self.auth_type or "api-key",
+                "api_key": mask_secret(self.api_key), "base_url": self.base_url,
+                "expires_at": format_expiry(self.expires_at) if self.expires_at else None,
+                "status": "cooling_down" if cooling and self.status == "ok" else self.status,
+                "message": self.message, "cooldown_s": round(cooling, 1), "in_flight": self.in_flight,
+                "requests": self.requests, "errors": self.errors}
+
+
+class AccountPool:
+    """The accounts requests can use; picks the least busy usable one.
+
+    Accounts are rebuilt from settings.json and config when those change; each
+    Account object lives on (by id) so counters and cool-downs survive reloads."""
+
+    def __init__(self, config: Config, credentials: IFlowCredentials, clock=time.time):
+        self.config, self.credentials, self.clock = config, credentials, clock
+        self._accounts = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def accounts(self) -> list:
+        with self._lock:
+            self._sync()
+            return list(self._accounts.values())
+
+    def get(self, account_id: str):
+        return next((a for a in self.accounts() if a.id == account_id), None)
+
+    def _sync(self) -> None:
+        fresh = collections.OrderedDict()
+        data = self.credentials.data()
+        primary_key = self.credentials.api_key
+        if primary_key:
+            account = self._accounts.get(Account.PRIMARY) or Account(Account.PRIMARY)
+            account.label = "iFlow CLI (%s)" % self.credentials.source()
+            _fill_account(account, primary_key, self.credentials.base_url, self.credentials.auth_type,
+                          data.get("oauth_access_token"), data.get("oauth_refresh_token"),
+                          data.get("oauth_expires_at"))
+            fresh[account.id] = account
+        for entry in self.config.get("accounts") or []:
+            if not isinstance(entry, dict) or not entry.get("id"):
+                continue
+            account = self._accounts.get(entry["id"]) or Account(str(entry["id"]))
+            account.label = entry.get("label") or account.id
+            _fill_account(account, usable_secret(entry.get("api_key")),
+                          (entry.get("base_url") or IFLOW_BASE_URL).rstrip("/"),
+                          entry.get("auth_type") or "api-key", usable_secret(entry.get("oauth_access_token")),
+                          usable_secret(entry.get("oauth_refresh_token")), entry.get("oauth_expires_at"))
+            fresh[account.id] = account
+        self._accounts = fresh
+
+    @property
+    def has_credentials(self) -> bool:
+        return any(a.api_key for a in self.accounts())
+
+    def pick(self, exclude=()):
+        """The account to use next, or None when every account was tried.
+
+        Healthy accounts first, the least busy of them; accounts cooling down or
+        marked failed are only a last resort, so that one account with a passing
+        upstream error never locks its user out."""
+        now = self.clock()
+        candidates = [a for a in self.accounts() if a.id not in exclude and a.api_key]
+        if not candidates:
+            return None
+        return min(candidates, key=lambda a: (a.status != "ok", a.cooldown_until > now, a.in_flight))
+
+    def begin(self, account: Account):
+        """Count a request on the account; returns the function that ends it (once)."""
+        with self._lock:
+            account.in_flight += 1
+            account.requests += 1
+        ended = []
+
+        def end(ok: bool = True):
+            if not ended:
+                ended.append(True)
+                with self._lock:
+                    account.in_flight -= 1
+                    if not ok:
+                        account.errors += 1
+        return end
+
+    def cool_down(self, account: Account, seconds: float, reason: str) -> None:
+        account.cooldown_until = self.clock() + seconds
+        log.warning("account %s cools down for %.0f s: %s", account.id, seconds, reason)
+
+    def mark(self, account: Account, status: str, message: str) -> None:
+        account.status, account.message = status, message
+        if status != "ok":
+            log.warning("account %s: %s", account.id, message)
+
+    def store_tokens(self, account: Account, api_key: str, access_token: str, refresh_token: str,
+                     expires_at) -> None:
+        """Save new credentials where the account lives (settings.json or config)."""
+        fields = {"apiKey": api_key, "oauth_access_token": access_token,
+                  "oauth_refresh_token": refresh_token}
+        if expires_at:
+            fields["oauth_expires_at"] = fields["api_key_expires_at"] = format_expiry(expires_at)
+        if account.id == Account.PRIMARY:
+            update_iflow_settings(self.credentials.path, fields)
+        else:
+            self.update_entry(account.id, {"api_key": api_key, "oauth_access_token": access_token,
+                                           "oauth_refresh_token": refresh_token,
+                                           "oauth_expires_at": fields.get("oauth_expires_at")})
+        account.api_key, account.access_token, account.refresh_token = api_key, access_token, refresh_token
+        account.expires_at = expires_at
+        for secret in (api_key, access_token, refresh_token):
+            register_secret(secret)
+
+    def add_entry(self, entry: dict) -> str:
+        """Add an account to config (secrets sealed on save); returns its id."""
+        entries = [e for e in self.config.get("accounts") or [] if isinstance(e, dict)]
+        entry = dict(entry)
+        entry.setdefault("id", "acct-" + uuid.uuid4().hex[:8])
+        self.config.update({"accounts": entries + [entry]})
+        return entry["id"]
+
+    def update_entry(self, account_id: str, changes: dict) -> None:
+        entries = [dict(e, **changes) if isinstance(e, dict) and e.get("id") == account_id else e
+                   for e in self.config.get("accounts") or []]
+        self.config.update({"accounts": entries})
+
+    def remove(self, account_id: str) -> bool:
+        """Forget an account: its credentials leave settings.json or config."""
+        if account_id == Account.PRIMARY:
+            if not self.credentials.api_key:
+                return False
+            if os.path.exists(self.credentials.path):
+                update_iflow_settings(self.credentials.path, {}, remove=IFLOW_CREDENTIAL_KEYS)
+            if self.config.file_data.get("api_key"):
+                self.config.update({"api_key": ""})
+            return True
+        entries = self.config.get("accounts") or []
+        kept = [e for e in entries if not (isinstance(e, dict) and e.get("id") == account_id)]
+        if len(kept) == len(entries):
+            return False
+        self.config.update({"accounts": kept})
+        return True
+
+
+# Keys of settings.json that hold the login (the rest belongs to the iFlow CLI).
+IFLOW_CREDENTIAL_KEYS = ("selectedAuthType", "apiKey", "searchApiKey", "oauth_access_token",
+                         "oauth_refresh_token", "oauth_expires_at", "api_key_expires_at")
+
+
+def _fill_account(account, api_key, base_url, auth_type, access_token, refresh_token, expires_at):
+    if api_key != account.api_key and account.status == "auth_failed":
+        account.status, account.message = "ok", ""  # a new key: give it a chance
+    account.api_key, account.base_url, account.auth_type = api_key, base_url, auth_type
+    account.access_token, account.refresh_token = access_token or "", refresh_token or ""
+    account.expires_at = parse_expiry(expires_at)
+    for secret in (api_key, access_token, refresh_token):
+        register_secret(secret)
 
 class ModelCatalogue:
     """The known iFlow models merged with the upstream /models answer (cached)."""
 
-    def __init__(self, provider, pool: ConnectionPool, ttl_s: float = 600.0, clock=time.monotonic):
-        self.provider, self.pool, self.ttl_s, self.clock = provider, pool, ttl_s, clock
+    def __init__(self, provider, accounts, pool: ConnectionPool, ttl_s: float = 600.0, clock=time.monotonic):
+        self.provider, self.accounts, self.pool, self.ttl_s, self.clock = provider, accounts, pool, ttl_s, clock
         self._fetched_at = None
         self._upstream_ids = []
         self._lock = threading.Lock()
@@ -2932,12 +3315,13 @@ class ModelCatalogue:
             if self._fetched_at is not None and now - self._fetched_at < self.ttl_s:
                 return self._upstream_ids
             self._fetched_at = now
-            if self.provider.has_credentials:
-                self._upstream_ids = self._fetch() or self._upstream_ids
+            account = self.accounts.pick()
+            if account is not None:
+                self._upstream_ids = self._fetch(account) or self._upstream_ids
             return self._upstream_ids
 
-    def _fetch(self) -> list:
-        url, headers = self.provider.models_request()
+    def _fetch(self, account) -> list:
+        url, headers = self.provider.models_request(account)
         try:
             resp = self.pool.request("GET", url, headers)
             try:
@@ -2954,9 +3338,10 @@ class ModelCatalogue:
             return []
 
 
-# == 6. Auth: client API keys ===================================================
-# Which keys a client must present (Bearer or x-api-key). With none configured,
-# every local client is accepted. Tests: tests/integration/test_server.py.
+# == 6. Auth: client API keys, OAuth login, token refresh ========================
+# Which keys a client must present (Bearer or x-api-key; required on remote
+# binds), the iFlow OAuth login (browser and headless), saving logins like the
+# iFlow CLI, and background token refresh. Tests: tests/integration/test_auth.py.
 
 def client_key_of(headers) -> str:
     """The key a client sent: x-api-key first, then Authorization: Bearer."""
@@ -2994,6 +3379,306 @@ class ClientKeys:
             raise AuthenticationError("invalid or missing API key: send it as 'Authorization: Bearer <key>' "
                                       "or 'x-api-key: <key>'")
 
+
+# -- iFlow OAuth ------------------------------------------------------------------------
+
+class OAuthClient:
+    """The iFlow OAuth endpoints (every URL from config, so tests point them at 127.0.0.1)."""
+
+    def __init__(self, config: Config, pool: ConnectionPool):
+        self.config, self.pool = config, pool
+
+    def authorize_url(self, redirect_uri: str, state: str) -> str:
+        query = urllib.parse.urlencode([("client_id", self.config["oauth_client_id"]),
+                                        ("loginMethod", "phone"), ("type", "phone"),
+                                        ("redirect", redirect_uri), ("state", state)])
+        return self.config["oauth_authorize_url"] + "?" + query
+
+    def exchange_code(self, code: str, redirect_uri: str, now: float) -> dict:
+        """Tokens for an authorization code: access_token, refresh_token, expires_at."""
+        return self._token_request({"grant_type": "authorization_code", "code": code,
+                                    "redirect_uri": redirect_uri}, now)
+
+    def refresh(self, refresh_token: str, now: float) -> dict:
+        return self._token_request({"grant_type": "refresh_token", "refresh_token": refresh_token}, now)
+
+    def user_info(self, access_token: str) -> dict:
+        """The user's data; its `apiKey` is what chat calls use."""
+        url = self.config["oauth_userinfo_url"] + "?" + urllib.parse.urlencode({"accessToken": access_token})
+        data = self._json("GET", url, {"User-Agent": IFLOW_USER_AGENT, "Accept": "application/json"}, None)
+        info = data.get("data") if isinstance(data.get("data"), dict) else data
+        if data.get("success") is False or not info.get("apiKey"):
+            raise AuthenticationError("iFlow did not return an API key for this login (%s)"
+                                      % redact(str(data.get("message") or data.get("msg") or "no apiKey")))
+        register_secret(info["apiKey"])
+        return info
+
+    def _token_request(self, fields: dict, now: float) -> dict:
+        client_id, secret = self.config["oauth_client_id"], self.config["oauth_client_secret"]
+        fields = dict(fields, client_id=client_id, client_secret=secret)
+        basic = base64.b64encode(("%s:%s" % (client_id, secret)).encode("utf-8")).decode("ascii")
+        headers = {"Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json",
+                   "Authorization": "Basic " + basic, "User-Agent": IFLOW_USER_AGENT}
+        data = self._json("POST", self.config["oauth_token_url"], headers,
+                          urllib.parse.urlencode(fields).encode("ascii"))
+        if not data.get("access_token"):
+            raise AuthenticationError("iFlow refused the token request: %s"
+                                      % redact(str(data.get("error_description") or data.get("error")
+                                                   or data.get("message") or "no access_token")))
+        for key in ("access_token", "refresh_token"):
+            register_secret(data.get(key))
+        expires_in = data.get("expires_in")
+        data["expires_at"] = now + float(expires_in) if isinstance(expires_in, (int, float)) else None
+        return data
+
+    def _json(self, method: str, url: str, headers: dict, body) -> dict:
+        resp = self.pool.request(method, url, headers, body)
+        try:
+            raw = resp.read()
+        finally:
+            resp.close()
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            data = None
+        if resp.status >= 400 or not isinstance(data, dict):
+            if isinstance(data, dict):
+                detail = data.get("error_description") or data.get("message") or data.get("error")
+            else:
+                detail = raw[:200].decode("utf-8", "replace")
+            raise AuthenticationError("iFlow login endpoint answered %d: %s"
+                                      % (resp.status, redact(str(detail or "unexpected answer"))))
+        return data
+
+
+class LoginSession:
+    """One OAuth login, in the browser or headless.
+
+    Browser: a callback server on 127.0.0.1 (the CLI's port 11451, else the next
+    free one up to 11500, else any) receives the redirect; wait() returns the code.
+    Headless: the user opens url() anywhere, then pastes the address the browser
+    ended on (or just the code) into finish()."""
+
+    def __init__(self, oauth: OAuthClient, headless: bool = False, port: int = 11451):
+        self.oauth, self.headless = oauth, headless
+        self.state = uuid.uuid4().hex
+        self._codes = collections.deque()
+        self._arrived = threading.Event()
+        self._server = None
+        if headless:
+            self.redirect_uri = "http://localhost:%d/oauth2callback" % port
+        else:
+            self._server = self._start_callback_server(port)
+            self.redirect_uri = "http://localhost:%d/oauth2callback" % self._server.server_address[1]
+
+    @property
+    def url(self) -> str:
+        return self.oauth.authorize_url(self.redirect_uri, self.state)
+
+    def wait(self, timeout_s: float) -> str:
+        """The code from the browser's redirect; AuthenticationError on timeout or refusal."""
+        try:
+            if not self._arrived.wait(timeout_s):
+                raise AuthenticationError("no login within %.0f s; start again" % timeout_s)
+            return self._take()
+        finally:
+            self.close()
+
+    def finish(self, pasted: str) -> str:
+        """The code from a pasted redirect URL (state checked) or a bare code."""
+        pasted = pasted.strip()
+        if "?" in pasted or pasted.startswith("http"):
+            params = urllib.parse.parse_qs(urllib.parse.urlsplit(pasted).query)
+            self._accept(params.get("code", [""])[0], params.get("state", [None])[0],
+                         params.get("error", [""])[0])
+        else:
+            self._accept(pasted, None, "")
+        return self._take()
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def _take(self) -> str:
+        ok, value = self._codes.popleft()
+        if not ok:
+            raise AuthenticationError(value)
+        return value
+
+    def _accept(self, code: str, state, error: str) -> bool:
+        if error:
+            self._codes.append((False, "iFlow refused the login: %s" % error))
+        elif state is not None and not hmac.compare_digest(state, self.state):
+            self._codes.append((False, "the login answer does not belong to this login (state mismatch)"))
+        elif not code:
+            self._codes.append((False, "the login answer has no code"))
+        else:
+            self._codes.append((True, code))
+        self._arrived.set()
+        return self._codes[-1][0]
+
+    def _start_callback_server(self, port: int):
+        session = self
+
+        class Callback(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                parts = urllib.parse.urlsplit(self.path)
+                if parts.path != "/oauth2callback":
+                    self.send_error(404)
+                    return
+                params = urllib.parse.parse_qs(parts.query)
+                ok = session._accept(params.get("code", [""])[0], params.get("state", [""])[0],
+                                     params.get("error", [""])[0])
+                page = ("<!doctype html><meta charset=utf-8><title>iflow2api</title><p>%s</p>"
+                        % ("Login complete. You can close this tab." if ok else
+                           "Login failed. Go back to iflow2api and try again.")).encode("utf-8")
+                self.send_response(200 if ok else 400)
+                self.send_header("content-type", "text/html; charset=utf-8")
+                self.send_header("content-length", str(len(page)))
+                self.end_headers()
+                self.wfile.write(page)
+
+        for candidate in list(range(port, port + 50)) + [0]:
+            try:
+                server = socketserver.TCPServer(("127.0.0.1", candidate), Callback)
+                break
+            except OSError:
+                continue
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
+                         name="iflow2api-oauth-callback", daemon=True).start()
+        return server
+
+
+def complete_login(oauth: OAuthClient, code: str, redirect_uri: str, now: float) -> dict:
+    """Exchange the code and fetch the API key: {api_key, access_token, refresh_token,
+    expires_at, user}."""
+    tokens = oauth.exchange_code(code, redirect_uri, now)
+    info = oauth.user_info(tokens["access_token"])
+    return {"api_key": info["apiKey"], "access_token": tokens["access_token"],
+            "refresh_token": tokens.get("refresh_token") or "", "expires_at": tokens.get("expires_at"),
+            "user": info.get("username") or info.get("nickname") or info.get("phone") or ""}
+
+
+def save_login(accounts: AccountPool, result: dict, add: bool = False) -> str:
+    """Store a login: in settings.json like the iFlow CLI (default), or as an extra
+    account in config (add=True). Returns the account id."""
+    oauth = bool(result.get("access_token"))
+    if add:
+        entry = {"label": result.get("user") or "", "auth_type": "oauth-iflow" if oauth else "api-key",
+                 "api_key": result["api_key"], "base_url": result.get("base_url") or IFLOW_BASE_URL}
+        if oauth:
+            entry.update(oauth_access_token=result["access_token"], oauth_refresh_token=result["refresh_token"],
+                         oauth_expires_at=format_expiry(result["expires_at"]) if result.get("expires_at") else None)
+        return accounts.add_entry(entry)
+    settings = accounts.credentials.data()
+    fields = {"selectedAuthType": "oauth-iflow" if oauth else "api-key", "apiKey": result["api_key"],
+              "baseUrl": settings.get("baseUrl") or result.get("base_url") or IFLOW_BASE_URL}
+    remove = ()
+    if oauth:
+        fields.update(oauth_access_token=result["access_token"], oauth_refresh_token=result["refresh_token"])
+        if result.get("expires_at"):
+            fields["oauth_expires_at"] = fields["api_key_expires_at"] = format_expiry(result["expires_at"])
+    else:
+        remove = ("oauth_access_token", "oauth_refresh_token", "oauth_expires_at", "api_key_expires_at")
+    update_iflow_settings(accounts.credentials.path, fields, remove)
+    return Account.PRIMARY
+
+
+class TokenRefresher:
+    """Refreshes OAuth accounts before they expire, in a background thread.
+
+    An account is refreshed when less than `oauth_refresh_before_s` is left; a
+    failure is retried with backoff (1, 2, 4 ... minutes, at most 1 h); after 5
+    failures, or once the token has expired, the account is marked and the user
+    told to log in again. refresh_now() serves the one retry after an upstream 401."""
+
+    MAX_FAILURES = 5
+
+    def __init__(self, accounts: AccountPool, oauth: OAuthClient, config: Config, clock=time.time):
+        self.accounts, self.oauth, self.config, self.clock = accounts, oauth, config, clock
+        self._stop = threading.Event()
+        self._thread = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="iflow2api-token-refresh", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while True:
+            self.check()
+            if self._stop.wait(self.config["oauth_refresh_check_s"]):
+                return
+
+    def check(self) -> None:
+        """Refresh every account that is due."""
+        now = self.clock()
+        for account in self.accounts.accounts():
+            if (account.is_oauth and account.expires_at is not None and now >= account.next_refresh_at
+                    and account.expires_at - now < self.config["oauth_refresh_before_s"]):
+                self.refresh_now(account)
+
+    def refresh_now(self, account: Account) -> bool:
+        """Refresh one account now; True when it has a new key."""
+        if not account.is_oauth:
+            return False
+        with account.lock:
+            now = self.clock()
+            try:
+                tokens = self.oauth.refresh(account.refresh_token, now)
+                info = self.oauth.user_info(tokens["access_token"])
+                self.accounts.store_tokens(account, info["apiKey"], tokens["access_token"],
+                                           tokens.get("refresh_token") or account.refresh_token,
+                                           tokens.get("expires_at"))
+            except (Iflow2apiError, OSError, ValueError, KeyError) as exc:
+                account.refresh_failures += 1
+                backoff = min(3600.0, 60.0 * 2 ** (account.refresh_failures - 1))
+                account.next_refresh_at = now + backoff
+                expired = account.expires_at is not None and account.expires_at <= now
+                if account.refresh_failures >= self.MAX_FAILURES or expired:
+                    self.accounts.mark(account, "refresh_failed",
+                                       "token refresh failed (%s): run `iflow2api login` to log in again"
+                                       % exc)
+                else:
+                    log.warning("account %s: token refresh failed (%s); retrying in %.0f s",
+                                account.id, exc, backoff)
+                return False
+            account.refresh_failures, account.next_refresh_at = 0, 0.0
+            self.accounts.mark(account, "ok", "")
+            log.info("account %s: token refreshed", account.id)
+            return True
+
+
+# -- Client API keys for remote binds -----------------------------------------------------
+
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+def needs_client_key(config: Config, host: str) -> bool:
+    """Binding anything but the default loopback addresses exposes the API: keys are
+    required there unless the user opted out (allow_remote_without_key)."""
+    return host not in LOOPBACK_HOSTS and not config["allow_remote_without_key"]
+
+
+def ensure_client_key(config: Config, host: str) -> str:
+    """Generate and save a client key for a remote bind that has none; the new key or ""."""
+    if not needs_client_key(config, host) or ClientKeys(config).required:
+        return ""
+    key = new_client_key()
+    config.update({"api_keys": list(config.get("api_keys") or []) + [key]})
+    return key
+
+
+def new_client_key() -> str:
+    return "sk-i2a-" + base64.urlsafe_b64encode(os.urandom(24)).decode("ascii").rstrip("=")
 
 # == 7. HTTP server =============================================================
 # Request/Response types, a router, the app wrapper (errors, CORS, access log),
@@ -3781,12 +4466,13 @@ class Stats:
 class Api:
     """The HTTP API of one server instance."""
 
-    def __init__(self, config: Config, credentials: IFlowCredentials, provider: IFlowProvider,
-                 pool: ConnectionPool, catalogue: ModelCatalogue, limiter: ConcurrencyLimiter,
-                 stats: Stats, client_keys: ClientKeys, adapter: str, clock=time.monotonic):
-        self.config, self.credentials, self.provider = config, credentials, provider
+    def __init__(self, config: Config, credentials: IFlowCredentials, accounts: AccountPool,
+                 provider: IFlowProvider, pool: ConnectionPool, catalogue: ModelCatalogue,
+                 limiter: ConcurrencyLimiter, stats: Stats, client_keys: ClientKeys, adapter: str,
+                 refresher: TokenRefresher = None, clock=time.monotonic):
+        self.config, self.credentials, self.accounts, self.provider = config, credentials, accounts, provider
         self.pool, self.catalogue, self.limiter, self.stats = pool, catalogue, limiter, stats
-        self.client_keys, self.adapter, self.clock = client_keys, adapter, clock
+        self.client_keys, self.adapter, self.refresher, self.clock = client_keys, adapter, refresher, clock
         self.started_at = clock()
 
     def router(self) -> Router:
@@ -3818,7 +4504,8 @@ class Api:
                                             "health": "/health"}})
 
     def health(self, req: Request) -> Response:
-        has_key = self.provider.has_credentials
+        accounts = self.accounts.accounts()
+        has_key = any(a.api_key for a in accounts)
         body = {
             "status": "ok" if has_key else "no_credentials",
             "version": __version__,
@@ -3828,6 +4515,8 @@ class Api:
             "http_adapter": self.adapter,
             "concurrency": {"limit": self.limiter.limit, "in_flight": self.limiter.in_flight,
                             "waiting": self.limiter.waiting},
+            "accounts": {"total": len(accounts),
+                         "usable": sum(1 for a in accounts if a.usable(time.time()))},
             "requests": self.stats.snapshot()["requests"],
         }
         if not has_key:
@@ -3882,22 +4571,65 @@ class Api:
         return Response.json(result)
 
     def _open_upstream(self, body: dict):
-        """(upstream response with a 2xx status, release function of its concurrency slot).
+        """(upstream response with a 2xx status, function that ends the call once).
 
-        Upstream errors become Iflow2apiError before anything is sent to the client."""
-        if not self.provider.has_credentials:
+        Picks the least busy account; a 429, 401 or 5xx (or a failed connection)
+        before any byte reached the client cools that account down and tries the
+        next one. A 401 on an OAuth account first gets one token refresh."""
+        if not self.accounts.has_credentials:
             raise AuthenticationError(NO_CREDENTIALS_MESSAGE % self.config.path)
-        release = self.limiter.acquire()
+        release_slot = self.limiter.acquire()
+        tried, refreshed, last_error = [], set(), None
         try:
-            url, headers, data = self.provider.prepare(body)
-            upstream = self.pool.request("POST", url, headers, data)
+            while True:
+                account = self.accounts.pick(exclude=tried)
+                if account is None:
+                    raise last_error or AuthenticationError(NO_CREDENTIALS_MESSAGE % self.config.path)
+                end_account = self.accounts.begin(account)
+                try:
+                    url, headers, data = self.provider.prepare(body, account)
+                    upstream = self.pool.request("POST", url, headers, data)
+                except UpstreamTimeoutError:
+                    end_account(False)
+                    raise
+                except UpstreamError as exc:
+                    end_account(False)
+                    self.accounts.cool_down(account, self.config["account_cooldown_s"], str(exc))
+                    tried.append(account.id)
+                    last_error = exc
+                    continue
+                if 200 <= upstream.status < 300:
+                    return upstream, _once(lambda: (end_account(True), release_slot()))
+                exc = _with_login_hint(upstream_error(upstream.status, _read_all(upstream), upstream.headers))
+                end_account(False)
+                next_step = self._after_upstream_error(account, upstream.status, exc, refreshed)
+                if next_step == "stop":
+                    raise exc
+                if next_step == "next":
+                    tried.append(account.id)
+                last_error = exc
         except BaseException:
-            release()
+            release_slot()
             raise
-        if not 200 <= upstream.status < 300:
-            raw = _read_all(upstream, release)
-            raise _with_login_hint(upstream_error(upstream.status, raw, upstream.headers))
-        return upstream, release
+
+    def _after_upstream_error(self, account: Account, status: int, exc: UpstreamError, refreshed: set) -> str:
+        """"same" (retry this account), "next" (another account) or "stop" (answer the error)."""
+        if status == 401:
+            if account.id not in refreshed and account.is_oauth and self.refresher is not None:
+                refreshed.add(account.id)
+                if self.refresher.refresh_now(account):
+                    return "same"  # with its new key
+            self.accounts.mark(account, "auth_failed", "the upstream refused this account's key: "
+                                                       "log in again (iflow2api login)")
+            return "next"
+        if status == 429:
+            seconds = parse_retry_after(exc.retry_after) or self.config["account_cooldown_s"]
+            self.accounts.cool_down(account, seconds, str(exc))
+            return "next"
+        if status >= 500:
+            self.accounts.cool_down(account, self.config["account_cooldown_s"], str(exc))
+            return "next"
+        return "stop"
 
     def _stream_response(self, req: Request, upstream: UpstreamResponse, release) -> Response:
         """Relay the upstream SSE stream; an error in the first event is still an HTTP error."""
@@ -4167,7 +4899,7 @@ def _sse_response(stream) -> Response:
     return Response(200, body, list(_SSE_HEADERS), stream=None if isinstance(stream, bytes) else stream)
 
 
-def _read_all(upstream: UpstreamResponse, release) -> bytes:
+def _read_all(upstream: UpstreamResponse, release=None) -> bytes:
     try:
         return upstream.read()
     except socket.timeout:
@@ -4176,7 +4908,8 @@ def _read_all(upstream: UpstreamResponse, release) -> bytes:
         raise UpstreamError(502, "api_error", "upstream connection failed: %s" % exc) from None
     finally:
         upstream.close()
-        release()
+        if release is not None:
+            release()
 
 
 def _parse_completion(raw: bytes) -> dict:
@@ -4190,6 +4923,25 @@ def _parse_completion(raw: bytes) -> dict:
     if not isinstance(result, dict) or not isinstance(result.get("choices"), list):
         raise UpstreamError(502, "api_error", "upstream returned no choices")
     return result
+
+
+def _once(fn):
+    """fn wrapped so that only its first call runs."""
+    called = []
+
+    def wrapper():
+        if not called:
+            called.append(True)
+            fn()
+    return wrapper
+
+
+def parse_retry_after(value) -> float:
+    """Seconds from a Retry-After header given in seconds (dates are rare upstream); 0 if unusable."""
+    try:
+        return max(0.0, float(value))
+    except (TypeError, ValueError):
+        return 0.0
 
 
 def _error_in_body(data: str):
@@ -4237,12 +4989,15 @@ class Instance:
         self.adapter = adapter or pick_http_adapter(config.env)
         self.credentials = IFlowCredentials(config)
         self.pool = ConnectionPool(config["upstream_connect_timeout_s"], config["upstream_read_timeout_s"])
-        self.provider = IFlowProvider(self.credentials)
-        self.catalogue = ModelCatalogue(self.provider, self.pool, config["models_cache_s"])
+        self.accounts = AccountPool(config, self.credentials)
+        self.oauth = OAuthClient(config, self.pool)
+        self.refresher = TokenRefresher(self.accounts, self.oauth, config)
+        self.provider = IFlowProvider()
+        self.catalogue = ModelCatalogue(self.provider, self.accounts, self.pool, config["models_cache_s"])
         self.limiter = ConcurrencyLimiter(config["concurrency"], config["queue_timeout_s"])
         self.stats = Stats()
-        self.api = Api(config, self.credentials, self.provider, self.pool, self.catalogue,
-                       self.limiter, self.stats, ClientKeys(config), self.adapter)
+        self.api = Api(config, self.credentials, self.accounts, self.provider, self.pool, self.catalogue,
+                       self.limiter, self.stats, ClientKeys(config), self.adapter, self.refresher)
         self.app = App(self.api.router(), config["cors_allow_origins"], self.stats)
         self.server = None
 
@@ -4260,9 +5015,11 @@ class Instance:
                                      self.adapter)
             self.port = self.server.port
             self.server.start()
+            self.refresher.start()
         return self
 
     def stop(self, timeout_s: float = 5.0) -> None:
+        self.refresher.stop()
         if self.server is not None:
             self.server.stop(timeout_s)
             self.server = None
@@ -4271,7 +5028,7 @@ class Instance:
     def status(self) -> dict:
         return {"name": self.name, "running": self.running, "url": self.url, "host": self.host,
                 "port": self.port, "http_adapter": self.adapter,
-                "credentials": self.provider.has_credentials,
+                "credentials": self.accounts.has_credentials,
                 "in_flight": self.limiter.in_flight, **self.stats.snapshot()}
 
 
@@ -4450,7 +5207,7 @@ def _cmd_serve(config: Config) -> int:
     credentials = instance.credentials
     log.info("iflow2api %s listening on %s (http: %s, upstream: %s)", __version__, instance.url,
              instance.adapter, credentials.base_url)
-    if instance.provider.has_credentials:
+    if instance.accounts.has_credentials:
         log.info("credentials: %s (%s)", credentials.source(), credentials.auth_type or "api-key")
     else:
         log.warning(NO_CREDENTIALS_MESSAGE, config.path)

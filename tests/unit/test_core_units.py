@@ -20,10 +20,10 @@ def test_signature_is_hmac_sha256_of_agent_session_timestamp():
 
 
 def test_provider_headers_stream_has_no_accept_and_signature_matches():
-    class Creds:
-        api_key, base_url = "sk-test-key-123", "http://up/v1"
-    provider = I.IFlowProvider(Creds(), session_id="sid", clock=lambda: 1700000000.5)
-    url, headers, body = provider.prepare({"model": "glm-4.6", "stream": True, "messages": []})
+    account = I.Account("a")
+    account.api_key, account.base_url = "sk-test-key-123", "http://up/v1"
+    provider = I.IFlowProvider(session_id="sid", clock=lambda: 1700000000.5)
+    url, headers, body = provider.prepare({"model": "glm-4.6", "stream": True, "messages": []}, account)
     assert url == "http://up/v1/chat/completions"
     assert "Accept" not in headers
     assert headers["User-Agent"] == "iFlow-Cli"
@@ -32,7 +32,7 @@ def test_provider_headers_stream_has_no_accept_and_signature_matches():
     assert headers["x-iflow-timestamp"] == "1700000000500"
     assert headers["x-iflow-signature"] == I.iflow_signature("sk-test-key-123", "sid", 1700000000500)
     assert json.loads(body)["chat_template_kwargs"] == {"enable_thinking": True}
-    _url, headers2, _ = provider.prepare({"model": "x", "messages": []})
+    _url, headers2, _ = provider.prepare({"model": "x", "messages": []}, account)
     assert headers2["Accept"] == "application/json"
     assert headers2["conversation-id"] != headers["conversation-id"]
 

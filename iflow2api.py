@@ -24,6 +24,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 import argparse
+import getpass
 import base64
 import collections
 import datetime
@@ -4978,15 +4979,12 @@ def _model_entry(model_id: str, display: str) -> dict:
 # The object the CLI, the admin API and the GUI drive: start/stop server
 # instances, status snapshot, recent log lines, config. Tests: tests/integration.
 
-class Instance:
-    """One listening server with its own upstream pool, limiter and counters."""
+class Backend:
+    """The upstream side, shared by every server instance of a service: connection
+    pool, accounts, OAuth login and token refresh, provider, model catalogue."""
 
-    def __init__(self, config: Config, name: str = "default", host: str = None, port: int = None,
-                 adapter: str = None):
-        self.name, self.config = name, config
-        self.host = host or config["host"]
-        self.port = config["port"] if port is None else port
-        self.adapter = adapter or pick_http_adapter(config.env)
+    def __init__(self, config: Config):
+        self.config = config
         self.credentials = IFlowCredentials(config)
         self.pool = ConnectionPool(config["upstream_connect_timeout_s"], config["upstream_read_timeout_s"])
         self.accounts = AccountPool(config, self.credentials)
@@ -4994,10 +4992,30 @@ class Instance:
         self.refresher = TokenRefresher(self.accounts, self.oauth, config)
         self.provider = IFlowProvider()
         self.catalogue = ModelCatalogue(self.provider, self.accounts, self.pool, config["models_cache_s"])
+
+    def close(self) -> None:
+        self.refresher.stop()
+        self.pool.close()
+
+
+class Instance:
+    """One listening server with its own limiter and counters over a shared Backend."""
+
+    def __init__(self, config: Config, name: str = "default", host: str = None, port: int = None,
+                 adapter: str = None, backend: Backend = None):
+        self.name, self.config = name, config
+        self.host = host or config["host"]
+        self.port = config["port"] if port is None else port
+        self.adapter = adapter or pick_http_adapter(config.env)
+        self.backend = backend or Backend(config)
+        self.accounts = self.backend.accounts
+        self.credentials = self.backend.credentials
         self.limiter = ConcurrencyLimiter(config["concurrency"], config["queue_timeout_s"])
         self.stats = Stats()
-        self.api = Api(config, self.credentials, self.accounts, self.provider, self.pool, self.catalogue,
-                       self.limiter, self.stats, ClientKeys(config), self.adapter, self.refresher)
+        self.generated_key = ""  # a client key made for this start (remote bind), shown once
+        b = self.backend
+        self.api = Api(config, b.credentials, b.accounts, b.provider, b.pool, b.catalogue,
+                       self.limiter, self.stats, ClientKeys(config), self.adapter, b.refresher)
         self.app = App(self.api.router(), config["cors_allow_origins"], self.stats)
         self.server = None
 
@@ -5015,15 +5033,13 @@ class Instance:
                                      self.adapter)
             self.port = self.server.port
             self.server.start()
-            self.refresher.start()
+            self.backend.refresher.start()
         return self
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        self.refresher.stop()
         if self.server is not None:
             self.server.stop(timeout_s)
             self.server = None
-        self.pool.close()
 
     def status(self) -> dict:
         return {"name": self.name, "running": self.running, "url": self.url, "host": self.host,
@@ -5033,10 +5049,12 @@ class Instance:
 
 
 class Service:
-    """Server instances plus config and recent logs: what the CLI/GUI/admin drive."""
+    """Server instances, accounts, login, config and recent logs: the one object
+    the CLI, the GUI and the admin API drive."""
 
     def __init__(self, config: Config = None):
         self.config = config or Config()
+        self.backend = Backend(self.config)
         self.instances = {}
         self.log_buffer = RecentLogHandler()
         logging.getLogger("iflow2api").addHandler(self.log_buffer)
@@ -5047,18 +5065,24 @@ class Service:
         """A service whose config takes `overrides` as its command-line layer."""
         return cls(Config(path=path, env=env, cli=overrides))
 
+    # -- instances --
+
     def start(self, name: str = "default", host: str = None, port: int = None) -> Instance:
-        """Start (or return the running) instance `name`; OSError when the port is taken."""
+        """Start (or return the running) instance `name`; OSError when the port is taken.
+
+        A remote bind without client keys first gets one generated (instance.generated_key)."""
         with self._lock:
             instance = self.instances.get(name)
             if instance is None or not instance.running:
-                instance = Instance(self.config, name, host, port)
+                generated = ensure_client_key(self.config, host or self.config["host"])
+                instance = Instance(self.config, name, host, port, backend=self.backend)
+                instance.generated_key = generated
                 instance.start()
                 self.instances[name] = instance
             return instance
 
     def stop(self, name: str = None, timeout_s: float = 5.0) -> None:
-        """Stop one instance, or all when name is None."""
+        """Stop one instance, or all (and the backend) when name is None."""
         with self._lock:
             names = [name] if name else list(self.instances)
             for n in names:
@@ -5066,33 +5090,69 @@ class Service:
                 if instance is not None:
                     instance.stop(timeout_s)
         if name is None:
+            self.backend.close()
             logging.getLogger("iflow2api").removeHandler(self.log_buffer)
 
     def status(self) -> dict:
         return {"version": __version__, "config_path": self.config.path,
-                "instances": [i.status() for i in self.instances.values()]}
+                "instances": [i.status() for i in self.instances.values()],
+                "accounts": self.accounts()}
 
     def recent_logs(self, count: int = 100) -> list:
         return list(self.log_buffer.lines)[-count:]
 
+    # -- config --
+
     def config_get(self) -> dict:
-        """The effective config with secrets masked."""
-        return {k: (mask_secret(v) if k in _SECRET_KEYS and isinstance(v, str) else v)
-                for k, v in self.config.values.items()}
+        """The effective config with every secret masked."""
+        return map_secrets(self.config.values, mask_secret)
 
     def config_set(self, changes: dict) -> None:
         self.config.update(changes)
 
+    # -- accounts and login --
 
-_SECRET_KEYS = {"api_key", "custom_api_key", "oauth_access_token", "oauth_refresh_token"}
+    def accounts(self) -> list:
+        """Every account with masked key, expiry, status and counters."""
+        now = time.time()
+        return [a.snapshot(now) for a in self.backend.accounts.accounts()]
+
+    def login_start(self, headless: bool = False) -> LoginSession:
+        """Begin an OAuth login: open session.url, then call login_finish()."""
+        return LoginSession(self.backend.oauth, headless, self.config["oauth_callback_port"])
+
+    def login_finish(self, session: LoginSession, pasted: str = None, timeout_s: float = 300.0,
+                     add: bool = False) -> str:
+        """Finish a login (browser: wait for the redirect; headless: the pasted URL or
+        code), store it like the iFlow CLI (or as an extra account) and return its id."""
+        code = session.finish(pasted) if pasted is not None else session.wait(timeout_s)
+        session.close()
+        result = complete_login(self.backend.oauth, code, session.redirect_uri, time.time())
+        account_id = save_login(self.backend.accounts, result, add)
+        log.info("logged in%s as account %s", " (%s)" % result["user"] if result["user"] else "", account_id)
+        return account_id
+
+    def login_api_key(self, api_key: str, add: bool = False, base_url: str = None) -> str:
+        """Use a pasted iFlow API key instead of OAuth; returns the account id."""
+        api_key = (api_key or "").strip()
+        if not api_key or any(c.isspace() for c in api_key):
+            raise InvalidRequestError("that does not look like an API key")
+        register_secret(api_key)
+        return save_login(self.backend.accounts, {"api_key": api_key, "base_url": base_url}, add)
+
+    def logout(self, account_id: str = Account.PRIMARY) -> bool:
+        """Remove an account's credentials; False when there was no such account."""
+        return self.backend.accounts.remove(account_id)
 
 
 # == 10. CLI ====================================================================
 # `iflow2api [serve] [--host H] [--port P] [--config FILE] [--log-level L]`,
-# `iflow2api version [--verbose]`, `iflow2api models`, `iflow2api config [KEY [VALUE]]`.
+# `iflow2api version [--verbose]`, `iflow2api models`, `iflow2api config [KEY [VALUE]]`,
+# `iflow2api login [--headless | --api-key [KEY]] [--add]`, `iflow2api logout [ID]`,
+# `iflow2api accounts`.
 # Tests: tests/integration/test_cli.py.
 
-COMMANDS = ("serve", "version", "models", "config")
+COMMANDS = ("serve", "version", "models", "config", "login", "logout", "accounts")
 
 
 def _common_options(parser) -> None:
@@ -5108,7 +5168,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="iflow2api",
         description="Local OpenAI-compatible API bridge to the iFlow API.",
-        epilog="commands: serve (default), version, models, config. "
+        epilog="commands: serve (default), version, models, config, login, logout, accounts. "
                "Run 'iflow2api COMMAND --help' for details.")
     _common_options(parser)
     parser.add_argument("--version", action="version", version="iflow2api " + __version__)
@@ -5123,6 +5183,23 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("--config", metavar="FILE")
     config.add_argument("key", nargs="?")
     config.add_argument("value", nargs="?", help="new value (JSON or plain text)")
+    login = sub.add_parser("login", help="log in to iFlow (browser, headless or API key)")
+    login.add_argument("--config", metavar="FILE")
+    login.add_argument("--headless", action="store_true",
+                       help="print the login URL and read back the address the browser ended on")
+    login.add_argument("--api-key", nargs="?", const="", metavar="KEY",
+                       help="use an iFlow API key instead of OAuth (asked for when not given)")
+    login.add_argument("--add", action="store_true",
+                       help="add an extra account to the pool instead of the iFlow CLI's login")
+    login.add_argument("--no-browser", action="store_true", help="do not open a browser")
+    login.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the browser")
+    logout = sub.add_parser("logout", help="remove an account's credentials")
+    logout.add_argument("--config", metavar="FILE")
+    logout.add_argument("account", nargs="?", default=Account.PRIMARY,
+                        help="account id from 'iflow2api accounts' (default: the iFlow CLI's login)")
+    accounts = sub.add_parser("accounts", help="list accounts with masked keys, expiry and status")
+    accounts.add_argument("--config", metavar="FILE")
+    accounts.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
 
@@ -5146,6 +5223,12 @@ def main(argv=None) -> int:
             return _cmd_models(config)
         if command == "config":
             return _cmd_config(config, args.key, args.value)
+        if command == "login":
+            return _cmd_login(Service(config), args)
+        if command == "logout":
+            return _cmd_logout(Service(config), args.account)
+        if command == "accounts":
+            return _cmd_accounts(Service(config), args.json)
         return _cmd_serve(config)
     except Iflow2apiError as exc:
         raise SystemExit("iflow2api: %s" % exc)
@@ -5167,8 +5250,8 @@ def _cmd_version(args) -> int:
 
 
 def _cmd_models(config: Config) -> int:
-    instance = Instance(config)
-    for model_id, display, kind in instance.catalogue.models():
+    backend = Backend(config)
+    for model_id, display, kind in backend.catalogue.models():
         print("%-24s %-24s %s" % (model_id, display, kind))
     return 0
 
@@ -5178,8 +5261,7 @@ def _cmd_config(config: Config, key, value) -> int:
         print(json.dumps(Service(config).config_get(), indent=2, ensure_ascii=False))
         return 0
     if value is None:
-        shown = config.get(key)
-        print(json.dumps(mask_secret(shown) if key in _SECRET_KEYS and isinstance(shown, str) else shown))
+        print(json.dumps(map_secrets({key: config.get(key)}, mask_secret)[key]))
         return 0
     try:
         parsed = json.loads(value)
@@ -5190,6 +5272,56 @@ def _cmd_config(config: Config, key, value) -> int:
     except (TypeError, ValueError) as exc:
         raise SystemExit("iflow2api: %s: %s; see 'iflow2api config' for current values" % (key, exc))
     print("%s = %s (saved to %s)" % (key, json.dumps(config.get(key)), config.path))
+    return 0
+
+
+def _cmd_login(service: Service, args) -> int:
+    if args.api_key is not None:
+        key = args.api_key or getpass.getpass("iFlow API key (input hidden): ")
+        account_id = service.login_api_key(key, add=args.add)
+        print("Saved the API key as account %s." % account_id)
+        return 0
+    session = service.login_start(headless=args.headless)
+    print("Open this address in a browser and log in to iFlow:\n\n  %s\n" % session.url)
+    if args.headless:
+        print("Your browser then ends on a page that does not load (that is expected).")
+        pasted = input("Paste that page's address (or just the code) here: ")
+        account_id = service.login_finish(session, pasted, add=args.add)
+    else:
+        if not args.no_browser:
+            try:
+                import webbrowser
+                webbrowser.open(session.url)
+            except Exception:  # no browser here: the printed URL still works
+                pass
+        print("Waiting for the browser (up to %.0f s)..." % args.timeout)
+        account_id = service.login_finish(session, timeout_s=args.timeout, add=args.add)
+    where = "~/.iflow/settings.json (shared with the iFlow CLI)" if account_id == Account.PRIMARY \
+        else "the iflow2api config"
+    print("Logged in: account %s, saved in %s." % (account_id, where))
+    return 0
+
+
+def _cmd_logout(service: Service, account_id: str) -> int:
+    if not service.logout(account_id):
+        raise SystemExit("iflow2api: no account %r; see 'iflow2api accounts'" % account_id)
+    print("Logged out of account %s." % account_id)
+    return 0
+
+
+def _cmd_accounts(service: Service, as_json: bool) -> int:
+    accounts = service.accounts()
+    if as_json:
+        print(json.dumps(accounts, indent=2, ensure_ascii=False))
+        return 0
+    if not accounts:
+        print("No accounts. Log in with: iflow2api login")
+        return 0
+    print("%-14s %-10s %-16s %-20s %s" % ("ID", "TYPE", "KEY", "EXPIRES", "STATUS"))
+    for a in accounts:
+        status = a["status"] + (": " + a["message"] if a["message"] else "")
+        print("%-14s %-10s %-16s %-20s %s" % (a["id"], a["auth_type"], a["api_key"], a["expires_at"] or "-",
+                                             status))
     return 0
 
 
@@ -5207,6 +5339,14 @@ def _cmd_serve(config: Config) -> int:
     credentials = instance.credentials
     log.info("iflow2api %s listening on %s (http: %s, upstream: %s)", __version__, instance.url,
              instance.adapter, credentials.base_url)
+    if instance.generated_key:
+        # Printed on purpose, once: the user needs it for their clients (stored sealed in config).
+        print("\nThis server listens on %s, so clients need an API key. Generated one (shown once):\n\n"
+              "  %s\n\nSend it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'. "
+              "'iflow2api config api_keys' lists keys (masked).\n" % (config["host"], instance.generated_key),
+              flush=True)
+    elif instance.host not in LOOPBACK_HOSTS and not ClientKeys(config).required:
+        log.warning("listening on %s without client keys (allow_remote_without_key is set)", instance.host)
     if instance.accounts.has_credentials:
         log.info("credentials: %s (%s)", credentials.source(), credentials.auth_type or "api-key")
     else:

@@ -2920,6 +2920,131 @@ def _tune_socket(sock, read_timeout_s):
     sock.settimeout(read_timeout_s)
 
 
+# -- Upstream proxies ----------------------------------------------------------------------
+# Only the configured proxy is used (upstream_proxy_enabled + upstream_proxy); the
+# system's HTTP(S)_PROXY variables never are. http:// and https:// proxies: plain
+# http targets are sent in absolute form, https targets through a CONNECT tunnel
+# (http:// proxies only: TLS inside TLS is not available in the stdlib ssl module).
+# socks5:// resolves names here, socks5h:// lets the proxy resolve them.
+
+class ProxySpec:
+    """A parsed upstream proxy URL."""
+
+    def __init__(self, scheme, host, port, username="", password=""):
+        self.scheme, self.host, self.port = scheme, host, port
+        self.username, self.password = username, password
+
+    @property
+    def is_socks(self) -> bool:
+        return self.scheme.startswith("socks5")
+
+    def basic_auth(self):
+        if not self.username:
+            return None
+        token = base64.b64encode(("%s:%s" % (self.username, self.password)).encode("utf-8")).decode("ascii")
+        return "Basic " + token
+
+    def __repr__(self):
+        return "%s://%s:%d" % (self.scheme, self.host, self.port)  # never the password
+
+
+_PROXY_PORTS = {"http": 80, "https": 443, "socks5": 1080, "socks5h": 1080}
+
+
+def parse_proxy(url: str) -> ProxySpec:
+    """ProxySpec from http://, https://, socks5:// or socks5h:// URLs with optional user:password."""
+    parts = urllib.parse.urlsplit((url or "").strip())
+    scheme = parts.scheme.lower()
+    if scheme not in _PROXY_PORTS or not parts.hostname:
+        raise InvalidRequestError("upstream_proxy must look like http://host:port, https://host:port, "
+                         "socks5://host:port or socks5h://host:port (got %r)" % redact(url or ""))
+    username = urllib.parse.unquote(parts.username or "")
+    password = urllib.parse.unquote(parts.password or "")
+    register_secret(password)
+    return ProxySpec(scheme, parts.hostname, parts.port or _PROXY_PORTS[scheme], username, password)
+
+
+def proxy_from_config(config) -> ProxySpec:
+    """The proxy to use, or None when disabled or empty."""
+    if not config.get("upstream_proxy_enabled") or not config.get("upstream_proxy"):
+        return None
+    return parse_proxy(config.get("upstream_proxy"))
+
+
+_SOCKS5_ERRORS = {1: "general failure", 2: "connection not allowed", 3: "network unreachable",
+                  4: "host unreachable", 5: "connection refused", 6: "TTL expired",
+                  7: "command not supported", 8: "address type not supported"}
+
+
+def socks5_connect(proxy: ProxySpec, host: str, port: int, timeout_s: float) -> socket.socket:
+    """A TCP connection to host:port through a SOCKS5 proxy (RFC 1928, RFC 1929 login)."""
+    sock = socket.create_connection((proxy.host, proxy.port), timeout_s)
+    try:
+        methods = b"\x00\x02" if proxy.username else b"\x00"
+        sock.sendall(b"\x05" + bytes([len(methods)]) + methods)
+        version, method = _recv_exact(sock, 2)
+        if version != 5 or method not in (0, 2):
+            raise OSError("SOCKS5 proxy %r accepts none of our login methods" % proxy)
+        if method == 2:
+            user, password = proxy.username.encode("utf-8"), proxy.password.encode("utf-8")
+            sock.sendall(b"\x01" + bytes([len(user)]) + user + bytes([len(password)]) + password)
+            if _recv_exact(sock, 2)[1] != 0:
+                raise OSError("SOCKS5 proxy %r refused the user name or password" % proxy)
+        sock.sendall(b"\x05\x01\x00" + _socks5_address(proxy, host, port) + port.to_bytes(2, "big"))
+        _version, reply, _reserved, address_type = _recv_exact(sock, 4)
+        if reply != 0:
+            raise OSError("SOCKS5 proxy %r could not connect to %s:%d: %s"
+                          % (proxy, host, port, _SOCKS5_ERRORS.get(reply, "error %d" % reply)))
+        skip = {1: 4, 4: 16}.get(address_type)
+        if skip is None:
+            skip = _recv_exact(sock, 1)[0]
+        _recv_exact(sock, skip + 2)  # the bound address and port, unused
+        return sock
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _socks5_address(proxy: ProxySpec, host: str, port: int) -> bytes:
+    if proxy.scheme == "socks5h":
+        name = host.encode("idna")
+        return b"\x03" + bytes([len(name)]) + name
+    family, _type, _proto, _name, address = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)[0]
+    if family == socket.AF_INET6:
+        return b"\x04" + socket.inet_pton(socket.AF_INET6, address[0])
+    return b"\x01" + socket.inet_aton(address[0])
+
+
+def _recv_exact(sock, count: int) -> bytes:
+    data = b""
+    while len(data) < count:
+        piece = sock.recv(count - len(data))
+        if not piece:
+            raise OSError("the proxy closed the connection")
+        data += piece
+    return data
+
+
+class _SocksConnection(_Connection):
+    def __init__(self, host, port, connect_timeout_s, read_timeout_s, proxy):
+        super().__init__(host, port, connect_timeout_s, read_timeout_s)
+        self.proxy = proxy
+
+    def connect(self):
+        self.sock = socks5_connect(self.proxy, self.host, self.port, self.timeout)
+        _tune_socket(self.sock, self.read_timeout_s)
+
+
+class _SocksTLSConnection(_TLSConnection):
+    def __init__(self, host, port, connect_timeout_s, read_timeout_s, context, proxy):
+        super().__init__(host, port, connect_timeout_s, read_timeout_s, context)
+        self.proxy = proxy
+
+    def connect(self):
+        sock = socks5_connect(self.proxy, self.host, self.port, self.timeout)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+        _tune_socket(self.sock, self.read_timeout_s)
+
 class UpstreamResponse:
     """An upstream HTTP response bound to its pooled connection.
 
@@ -2992,23 +3117,49 @@ class UpstreamResponse:
 
 
 class ConnectionPool:
-    """Keep-alive connections per (scheme, host, port), taken LIFO."""
+    """Keep-alive connections per (scheme, host, port), taken LIFO, optionally via a proxy."""
 
-    def __init__(self, connect_timeout_s=10.0, read_timeout_s=600.0, max_idle_per_host=64):
+    def __init__(self, connect_timeout_s=10.0, read_timeout_s=600.0, max_idle_per_host=64, proxy=None):
         self.connect_timeout_s = connect_timeout_s
         self.read_timeout_s = read_timeout_s
         self.max_idle_per_host = max_idle_per_host
+        self.proxy = proxy
         self._idle = collections.defaultdict(list)
         self._lock = threading.Lock()
         self._tls = None
 
     def _new(self, key):
         scheme, host, port = key
+        timeouts = (self.connect_timeout_s, self.read_timeout_s)
+        proxy = self.proxy
+        if scheme == "https" and self._tls is None:
+            self._tls = make_tls_context()
+        if proxy is None:
+            if scheme == "https":
+                return _TLSConnection(host, port, *timeouts, self._tls)
+            return _Connection(host, port, *timeouts)
+        if proxy.is_socks:
+            if scheme == "https":
+                return _SocksTLSConnection(host, port, *timeouts, self._tls, proxy)
+            return _SocksConnection(host, port, *timeouts, proxy)
         if scheme == "https":
-            if self._tls is None:
-                self._tls = make_tls_context()
-            return _TLSConnection(host, port, self.connect_timeout_s, self.read_timeout_s, self._tls)
-        return _Connection(host, port, self.connect_timeout_s, self.read_timeout_s)
+            if proxy.scheme == "https":
+                raise UpstreamError(502, "api_error", "an https:// proxy cannot tunnel to https upstreams "
+                                    "here; use an http:// or socks5:// proxy URL")
+            conn = _TLSConnection(proxy.host, proxy.port, *timeouts, self._tls)
+            auth = proxy.basic_auth()
+            conn.set_tunnel(host, port, {"Proxy-Authorization": auth} if auth else None)
+            return conn
+        if proxy.scheme == "https":
+            return _TLSConnection(proxy.host, proxy.port, *timeouts, self._tls)
+        return _Connection(proxy.host, proxy.port, *timeouts)
+
+    def _request_target(self, parts, key):
+        """Path for the request line: absolute form when a plain http target goes via an HTTP proxy."""
+        path = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+        if self.proxy is not None and not self.proxy.is_socks and key[0] == "http":
+            return "http://%s:%d%s" % (key[1], key[2], path)
+        return path
 
     def put(self, key, conn) -> None:
         with self._lock:
@@ -3029,7 +3180,9 @@ class ConnectionPool:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise UpstreamError(502, "api_error", "invalid upstream URL %r" % url)
         key = (parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
-        path = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+        path = self._request_target(parts, key)
+        if path.startswith("http://") and self.proxy.basic_auth():
+            headers = dict(headers, **{"Proxy-Authorization": self.proxy.basic_auth()})
         conn = self._take(key)
         reused = conn is not None
         while True:
@@ -4986,7 +5139,8 @@ class Backend:
     def __init__(self, config: Config):
         self.config = config
         self.credentials = IFlowCredentials(config)
-        self.pool = ConnectionPool(config["upstream_connect_timeout_s"], config["upstream_read_timeout_s"])
+        self.pool = ConnectionPool(config["upstream_connect_timeout_s"], config["upstream_read_timeout_s"],
+                                   proxy=proxy_from_config(config))
         self.accounts = AccountPool(config, self.credentials)
         self.oauth = OAuthClient(config, self.pool)
         self.refresher = TokenRefresher(self.accounts, self.oauth, config)

@@ -313,6 +313,14 @@ DEFAULT_CONFIG = {
     "oauth_callback_port": 11451,
     "oauth_refresh_before_s": 86400.0,
     "oauth_refresh_check_s": 300.0,
+    # providers besides iFlow: {name: {"preset", "type", "base_url", "api_keys", "headers", "models",
+    # "discover_models", "aliases", "enabled", "quirks", "text_only_models", "vision_models"}}
+    "providers": {},
+    "default_provider": "iflow",
+    "model_routes": {},  # model name -> "provider" or "provider/model"
+    # a request with images for a text-only model: "route" to vision_model, or "reject" (400)
+    "vision_model": "qwen-vl-max",
+    "vision_fallback": "route",
 }
 
 # Original key names that map to one of ours when ours is absent.
@@ -463,6 +471,17 @@ def map_secrets(data: dict, fn) -> dict:
     for key in SECRET_LISTS:
         if isinstance(out.get(key), list):
             out[key] = [fn(v) if isinstance(v, str) and v else v for v in out[key]]
+    if isinstance(out.get("providers"), dict):
+        providers = {}
+        for name, entry in out["providers"].items():
+            if isinstance(entry, dict):
+                entry = dict(entry)
+                if isinstance(entry.get("api_keys"), list):
+                    entry["api_keys"] = [fn(v) if isinstance(v, str) and v else v for v in entry["api_keys"]]
+                if isinstance(entry.get("api_key"), str) and entry["api_key"]:
+                    entry["api_key"] = fn(entry["api_key"])
+            providers[name] = entry
+        out["providers"] = providers
     if isinstance(out.get("accounts"), list):
         accounts = []
         for account in out["accounts"]:
@@ -742,7 +761,11 @@ def normalize_reasoning_message(message: dict, preserve: bool) -> dict:
     preserve=False (default): reasoning and answer merged into `content` as
     "reasoning\\n\\nanswer" (the original's README), `reasoning_content` removed.
     preserve=True: `reasoning_content` kept; `content` filled with the reasoning
-    when the model answered only there (GLM-5 does), so content-only clients work."""
+    when the model answered only there (GLM-5 does), so content-only clients work.
+    Providers that name the field `reasoning` (OpenRouter, Ollama) are read the same
+    way and answer with `reasoning_content`."""
+    if isinstance(message.get("reasoning"), str) and not isinstance(message.get("reasoning_content"), str):
+        message["reasoning_content"] = message.pop("reasoning")
     reasoning = message.get("reasoning_content")
     if not isinstance(reasoning, str):
         return message
@@ -770,7 +793,7 @@ class ReasoningMerger:
         self.separated = False
 
     def wants(self, events: bytes) -> bool:
-        return b"reasoning_content" in events or (self.seen_reasoning and not self.separated)
+        return b'"reasoning' in events or (self.seen_reasoning and not self.separated)
 
     def rewrite(self, data: str) -> str:
         """The data of one SSE event, rewritten when it carries reasoning."""
@@ -788,9 +811,12 @@ class ReasoningMerger:
         return json.dumps(chunk, ensure_ascii=False, separators=(",", ":")) if changed else data
 
     def _merge_delta(self, delta: dict) -> bool:
-        if "reasoning_content" not in delta and not (self.seen_reasoning and delta.get("content")):
+        field = "reasoning_content" if "reasoning_content" in delta else "reasoning"
+        has_reasoning = field in delta and (field == "reasoning_content" or isinstance(delta[field], str)
+                                            or delta[field] is None)
+        if not has_reasoning and not (self.seen_reasoning and delta.get("content")):
             return False
-        reasoning = delta.pop("reasoning_content", None) or ""
+        reasoning = (delta.pop(field, None) if has_reasoning else None) or ""
         content = delta.get("content") or ""
         text = reasoning
         if reasoning:
@@ -2690,6 +2716,48 @@ def _counter_ids():
     return new_id
 
 
+# -- Images: detection and inlining (issue: vision routing) ------------------------------
+
+def openai_has_images(body: dict) -> bool:
+    """Whether an OpenAI chat request carries image parts."""
+    for message in body.get("messages") or []:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") in ("image_url", "input_image")
+                                             for p in content):
+            return True
+    return False
+
+
+def anthropic_has_images(req: dict) -> bool:
+    """Whether an Anthropic request carries image blocks (also inside tool results)."""
+    def has_image(blocks):
+        return isinstance(blocks, list) and any(
+            isinstance(b, dict) and (b.get("type") == "image" or
+                                     (b.get("type") == "tool_result" and has_image(b.get("content"))))
+            for b in blocks)
+    return any(isinstance(m, dict) and has_image(m.get("content")) for m in req.get("messages") or [])
+
+
+def inline_image_urls(body: dict, fetch) -> dict:
+    """A copy of an OpenAI request whose http(s) image URLs became data: URLs.
+
+    fetch(url) -> (content type, bytes) does the I/O, so this stays testable."""
+    def inline(part):
+        url = ((part.get("image_url") or {}).get("url") or "") if part.get("type") == "image_url" else ""
+        if not url.startswith(("http://", "https://")):
+            return part
+        content_type, data = fetch(url)
+        image = dict(part["image_url"], url="data:%s;base64,%s" % (content_type,
+                                                                   base64.b64encode(data).decode("ascii")))
+        return dict(part, image_url=image)
+
+    messages = []
+    for message in body.get("messages") or []:
+        if isinstance(message, dict) and isinstance(message.get("content"), list):
+            message = dict(message, content=[inline(p) if isinstance(p, dict) else p for p in message["content"]])
+        messages.append(message)
+    return dict(body, messages=messages)
+
 # == 4. SSE codec (sans-IO) =====================================================
 # Incremental text/event-stream parser and encoder. Pure: bytes in, events out.
 # Tests: tests/unit/test_sse.py (including byte-at-a-time feeding).
@@ -3276,14 +3344,19 @@ class Account:
         self.errors = 0
         self.refresh_failures = 0
         self.next_refresh_at = 0.0
+        self.keyless = False  # local servers (Ollama, vLLM...) that need no key
         self.lock = threading.Lock()  # one refresh at a time
+
+    @property
+    def has_key(self) -> bool:
+        return bool(self.api_key) or self.keyless
 
     @property
     def is_oauth(self) -> bool:
         return self.auth_type == "oauth-iflow" and bool(self.refresh_token)
 
     def usable(self, now: float) -> bool:
-        return bool(self.api_key) and self.status != "auth_failed" and self.cooldown_until <= now
+        return self.has_key and self.status != "auth_failed" and self.cooldown_until <= now
 
     def snapshot(self, now: float) -> dict:
         """What UIs may show: the key masked, never the tokens."""
@@ -3296,14 +3369,14 @@ class Account:
                 "requests": self.requests, "errors": self.errors}
 
 
-class AccountPool:
-    """The accounts requests can use; picks the least busy usable one.
+class AccountSet:
+    """The accounts (keys) of one provider; picks the least busy usable one.
 
-    Accounts are rebuilt from settings.json and config when those change; each
-    Account object lives on (by id) so counters and cool-downs survive reloads."""
+    Subclasses rebuild the list in _sync() from where the keys live; each Account
+    object lives on (by id) so counters and cool-downs survive reloads."""
 
-    def __init__(self, config: Config, credentials: IFlowCredentials, clock=time.time):
-        self.config, self.credentials, self.clock = config, credentials, clock
+    def __init__(self, clock=time.time):
+        self.clock = clock
         self._accounts = collections.OrderedDict()
         self._lock = threading.Lock()
 
@@ -3316,31 +3389,11 @@ class AccountPool:
         return next((a for a in self.accounts() if a.id == account_id), None)
 
     def _sync(self) -> None:
-        fresh = collections.OrderedDict()
-        data = self.credentials.data()
-        primary_key = self.credentials.api_key
-        if primary_key:
-            account = self._accounts.get(Account.PRIMARY) or Account(Account.PRIMARY)
-            account.label = "iFlow CLI (%s)" % self.credentials.source()
-            _fill_account(account, primary_key, self.credentials.base_url, self.credentials.auth_type,
-                          data.get("oauth_access_token"), data.get("oauth_refresh_token"),
-                          data.get("oauth_expires_at"))
-            fresh[account.id] = account
-        for entry in self.config.get("accounts") or []:
-            if not isinstance(entry, dict) or not entry.get("id"):
-                continue
-            account = self._accounts.get(entry["id"]) or Account(str(entry["id"]))
-            account.label = entry.get("label") or account.id
-            _fill_account(account, usable_secret(entry.get("api_key")),
-                          (entry.get("base_url") or IFLOW_BASE_URL).rstrip("/"),
-                          entry.get("auth_type") or "api-key", usable_secret(entry.get("oauth_access_token")),
-                          usable_secret(entry.get("oauth_refresh_token")), entry.get("oauth_expires_at"))
-            fresh[account.id] = account
-        self._accounts = fresh
+        raise NotImplementedError
 
     @property
     def has_credentials(self) -> bool:
-        return any(a.api_key for a in self.accounts())
+        return any(a.has_key for a in self.accounts())
 
     def pick(self, exclude=()):
         """The account to use next, or None when every account was tried.
@@ -3349,7 +3402,7 @@ class AccountPool:
         marked failed are only a last resort, so that one account with a passing
         upstream error never locks its user out."""
         now = self.clock()
-        candidates = [a for a in self.accounts() if a.id not in exclude and a.api_key]
+        candidates = [a for a in self.accounts() if a.id not in exclude and a.has_key]
         if not candidates:
             return None
         return min(candidates, key=lambda a: (a.status != "ok", a.cooldown_until > now, a.in_flight))
@@ -3378,6 +3431,59 @@ class AccountPool:
         account.status, account.message = status, message
         if status != "ok":
             log.warning("account %s: %s", account.id, message)
+
+
+class KeyPool(AccountSet):
+    """The API keys of an OpenAI-compatible provider (config, else its key variable)."""
+
+    def __init__(self, name: str, keys_fn, keyless: bool = False, base_url: str = "", clock=time.time):
+        super().__init__(clock)
+        self.name, self.keys_fn, self.keyless, self.base_url = name, keys_fn, keyless, base_url
+
+    def _sync(self) -> None:
+        fresh = collections.OrderedDict()
+        keys = [k for k in self.keys_fn() if k] or ([""] if self.keyless else [])
+        for i, key in enumerate(keys):
+            account_id = "%s#%d" % (self.name, i + 1)
+            account = self._accounts.get(account_id) or Account(account_id)
+            if account.api_key != key:
+                account.status, account.message = "ok", ""
+            account.api_key, account.keyless, account.base_url = key, not key, self.base_url
+            account.label, account.auth_type = "%s key %d" % (self.name, i + 1), "api-key"
+            register_secret(key)
+            fresh[account_id] = account
+        self._accounts = fresh
+
+
+class AccountPool(AccountSet):
+    """iFlow accounts: the iFlow CLI's settings.json first, then config `accounts`."""
+
+    def __init__(self, config: Config, credentials: IFlowCredentials, clock=time.time):
+        super().__init__(clock)
+        self.config, self.credentials = config, credentials
+
+    def _sync(self) -> None:
+        fresh = collections.OrderedDict()
+        data = self.credentials.data()
+        primary_key = self.credentials.api_key
+        if primary_key:
+            account = self._accounts.get(Account.PRIMARY) or Account(Account.PRIMARY)
+            account.label = "iFlow CLI (%s)" % self.credentials.source()
+            _fill_account(account, primary_key, self.credentials.base_url, self.credentials.auth_type,
+                          data.get("oauth_access_token"), data.get("oauth_refresh_token"),
+                          data.get("oauth_expires_at"))
+            fresh[account.id] = account
+        for entry in self.config.get("accounts") or []:
+            if not isinstance(entry, dict) or not entry.get("id"):
+                continue
+            account = self._accounts.get(entry["id"]) or Account(str(entry["id"]))
+            account.label = entry.get("label") or account.id
+            _fill_account(account, usable_secret(entry.get("api_key")),
+                          (entry.get("base_url") or IFLOW_BASE_URL).rstrip("/"),
+                          entry.get("auth_type") or "api-key", usable_secret(entry.get("oauth_access_token")),
+                          usable_secret(entry.get("oauth_refresh_token")), entry.get("oauth_expires_at"))
+            fresh[account.id] = account
+        self._accounts = fresh
 
     def store_tokens(self, account: Account, api_key: str, access_token: str, refresh_token: str,
                      expires_at) -> None:
@@ -3442,26 +3548,30 @@ def _fill_account(account, api_key, base_url, auth_type, access_token, refresh_t
     for secret in (api_key, access_token, refresh_token):
         register_secret(secret)
 
-class ModelCatalogue:
-    """The known iFlow models merged with the upstream /models answer (cached)."""
+IFLOW_CATALOGUE = ([(m, d, "text") for m, d in IFLOW_TEXT_MODELS]
+                   + [(m, d, "vision") for m, d in IFLOW_VISION_MODELS])
 
-    def __init__(self, provider, accounts, pool: ConnectionPool, ttl_s: float = 600.0, clock=time.monotonic):
+
+class ModelCatalogue:
+    """A provider's known models merged with its /models answer (cached; discovery optional)."""
+
+    def __init__(self, provider, accounts, pool: ConnectionPool, ttl_s: float = 600.0, clock=time.monotonic,
+                 static=IFLOW_CATALOGUE, discover: bool = True):
         self.provider, self.accounts, self.pool, self.ttl_s, self.clock = provider, accounts, pool, ttl_s, clock
+        self.static, self.discover = list(static), discover
         self._fetched_at = None
         self._upstream_ids = []
         self._lock = threading.Lock()
 
     def models(self) -> list:
-        """[(id, display name, kind)] with kind "text" or "vision", catalogue first."""
-        entries = [(m, d, "text") for m, d in IFLOW_TEXT_MODELS]
-        entries += [(m, d, "vision") for m, d in IFLOW_VISION_MODELS]
-        known = {m for m, _d, _k in entries}
-        entries += [(m, m, "text") for m in self._upstream() if m not in known]
-        return entries
+        """[(id, display name, kind)] with kind "text" or "vision", known ones first."""
+        known = {m for m, _d, _k in self.static}
+        upstream = self._upstream() if self.discover else []
+        return self.static + [(m, m, "text") for m in upstream if m not in known]
 
     def static_ids(self) -> list:
         """Known model ids without asking the upstream (its list is used once fetched)."""
-        return [m for m, _d in IFLOW_TEXT_MODELS + IFLOW_VISION_MODELS] + list(self._upstream_ids)
+        return [m for m, _d, _k in self.static] + list(self._upstream_ids)
 
     def _upstream(self) -> list:
         with self._lock:
@@ -3491,6 +3601,178 @@ class ModelCatalogue:
             log.info("upstream /models unavailable (%s); using the built-in list", exc)
             return []
 
+
+# -- Providers: iFlow and any OpenAI-compatible API --------------------------------------
+# A provider profile in config `providers` ({name: {...}}) gives type "openai" (or
+# "iflow"), base_url, api_keys, headers, models or discovery, aliases and quirks.
+# Presets fill base URL, key variable and quirks for well-known providers. Quirks
+# live here, in one place: request fields (apply_request_quirks) and the
+# translation flags handed to section 3 (profile).
+
+PROVIDER_PRESETS = {
+    "deepseek": {"base_url": "https://api.deepseek.com/v1", "key_env": "DEEPSEEK_API_KEY",
+                 "notes": "deepseek-chat, deepseek-reasoner; reasoning in reasoning_content",
+                 "quirks": {"replay_reasoning_models": ["deepseek-reasoner"]}},
+    "zhipu": {"base_url": "https://open.bigmodel.cn/api/paas/v4", "key_env": "ZHIPUAI_API_KEY",
+              "notes": "GLM models (glm-4.6, glm-4.5-air...); thinking via thinking.type",
+              "quirks": {"thinking_style": "thinking_type"}},
+    "moonshot": {"base_url": "https://api.moonshot.cn/v1", "key_env": "MOONSHOT_API_KEY",
+                 "notes": "Kimi models; thinking models need reasoning_content in history",
+                 "quirks": {"replay_reasoning_models": ["kimi-k2-thinking", "kimi-k2.5"]}},
+    "qwen": {"base_url": "https://dashscope.aliyuncs.com/compatible-mode/v1", "key_env": "DASHSCOPE_API_KEY",
+             "notes": "Alibaba DashScope (Qwen); thinking via enable_thinking",
+             "quirks": {"thinking_style": "enable_thinking"}},
+    "openrouter": {"base_url": "https://openrouter.ai/api/v1", "key_env": "OPENROUTER_API_KEY",
+                   "notes": "many vendors; model ids contain a slash (anthropic/claude-...)",
+                   "quirks": {"reasoning_field": "reasoning"}},
+    "ollama": {"base_url": "http://127.0.0.1:11434/v1", "key_env": "", "keyless": True,
+               "notes": "local models, no key; reasoning in `reasoning`",
+               "quirks": {"reasoning_field": "reasoning", "accepts_top_k": True}},
+    "vllm": {"base_url": "http://127.0.0.1:8000/v1", "key_env": "VLLM_API_KEY", "keyless": True,
+             "notes": "self-hosted; thinking via chat_template_kwargs",
+             "quirks": {"thinking_style": "chat_template_kwargs", "accepts_top_k": True}},
+    "lmstudio": {"base_url": "http://127.0.0.1:1234/v1", "key_env": "", "keyless": True,
+                 "notes": "local models, no key", "quirks": {}},
+}
+
+# Request fields of the OpenAI chat API; `strict_fields` providers get nothing else.
+OPENAI_CHAT_FIELDS = frozenset([
+    "model", "messages", "stream", "stream_options", "temperature", "top_p", "n", "stop", "max_tokens",
+    "max_completion_tokens", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs",
+    "top_logprobs", "user", "tools", "tool_choice", "parallel_tool_calls", "response_format", "seed",
+    "reasoning_effort", "modalities", "audio", "prediction", "store", "metadata", "service_tier"])
+_TOOL_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
+
+
+def apply_request_quirks(body: dict, quirks: dict) -> dict:
+    """A copy of an OpenAI request body shaped for a provider's quirks (pure)."""
+    body = dict(body)
+    field = quirks.get("max_tokens_field")
+    if field == "max_completion_tokens" and "max_tokens" in body:
+        body.setdefault("max_completion_tokens", body.pop("max_tokens"))
+    elif field == "max_tokens" and "max_completion_tokens" in body:
+        body.setdefault("max_tokens", body.pop("max_completion_tokens"))
+    if quirks.get("strict_fields"):
+        body = {k: v for k, v in body.items() if k in OPENAI_CHAT_FIELDS}
+    if quirks.get("no_stream_options"):
+        body.pop("stream_options", None)
+    if quirks.get("safe_tool_ids") and isinstance(body.get("messages"), list):
+        body["messages"] = [_safe_tool_ids(m) for m in body["messages"]]
+    return body
+
+
+def _safe_tool_ids(message):
+    """Tool call ids in [A-Za-z0-9_-], at most 40 chars (the OpenAI limit), mapped
+    deterministically so a call and its result still match."""
+    if not isinstance(message, dict):
+        return message
+    message = dict(message)
+    if isinstance(message.get("tool_calls"), list):
+        message["tool_calls"] = [dict(c, id=safe_tool_id(c.get("id"))) if isinstance(c, dict) else c
+                                 for c in message["tool_calls"]]
+    if "tool_call_id" in message:
+        message["tool_call_id"] = safe_tool_id(message["tool_call_id"])
+    return message
+
+
+def safe_tool_id(value) -> str:
+    value = str(value or "")
+    if _TOOL_ID_RE.match(value):
+        return value
+    return "call_" + hashlib.sha256(value.encode("utf-8")).hexdigest()[:24]
+
+
+class OpenAICompatibleProvider:
+    """Any OpenAI-compatible chat API: Bearer key, extra headers, quirks."""
+
+    def __init__(self, name: str, base_url: str, headers: dict = None, quirks: dict = None):
+        self.name = name
+        self.base_url = base_url.rstrip("/")
+        self.extra_headers = dict(headers or {})
+        self.quirks = dict(quirks or {})
+
+    def headers(self, api_key: str, is_stream: bool) -> dict:
+        headers = {"Content-Type": "application/json", "User-Agent": "iflow2api/" + __version__}
+        if api_key:
+            headers["Authorization"] = "Bearer " + api_key
+        if not is_stream:
+            headers["Accept"] = "application/json"
+        headers.update(self.extra_headers)
+        return headers
+
+    def prepare(self, body: dict, account):
+        body = apply_request_quirks(body, self.quirks)
+        data = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        return self.base_url + "/chat/completions", self.headers(account.api_key, bool(body.get("stream"))), data
+
+    def models_request(self, account):
+        headers = self.headers(account.api_key, False)
+        headers.pop("Content-Type", None)
+        return self.base_url + "/models", headers
+
+
+class ProviderRoute:
+    """One enabled provider as requests see it: how to call it, its keys, its models."""
+
+    def __init__(self, name, kind, provider, accounts, catalogue, aliases=None, quirks=None,
+                 text_only=(), vision_models=()):
+        self.name, self.kind, self.provider = name, kind, provider
+        self.accounts, self.catalogue = accounts, catalogue
+        self.aliases = dict(aliases or {})
+        self.quirks = dict(quirks or {})
+        self.text_only, self.vision_models = set(text_only), set(vision_models)
+
+    def profile(self, model: str) -> dict:
+        """Translation flags (translation.md section 7) for one of this provider's models."""
+        if self.kind == "iflow":
+            return iflow_profile(model)
+        profile = {k: v for k, v in self.quirks.items() if k in _TRANSLATION_FLAGS}
+        if model in self.quirks.get("replay_reasoning_models", ()):
+            profile["replay_reasoning"] = True
+        return profile
+
+    def model_info(self, model: str) -> dict:
+        if self.kind == "iflow":
+            return iflow_model_info(model)
+        vision = model in self.vision_models or (model not in self.text_only
+                                                 and not self.quirks.get("text_only_default"))
+        return {"vision": vision, "context_window": self.quirks.get("context_window"),
+                "max_output_tokens": self.quirks.get("max_output_tokens")}
+
+
+_TRANSLATION_FLAGS = ("max_tokens_field", "stream_usage", "accepts_top_k", "tool_choice_any",
+                      "parallel_tool_calls", "thinking_style", "replay_reasoning", "reasoning_placeholder",
+                      "needs_user_first", "inline_think_tags", "supports_pdf",
+                      "drop_tool_choice_when_thinking", "drop_sampling_params", "strict_schema",
+                      "reasoning_split")
+
+
+def provider_settings(name: str, entry: dict) -> dict:
+    """A provider's settings: its preset (by `preset` or by name) overlaid with config."""
+    preset = PROVIDER_PRESETS.get(entry.get("preset") or name, {})
+    merged = {"type": "openai", "base_url": preset.get("base_url", ""), "key_env": preset.get("key_env", ""),
+              "keyless": preset.get("keyless", False), "quirks": dict(preset.get("quirks", {})),
+              "headers": {}, "models": [], "discover_models": True, "aliases": {}, "enabled": True,
+              "api_keys": [], "text_only_models": [], "vision_models": []}
+    for key, value in entry.items():
+        if key == "quirks" and isinstance(value, dict):
+            merged["quirks"].update(value)
+        elif key == "api_key" and value:
+            merged["api_keys"] = [value] + list(merged["api_keys"])
+        else:
+            merged[key] = value
+    return merged
+
+
+def split_provider(model: str, route_names) -> tuple:
+    """("provider", "model") for "provider/model" when provider is configured, else (None, model).
+
+    Only a configured name counts as a prefix, so OpenRouter ids such as
+    "anthropic/claude-sonnet-4" still reach the default provider whole."""
+    prefix, sep, rest = model.partition("/")
+    if sep and prefix in route_names and rest:
+        return prefix, rest
+    return None, model
 
 # == 6. Auth: client API keys, OAuth login, token refresh ========================
 # Which keys a client must present (Bearer or x-api-key; required on remote
@@ -3833,6 +4115,119 @@ def ensure_client_key(config: Config, host: str) -> str:
 
 def new_client_key() -> str:
     return "sk-i2a-" + base64.urlsafe_b64encode(os.urandom(24)).decode("ascii").rstrip("=")
+
+# -- The upstream side of a service ------------------------------------------------------
+
+class Backend:
+    """The upstream side, shared by every server instance of a service: connection
+    pool (with the proxy), iFlow accounts, OAuth login and token refresh, and the
+    enabled providers with their keys and models (routes)."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.credentials = IFlowCredentials(config)
+        self.pool = ConnectionPool(config["upstream_connect_timeout_s"], config["upstream_read_timeout_s"],
+                                   proxy=proxy_from_config(config))
+        self.accounts = AccountPool(config, self.credentials)
+        self.oauth = OAuthClient(config, self.pool)
+        self.refresher = TokenRefresher(self.accounts, self.oauth, config)
+        self.routes = self._build_routes()
+
+    def reload(self) -> None:
+        """Rebuild the provider routes after a config change (keys, models, providers)."""
+        self.routes = self._build_routes()
+
+    def _build_routes(self):
+        config, routes = self.config, collections.OrderedDict()
+        providers = config.get("providers") or {}
+        iflow_entry = providers.get("iflow") if isinstance(providers.get("iflow"), dict) else {}
+        if iflow_entry.get("enabled", True):
+            provider = IFlowProvider()
+            routes["iflow"] = ProviderRoute(
+                "iflow", "iflow", provider, self.accounts,
+                ModelCatalogue(provider, self.accounts, self.pool, config["models_cache_s"]),
+                aliases=iflow_entry.get("aliases"))
+        for name, entry in providers.items():
+            if name == "iflow" or not isinstance(entry, dict):
+                continue
+            settings = provider_settings(name, entry)
+            if not settings["enabled"]:
+                continue
+            provider = OpenAICompatibleProvider(name, settings["base_url"], settings["headers"],
+                                                settings["quirks"])
+            accounts = KeyPool(name, _provider_keys(settings, config.env), settings["keyless"],
+                               provider.base_url)
+            static = [(m, m, "vision" if m in settings["vision_models"] else "text")
+                      for m in settings["models"] if isinstance(m, str)]
+            catalogue = ModelCatalogue(provider, accounts, self.pool, config["models_cache_s"], static=static,
+                                       discover=bool(settings["discover_models"]))
+            routes[name] = ProviderRoute(name, "openai", provider, accounts, catalogue, settings["aliases"],
+                                         settings["quirks"], settings["text_only_models"],
+                                         settings["vision_models"])
+        return routes
+
+    @property
+    def default_route(self):
+        routes = self.routes
+        return routes.get(self.config["default_provider"]) or next(iter(routes.values()), None)
+
+    def resolve(self, model: str):
+        """(route, upstream model id) for the model name a client sent.
+
+        Order: "provider/model"; config model_routes ("provider" or "provider/model");
+        a provider's aliases; a model the default provider knows; a model another
+        provider knows; else the default provider with the name unchanged."""
+        routes = self.routes
+        if not routes:
+            raise AuthenticationError("no provider is enabled; configure one (iflow2api providers add ...) "
+                                      "or log in to iFlow (iflow2api login)")
+        name, rest = split_provider(model, routes)
+        if name:
+            return routes[name], routes[name].aliases.get(rest, rest)
+        target = (self.config.get("model_routes") or {}).get(model)
+        if isinstance(target, str):
+            name, rest = split_provider(target, routes)
+            if name:
+                return routes[name], rest
+            if target in routes:
+                return routes[target], model
+        for route in routes.values():
+            if model in route.aliases:
+                return route, route.aliases[model]
+        default = self.default_route
+        for route in [default] + [r for r in routes.values() if r is not default]:
+            if model in route.catalogue.static_ids():
+                return route, model
+        return default, model
+
+    def public_model_ids(self):
+        """[(id as clients send it, display name, owner)] over every enabled provider."""
+        default, out, seen = self.default_route, [], set()
+        for route in self.routes.values():
+            prefix = "" if route is default else route.name + "/"
+            names = [(m, d) for m, d, _k in route.catalogue.models()] + [(a, a) for a in route.aliases]
+            for model_id, display in names:
+                if prefix + model_id not in seen:
+                    seen.add(prefix + model_id)
+                    out.append((prefix + model_id, display, route.name))
+        return out
+
+    def has_credentials(self) -> bool:
+        return any(route.accounts.has_credentials for route in self.routes.values())
+
+    def close(self) -> None:
+        self.refresher.stop()
+        self.pool.close()
+
+
+def _provider_keys(settings: dict, env: dict):
+    """A function giving a provider's keys now: config api_keys, else its key variable."""
+    def keys():
+        configured = [usable_secret(k) for k in settings["api_keys"] if isinstance(k, str)]
+        if any(configured):
+            return configured
+        return [env.get(settings["key_env"], "")] if settings["key_env"] else []
+    return keys
 
 # == 7. HTTP server =============================================================
 # Request/Response types, a router, the app wrapper (errors, CORS, access log),
@@ -4620,13 +5015,11 @@ class Stats:
 class Api:
     """The HTTP API of one server instance."""
 
-    def __init__(self, config: Config, credentials: IFlowCredentials, accounts: AccountPool,
-                 provider: IFlowProvider, pool: ConnectionPool, catalogue: ModelCatalogue,
-                 limiter: ConcurrencyLimiter, stats: Stats, client_keys: ClientKeys, adapter: str,
-                 refresher: TokenRefresher = None, clock=time.monotonic):
-        self.config, self.credentials, self.accounts, self.provider = config, credentials, accounts, provider
-        self.pool, self.catalogue, self.limiter, self.stats = pool, catalogue, limiter, stats
-        self.client_keys, self.adapter, self.refresher, self.clock = client_keys, adapter, refresher, clock
+    def __init__(self, config: Config, backend: Backend, limiter: ConcurrencyLimiter, stats: Stats,
+                 client_keys: ClientKeys, adapter: str, clock=time.monotonic):
+        self.config, self.backend, self.limiter, self.stats = config, backend, limiter, stats
+        self.credentials = backend.credentials
+        self.client_keys, self.adapter, self.clock = client_keys, adapter, clock
         self.started_at = clock()
 
     def router(self) -> Router:
@@ -4658,14 +5051,15 @@ class Api:
                                             "health": "/health"}})
 
     def health(self, req: Request) -> Response:
-        accounts = self.accounts.accounts()
-        has_key = any(a.api_key for a in accounts)
+        accounts = [a for route in self.backend.routes.values() for a in route.accounts.accounts()]
+        has_key = any(a.has_key for a in accounts)
         body = {
             "status": "ok" if has_key else "no_credentials",
             "version": __version__,
             "uptime_s": round(self.clock() - self.started_at, 1),
             "credentials": {"present": has_key, "auth_type": self.credentials.auth_type or None},
             "upstream": self.credentials.base_url,
+            "providers": list(self.backend.routes),
             "http_adapter": self.adapter,
             "concurrency": {"limit": self.limiter.limit, "in_flight": self.limiter.in_flight,
                             "waiting": self.limiter.waiting},
@@ -4677,9 +5071,8 @@ class Api:
             body["message"] = NO_CREDENTIALS_MESSAGE % self.config.path
         return Response.json(body)
 
-    def _model_entries(self, kinds=("text", "vision")) -> list:
-        return [_model_entry(model_id, display) for model_id, display, kind in self.catalogue.models()
-                if kind in kinds]
+    def _model_entries(self) -> list:
+        return [_model_entry(model_id, display, owner) for model_id, display, owner in self.backend.public_model_ids()]
 
     def list_models(self, req: Request) -> Response:
         self.client_keys.check(req.headers)
@@ -4690,7 +5083,11 @@ class Api:
 
     def list_vision_models(self, req: Request) -> Response:
         self.client_keys.check(req.headers)
-        return Response.json({"object": "list", "data": self._model_entries(("vision",))})
+        default = self.backend.default_route
+        data = [_model_entry((m if route is default else route.name + "/" + m), d, route.name)
+                for route in self.backend.routes.values() for m, d, kind in route.catalogue.models()
+                if kind == "vision"]
+        return Response.json({"object": "list", "data": data})
 
     def get_model(self, req: Request) -> Response:
         self.client_keys.check(req.headers)
@@ -4707,9 +5104,13 @@ class Api:
         if not body.get("model"):
             body["model"] = (self.config.get("default_model") or self.credentials.model_name
                              or DEFAULT_MODEL)
-        req.log["model"] = body["model"]
+        route, upstream_model = self._route(body["model"], openai_has_images(body))
+        req.log["model"] = _log_model(route, upstream_model)
+        body["model"] = upstream_model
+        if route.quirks.get("inline_image_urls"):
+            body = inline_image_urls(body, self._fetch_image)
         is_stream = bool(body.get("stream"))
-        upstream, release = self._open_upstream(body)
+        upstream, release = self._open_upstream(body, route)
         if is_stream and "text/event-stream" in upstream.content_type:
             return self._stream_response(req, upstream, release)
         result = _parse_completion(_read_all(upstream, release))
@@ -4724,39 +5125,70 @@ class Api:
                 normalize_reasoning_message(choice["message"], preserve)
         return Response.json(result)
 
-    def _open_upstream(self, body: dict):
+    def _route(self, model: str, has_images: bool):
+        """(route, upstream model); requests with images for a text-only model go to
+        the vision model, or get a 400, as vision_fallback says."""
+        route, upstream_model = self.backend.resolve(model)
+        if not has_images or route.model_info(upstream_model)["vision"]:
+            return route, upstream_model
+        if self.config["vision_fallback"] == "reject" or not self.config["vision_model"]:
+            raise InvalidRequestError("model %s does not accept images; send text only or pick a vision model "
+                                      "(%s)" % (upstream_model, self.config["vision_model"] or "none set"))
+        vision_route, vision_model = self.backend.resolve(self.config["vision_model"])
+        log.info("request has images: %s -> %s", upstream_model, _log_model(vision_route, vision_model))
+        return vision_route, vision_model
+
+    def _fetch_image(self, url: str):
+        """(content type, bytes) of a remote image, for providers that need images inline."""
+        resp = self.backend.pool.request("GET", url, {"User-Agent": "iflow2api/" + __version__,
+                                                      "Accept": "image/*"})
+        try:
+            data = resp.read()
+        finally:
+            resp.close()
+        content_type = (resp.headers.get("content-type") or "").split(";")[0].strip()
+        if resp.status != 200 or not content_type.startswith("image/") or len(data) > 20 * MIB:
+            raise InvalidRequestError("could not fetch the image %s (status %d, %s, %d bytes)"
+                                      % (url[:200], resp.status, content_type or "no type", len(data)))
+        return content_type, data
+
+    def _open_upstream(self, body: dict, route):
         """(upstream response with a 2xx status, function that ends the call once).
 
-        Picks the least busy account; a 429, 401 or 5xx (or a failed connection)
-        before any byte reached the client cools that account down and tries the
-        next one. A 401 on an OAuth account first gets one token refresh."""
-        if not self.accounts.has_credentials:
-            raise AuthenticationError(NO_CREDENTIALS_MESSAGE % self.config.path)
+        Picks the least busy account (key) of the route; a 429, 401 or 5xx (or a
+        failed connection) before any byte reached the client cools that account
+        down and tries the next one. A 401 on an OAuth account first gets one
+        token refresh."""
+        accounts = route.accounts
+        if not accounts.has_credentials:
+            raise AuthenticationError(_no_credentials_message(route, self.config))
         release_slot = self.limiter.acquire()
         tried, refreshed, last_error = [], set(), None
         try:
             while True:
-                account = self.accounts.pick(exclude=tried)
+                account = accounts.pick(exclude=tried)
                 if account is None:
-                    raise last_error or AuthenticationError(NO_CREDENTIALS_MESSAGE % self.config.path)
-                end_account = self.accounts.begin(account)
+                    raise last_error or AuthenticationError(_no_credentials_message(route, self.config))
+                end_account = accounts.begin(account)
                 try:
-                    url, headers, data = self.provider.prepare(body, account)
-                    upstream = self.pool.request("POST", url, headers, data)
+                    url, headers, data = route.provider.prepare(body, account)
+                    upstream = self.backend.pool.request("POST", url, headers, data)
                 except UpstreamTimeoutError:
                     end_account(False)
                     raise
                 except UpstreamError as exc:
                     end_account(False)
-                    self.accounts.cool_down(account, self.config["account_cooldown_s"], str(exc))
+                    accounts.cool_down(account, self.config["account_cooldown_s"], str(exc))
                     tried.append(account.id)
                     last_error = exc
                     continue
                 if 200 <= upstream.status < 300:
                     return upstream, _once(lambda: (end_account(True), release_slot()))
-                exc = _with_login_hint(upstream_error(upstream.status, _read_all(upstream), upstream.headers))
+                exc = upstream_error(upstream.status, _read_all(upstream), upstream.headers)
+                if route.kind == "iflow":
+                    exc = _with_login_hint(exc)
                 end_account(False)
-                next_step = self._after_upstream_error(account, upstream.status, exc, refreshed)
+                next_step = self._after_upstream_error(accounts, account, upstream.status, exc, refreshed)
                 if next_step == "stop":
                     raise exc
                 if next_step == "next":
@@ -4766,22 +5198,23 @@ class Api:
             release_slot()
             raise
 
-    def _after_upstream_error(self, account: Account, status: int, exc: UpstreamError, refreshed: set) -> str:
+    def _after_upstream_error(self, accounts, account: Account, status: int, exc: UpstreamError,
+                              refreshed: set) -> str:
         """"same" (retry this account), "next" (another account) or "stop" (answer the error)."""
         if status == 401:
-            if account.id not in refreshed and account.is_oauth and self.refresher is not None:
+            if account.id not in refreshed and account.is_oauth:
                 refreshed.add(account.id)
-                if self.refresher.refresh_now(account):
+                if self.backend.refresher.refresh_now(account):
                     return "same"  # with its new key
-            self.accounts.mark(account, "auth_failed", "the upstream refused this account's key: "
-                                                       "log in again (iflow2api login)")
+            accounts.mark(account, "auth_failed", "the upstream refused this account's key: "
+                                                  "log in again or replace the key")
             return "next"
         if status == 429:
             seconds = parse_retry_after(exc.retry_after) or self.config["account_cooldown_s"]
-            self.accounts.cool_down(account, seconds, str(exc))
+            accounts.cool_down(account, seconds, str(exc))
             return "next"
         if status >= 500:
-            self.accounts.cool_down(account, self.config["account_cooldown_s"], str(exc))
+            accounts.cool_down(account, self.config["account_cooldown_s"], str(exc))
             return "next"
         return "stop"
 
@@ -4849,12 +5282,14 @@ class Api:
             openai_body = anthropic_to_openai_request(body, ctx)
         except TranslationError as exc:
             raise InvalidRequestError(str(exc), status=exc.status, anthropic_type=exc.error_type) from None
-        req.log["model"] = ctx.upstream_model
+        req.log["model"] = _log_model(ctx.route, ctx.upstream_model)
         is_stream = body.get("stream") is True
         openai_body["stream"] = True
         if ctx.flag("stream_usage"):
             openai_body["stream_options"] = {"include_usage": True}
-        upstream, release = self._open_upstream(openai_body)
+        if ctx.route.quirks.get("inline_image_urls"):
+            openai_body = inline_image_urls(openai_body, self._fetch_image)
+        upstream, release = self._open_upstream(openai_body, ctx.route)
         stream = AnthropicStream(ctx)
         reader = None
         try:
@@ -4939,12 +5374,16 @@ class Api:
         client_model = body.get("model")
         if not isinstance(client_model, str) or not client_model.strip():
             raise InvalidRequestError("model: Field required")
-        upstream_model = resolve_model(client_model, self.config["model_map"], self.catalogue.static_ids(),
-                                       self.config.get("default_model") or DEFAULT_MODEL)
-        return TranslationContext(client_model=client_model, upstream_model=upstream_model,
-                                  new_id=new_random_id, profile=iflow_profile(upstream_model),
-                                  model_info=iflow_model_info(upstream_model),
-                                  preserve_reasoning=self.config["preserve_reasoning_content"])
+        known = [m for route in self.backend.routes.values() for m in route.catalogue.static_ids()]
+        name = resolve_model(client_model, self.config["model_map"], known,
+                             self.config.get("default_model") or DEFAULT_MODEL)
+        route, upstream_model = self._route(name, anthropic_has_images(body))
+        ctx = TranslationContext(client_model=client_model, upstream_model=upstream_model,
+                                 new_id=new_random_id, profile=route.profile(upstream_model),
+                                 model_info=route.model_info(upstream_model),
+                                 preserve_reasoning=self.config["preserve_reasoning_content"])
+        ctx.route = route
+        return ctx
 
 # -- Anthropic streaming glue -----------------------------------------------------
 
@@ -5079,6 +5518,17 @@ def _parse_completion(raw: bytes) -> dict:
     return result
 
 
+def _log_model(route, model: str) -> str:
+    return model if route.kind == "iflow" else route.name + "/" + model
+
+
+def _no_credentials_message(route, config: Config) -> str:
+    if route.kind == "iflow":
+        return NO_CREDENTIALS_MESSAGE % config.path
+    return ("provider %s has no API key: add one with `iflow2api providers add %s --api-key KEY` "
+            "or set its api_keys in %s" % (route.name, route.name, config.path))
+
+
 def _once(fn):
     """fn wrapped so that only its first call runs."""
     called = []
@@ -5122,35 +5572,15 @@ def _log_usage(req: Request, usage) -> None:
         req.log["output_tokens"] = usage.get("completion_tokens", usage.get("output_tokens"))
 
 
-def _model_entry(model_id: str, display: str) -> dict:
+def _model_entry(model_id: str, display: str, owner: str = "iflow") -> dict:
     """One model in a shape both the OpenAI and the Anthropic SDK parse."""
-    return {"id": model_id, "object": "model", "created": CATALOGUE_CREATED, "owned_by": "iflow",
+    return {"id": model_id, "object": "model", "created": CATALOGUE_CREATED, "owned_by": owner,
             "type": "model", "display_name": display, "created_at": "2025-01-01T00:00:00Z"}
 
 
 # == 9. Service: instances, status, logs =========================================
 # The object the CLI, the admin API and the GUI drive: start/stop server
 # instances, status snapshot, recent log lines, config. Tests: tests/integration.
-
-class Backend:
-    """The upstream side, shared by every server instance of a service: connection
-    pool, accounts, OAuth login and token refresh, provider, model catalogue."""
-
-    def __init__(self, config: Config):
-        self.config = config
-        self.credentials = IFlowCredentials(config)
-        self.pool = ConnectionPool(config["upstream_connect_timeout_s"], config["upstream_read_timeout_s"],
-                                   proxy=proxy_from_config(config))
-        self.accounts = AccountPool(config, self.credentials)
-        self.oauth = OAuthClient(config, self.pool)
-        self.refresher = TokenRefresher(self.accounts, self.oauth, config)
-        self.provider = IFlowProvider()
-        self.catalogue = ModelCatalogue(self.provider, self.accounts, self.pool, config["models_cache_s"])
-
-    def close(self) -> None:
-        self.refresher.stop()
-        self.pool.close()
-
 
 class Instance:
     """One listening server with its own limiter and counters over a shared Backend."""
@@ -5167,9 +5597,7 @@ class Instance:
         self.limiter = ConcurrencyLimiter(config["concurrency"], config["queue_timeout_s"])
         self.stats = Stats()
         self.generated_key = ""  # a client key made for this start (remote bind), shown once
-        b = self.backend
-        self.api = Api(config, b.credentials, b.accounts, b.provider, b.pool, b.catalogue,
-                       self.limiter, self.stats, ClientKeys(config), self.adapter, b.refresher)
+        self.api = Api(config, self.backend, self.limiter, self.stats, ClientKeys(config), self.adapter)
         self.app = App(self.api.router(), config["cors_allow_origins"], self.stats)
         self.server = None
 
@@ -5198,7 +5626,7 @@ class Instance:
     def status(self) -> dict:
         return {"name": self.name, "running": self.running, "url": self.url, "host": self.host,
                 "port": self.port, "http_adapter": self.adapter,
-                "credentials": self.accounts.has_credentials,
+                "credentials": self.backend.has_credentials(),
                 "in_flight": self.limiter.in_flight, **self.stats.snapshot()}
 
 
@@ -5404,9 +5832,8 @@ def _cmd_version(args) -> int:
 
 
 def _cmd_models(config: Config) -> int:
-    backend = Backend(config)
-    for model_id, display, kind in backend.catalogue.models():
-        print("%-24s %-24s %s" % (model_id, display, kind))
+    for model_id, display, owner in Backend(config).public_model_ids():
+        print("%-32s %-24s %s" % (model_id, display, owner))
     return 0
 
 
@@ -5501,7 +5928,7 @@ def _cmd_serve(config: Config) -> int:
               flush=True)
     elif instance.host not in LOOPBACK_HOSTS and not ClientKeys(config).required:
         log.warning("listening on %s without client keys (allow_remote_without_key is set)", instance.host)
-    if instance.accounts.has_credentials:
+    if instance.backend.has_credentials():
         log.info("credentials: %s (%s)", credentials.source(), credentials.auth_type or "api-key")
     else:
         log.warning(NO_CREDENTIALS_MESSAGE, config.path)

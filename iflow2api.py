@@ -392,6 +392,10 @@ def read_json_file(path: str):
 SECRET_PREFIX = "enc:v1:"
 
 
+class ConfigError(InvalidRequestError, ValueError):
+    """A config value that does not fit its key."""
+
+
 class SecretError(Iflow2apiError):
     status, code = 500, "secret_unreadable"
 
@@ -515,8 +519,8 @@ def _coerce(value, default):
     if isinstance(default, dict):
         if isinstance(value, str):
             value = json.loads(value)
-        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-            raise ValueError("expected an object of names to model ids")
+        if not isinstance(value, dict):
+            raise ValueError("expected an object")
         return value
     if isinstance(default, list):
         if isinstance(value, str):
@@ -555,6 +559,10 @@ def resolve_config(file_data: dict, env: dict, cli: dict):
                 merged[key] = _coerce(value, DEFAULT_CONFIG[key])
             except (TypeError, ValueError) as exc:
                 warnings.append("%s: %s=%r ignored (%s)" % (source, key, value, exc))
+    for key in ("model_map", "model_routes"):
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in merged[key].items()):
+            warnings.append("%s must map names to model names; using %r" % (key, DEFAULT_CONFIG[key]))
+            merged[key] = DEFAULT_CONFIG[key]
     for key, low in (("port", 0), ("concurrency", 1), ("max_connections", 1)):
         if merged[key] < low or (key == "port" and merged[key] > 65535):
             warnings.append("%s=%r out of range, using %r" % (key, merged[key], DEFAULT_CONFIG[key]))
@@ -595,11 +603,14 @@ class Config:
         return self.values[key]
 
     def update(self, changes: dict, save: bool = True) -> None:
-        """Change keys in the file layer (validated), then write the file atomically."""
+        """Change keys in the file layer (validated: ConfigError), then write the file atomically."""
         with self.lock:
             for key, value in changes.items():
                 if key in DEFAULT_CONFIG:
-                    _coerce(value, DEFAULT_CONFIG[key])  # raises ValueError on a bad value
+                    try:
+                        _coerce(value, DEFAULT_CONFIG[key])
+                    except (TypeError, ValueError) as exc:
+                        raise ConfigError("%s: %s" % (key, exc)) from None
             self.file_data = dict(self.file_data, **changes)
             self._resolve()
             if save:
@@ -3751,7 +3762,8 @@ def provider_settings(name: str, entry: dict) -> dict:
     """A provider's settings: its preset (by `preset` or by name) overlaid with config."""
     preset = PROVIDER_PRESETS.get(entry.get("preset") or name, {})
     merged = {"type": "openai", "base_url": preset.get("base_url", ""), "key_env": preset.get("key_env", ""),
-              "keyless": preset.get("keyless", False), "quirks": dict(preset.get("quirks", {})),
+              # a server of your own (no preset) may need no key: send none rather than refuse
+              "keyless": preset.get("keyless", not preset), "quirks": dict(preset.get("quirks", {})),
               "headers": {}, "models": [], "discover_models": True, "aliases": {}, "enabled": True,
               "api_keys": [], "text_only_models": [], "vision_models": []}
     for key, value in entry.items():
@@ -5691,6 +5703,7 @@ class Service:
 
     def config_set(self, changes: dict) -> None:
         self.config.update(changes)
+        self.backend.reload()
 
     # -- accounts and login --
 
@@ -5726,15 +5739,80 @@ class Service:
         """Remove an account's credentials; False when there was no such account."""
         return self.backend.accounts.remove(account_id)
 
+    # -- providers --
+
+    def providers(self) -> list:
+        """Presets and configured providers: name, base URL, key status (masked), models, notes."""
+        configured = self.config.get("providers") or {}
+        routes = self.backend.routes
+        out = []
+        for name in ["iflow"] + sorted(set(PROVIDER_PRESETS) | set(configured)):
+            if name == "iflow":
+                settings = {"base_url": self.backend.credentials.base_url, "key_env": "",
+                            "notes": "iFlow API with the iFlow CLI's login (iflow2api login)"}
+            else:
+                settings = provider_settings(name, configured.get(name) or {})
+                settings["notes"] = PROVIDER_PRESETS.get(settings.get("preset") or name, {}).get("notes", "")
+            route = routes.get(name)
+            keys = [a.api_key for a in route.accounts.accounts()] if route else []
+            out.append({"name": name, "configured": name == "iflow" or name in configured,
+                        "enabled": route is not None, "default": name == self.config["default_provider"],
+                        "base_url": settings["base_url"], "key_env": settings.get("key_env") or "",
+                        "keys": [mask_secret(k) if k else "(none needed)" for k in keys],
+                        "notes": settings["notes"]})
+        return out
+
+    def provider_add(self, name: str, preset: str = None, api_key: str = None, base_url: str = None,
+                     models=None, make_default: bool = False) -> dict:
+        """Create (or update) a provider profile; unknown names need a base URL."""
+        if not re.match(r"^[A-Za-z0-9_.-]{1,40}$", name or "") or name == "iflow":
+            raise InvalidRequestError("provider names are 1-40 letters, digits, '_', '-' or '.' (not 'iflow')")
+        if (preset or name) not in PROVIDER_PRESETS and not base_url and name not in (
+                self.config.get("providers") or {}):
+            raise InvalidRequestError("%r is not a preset (%s): give --base-url"
+                                      % (preset or name, ", ".join(sorted(PROVIDER_PRESETS))))
+        if preset and preset not in PROVIDER_PRESETS:
+            raise InvalidRequestError("unknown preset %r; presets: %s" % (preset, ", ".join(sorted(PROVIDER_PRESETS))))
+        providers = dict(self.config.get("providers") or {})
+        entry = dict(providers.get(name) or {})
+        if preset:
+            entry["preset"] = preset
+        if base_url:
+            entry["base_url"] = base_url.rstrip("/")
+        if api_key:
+            register_secret(api_key)
+            entry["api_keys"] = [k for k in entry.get("api_keys") or [] if k != api_key] + [api_key]
+        if models:
+            entry["models"] = list(models)
+        providers[name] = entry
+        changes = {"providers": providers}
+        if make_default:
+            changes["default_provider"] = name
+        self.config.update(changes)
+        self.backend.reload()
+        return next(p for p in self.providers() if p["name"] == name)
+
+    def provider_remove(self, name: str) -> bool:
+        providers = dict(self.config.get("providers") or {})
+        if name not in providers:
+            return False
+        del providers[name]
+        changes = {"providers": providers}
+        if self.config["default_provider"] == name:
+            changes["default_provider"] = "iflow"
+        self.config.update(changes)
+        self.backend.reload()
+        return True
+
 
 # == 10. CLI ====================================================================
 # `iflow2api [serve] [--host H] [--port P] [--config FILE] [--log-level L]`,
 # `iflow2api version [--verbose]`, `iflow2api models`, `iflow2api config [KEY [VALUE]]`,
 # `iflow2api login [--headless | --api-key [KEY]] [--add]`, `iflow2api logout [ID]`,
-# `iflow2api accounts`.
+# `iflow2api accounts`, `iflow2api providers [add NAME ... | remove NAME]`.
 # Tests: tests/integration/test_cli.py.
 
-COMMANDS = ("serve", "version", "models", "config", "login", "logout", "accounts")
+COMMANDS = ("serve", "version", "models", "config", "login", "logout", "accounts", "providers")
 
 
 def _common_options(parser) -> None:
@@ -5750,7 +5828,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="iflow2api",
         description="Local OpenAI-compatible API bridge to the iFlow API.",
-        epilog="commands: serve (default), version, models, config, login, logout, accounts. "
+        epilog="commands: serve (default), version, models, config, login, logout, accounts, providers. "
                "Run 'iflow2api COMMAND --help' for details.")
     _common_options(parser)
     parser.add_argument("--version", action="version", version="iflow2api " + __version__)
@@ -5782,6 +5860,19 @@ def build_parser() -> argparse.ArgumentParser:
     accounts = sub.add_parser("accounts", help="list accounts with masked keys, expiry and status")
     accounts.add_argument("--config", metavar="FILE")
     accounts.add_argument("--json", action="store_true", help="print JSON")
+    providers = sub.add_parser("providers", help="list, add or remove upstream providers")
+    providers.add_argument("--config", metavar="FILE")
+    providers.add_argument("--json", action="store_true", help="print JSON")
+    psub = providers.add_subparsers(dest="action")
+    add = psub.add_parser("add", help="add or update a provider (a preset name, or any name with --base-url)")
+    add.add_argument("name")
+    add.add_argument("--preset", help="take base URL and quirks from this preset")
+    add.add_argument("--api-key", help="API key (repeat the command to add more keys)")
+    add.add_argument("--base-url", help="the provider's OpenAI-compatible base URL (.../v1)")
+    add.add_argument("--model", action="append", dest="models", help="a model id to list (repeatable)")
+    add.add_argument("--default", action="store_true", help="make it the default provider")
+    remove = psub.add_parser("remove", help="remove a configured provider")
+    remove.add_argument("name")
     return parser
 
 
@@ -5811,6 +5902,8 @@ def main(argv=None) -> int:
             return _cmd_logout(Service(config), args.account)
         if command == "accounts":
             return _cmd_accounts(Service(config), args.json)
+        if command == "providers":
+            return _cmd_providers(Service(config), args)
         return _cmd_serve(config)
     except Iflow2apiError as exc:
         raise SystemExit("iflow2api: %s" % exc)
@@ -5851,7 +5944,7 @@ def _cmd_config(config: Config, key, value) -> int:
     try:
         config.update({key: parsed})
     except (TypeError, ValueError) as exc:
-        raise SystemExit("iflow2api: %s: %s; see 'iflow2api config' for current values" % (key, exc))
+        raise SystemExit("iflow2api: %s; see 'iflow2api config' for current values" % exc)
     print("%s = %s (saved to %s)" % (key, json.dumps(config.get(key)), config.path))
     return 0
 
@@ -5903,6 +5996,32 @@ def _cmd_accounts(service: Service, as_json: bool) -> int:
         status = a["status"] + (": " + a["message"] if a["message"] else "")
         print("%-14s %-10s %-16s %-20s %s" % (a["id"], a["auth_type"], a["api_key"], a["expires_at"] or "-",
                                              status))
+    return 0
+
+
+def _cmd_providers(service: Service, args) -> int:
+    if args.action == "add":
+        added = service.provider_add(args.name, args.preset, args.api_key, args.base_url, args.models,
+                                     args.default)
+        print("Provider %s: %s, keys %s%s. Use models as %s/<model>." % (
+            added["name"], added["base_url"], ", ".join(added["keys"]) or "none",
+            " (default)" if added["default"] else "", added["name"]))
+        return 0
+    if args.action == "remove":
+        if not service.provider_remove(args.name):
+            raise SystemExit("iflow2api: no configured provider %r" % args.name)
+        print("Removed provider %s." % args.name)
+        return 0
+    providers = service.providers()
+    if args.json:
+        print(json.dumps(providers, indent=2, ensure_ascii=False))
+        return 0
+    print("%-11s %-8s %-50s %-22s %s" % ("NAME", "STATE", "BASE URL", "KEYS", "NOTES"))
+    for p in providers:
+        state = ("default" if p["default"] else "enabled") if p["enabled"] else "preset"
+        keys = ", ".join(p["keys"]) or ("$" + p["key_env"] if p["key_env"] else "-")
+        print("%-11s %-8s %-50s %-22s %s" % (p["name"], state, p["base_url"], keys, p["notes"]))
+    print("\nAdd one: iflow2api providers add deepseek --api-key sk-...   (any other: --base-url URL)")
     return 0
 
 

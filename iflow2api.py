@@ -3136,6 +3136,7 @@ class UpstreamResponse:
         self.status = resp.status
         self.headers = resp.headers
         self._closed = False
+        self._lock = threading.Lock()  # abort() may race with close() from another thread
 
     @property
     def content_type(self) -> str:
@@ -3177,17 +3178,21 @@ class UpstreamResponse:
         return bool(readable)
 
     def abort(self) -> None:
-        sock = self._conn.sock
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        """Cut the connection now (the client left). A no-op once closed: by then
+        the connection may serve another request from the pool."""
+        with self._lock:
+            sock = None if self._closed else self._conn.sock
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
         reusable = self._resp.isclosed() and not self._resp.will_close
         if reusable:
             self._pool.put(self._key, self._conn)

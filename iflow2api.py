@@ -3556,8 +3556,10 @@ IFLOW_CREDENTIAL_KEYS = ("selectedAuthType", "apiKey", "searchApiKey", "oauth_ac
 
 
 def _fill_account(account, api_key, base_url, auth_type, access_token, refresh_token, expires_at):
-    if api_key != account.api_key and account.status == "auth_failed":
-        account.status, account.message = "ok", ""  # a new key: give it a chance
+    if api_key != account.api_key or (refresh_token or "") != account.refresh_token:
+        # A new login (ours or the iFlow CLI's): forget earlier failures and backoff.
+        account.status, account.message = "ok", ""
+        account.refresh_failures, account.next_refresh_at = 0, 0.0
     account.api_key, account.base_url, account.auth_type = api_key, base_url, auth_type
     account.access_token, account.refresh_token = access_token or "", refresh_token or ""
     account.expires_at = parse_expiry(expires_at)
@@ -3829,8 +3831,8 @@ class ClientKeys:
         key = client_key_of(headers)
         digest = hashlib.sha256(key.encode("utf-8")).digest()
         if not key or not any(hmac.compare_digest(digest, d) for d in self._digests):
-            raise AuthenticationError("invalid or missing API key: send it as 'Authorization: Bearer <key>' "
-                                      "or 'x-api-key: <key>'")
+            raise AuthenticationError("invalid or missing API key: send the key in an Authorization "
+                                      "header (Bearer) or an x-api-key header")
 
 
 # -- iFlow OAuth ------------------------------------------------------------------------
@@ -4030,7 +4032,7 @@ def save_login(accounts: AccountPool, result: dict, add: bool = False) -> str:
         return accounts.add_entry(entry)
     settings = accounts.credentials.data()
     fields = {"selectedAuthType": "oauth-iflow" if oauth else "api-key", "apiKey": result["api_key"],
-              "baseUrl": settings.get("baseUrl") or result.get("base_url") or IFLOW_BASE_URL}
+              "baseUrl": result.get("base_url") or settings.get("baseUrl") or IFLOW_BASE_URL}
     remove = ()
     if oauth:
         fields.update(oauth_access_token=result["access_token"], oauth_refresh_token=result["refresh_token"])
@@ -4079,11 +4081,17 @@ class TokenRefresher:
                     and account.expires_at - now < self.config["oauth_refresh_before_s"]):
                 self.refresh_now(account)
 
-    def refresh_now(self, account: Account) -> bool:
-        """Refresh one account now; True when it has a new key."""
+    def refresh_now(self, account: Account, refused_key: str = None) -> bool:
+        """Refresh one account now; True when it has a new key.
+
+        refused_key: the key an upstream just refused. When several requests hit
+        the same 401 at once, the first refreshes; the others find the key already
+        replaced and just use the new one (a second refresh could void the first)."""
         if not account.is_oauth:
             return False
         with account.lock:
+            if refused_key is not None and account.api_key != refused_key:
+                return True
             now = self.clock()
             try:
                 tokens = self.oauth.refresh(account.refresh_token, now)
@@ -5187,6 +5195,7 @@ class Api:
                 if account is None:
                     raise last_error or AuthenticationError(_no_credentials_message(route, self.config))
                 end_account = accounts.begin(account)
+                used_key = account.api_key
                 try:
                     url, headers, data = route.provider.prepare(body, account)
                     upstream = self.backend.pool.request("POST", url, headers, data)
@@ -5205,7 +5214,8 @@ class Api:
                 if route.kind == "iflow":
                     exc = _with_login_hint(exc)
                 end_account(False)
-                next_step = self._after_upstream_error(accounts, account, upstream.status, exc, refreshed)
+                next_step = self._after_upstream_error(accounts, account, upstream.status, exc, refreshed,
+                                                       used_key)
                 if next_step == "stop":
                     raise exc
                 if next_step == "next":
@@ -5216,12 +5226,12 @@ class Api:
             raise
 
     def _after_upstream_error(self, accounts, account: Account, status: int, exc: UpstreamError,
-                              refreshed: set) -> str:
+                              refreshed: set, refused_key: str) -> str:
         """"same" (retry this account), "next" (another account) or "stop" (answer the error)."""
         if status == 401:
             if account.id not in refreshed and account.is_oauth:
                 refreshed.add(account.id)
-                if self.backend.refresher.refresh_now(account):
+                if self.backend.refresher.refresh_now(account, refused_key=refused_key):
                     return "same"  # with its new key
             accounts.mark(account, "auth_failed", "the upstream refused this account's key: "
                                                   "log in again or replace the key")

@@ -24,6 +24,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 import argparse
+import gc
 import getpass
 import base64
 import collections
@@ -6040,6 +6041,20 @@ def _cmd_providers(service: Service, args) -> int:
     return 0
 
 
+def release_free_memory() -> None:
+    """Return memory freed after start-up to the OS.
+
+    Compiling this large module (always, when it runs from the zip) leaves ~10 MB
+    of freed heap that glibc keeps; malloc_trim hands it back. Elsewhere: no-op."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            ctypes.CDLL(None).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl, ...): nothing to trim
+            pass
+
+
 def _cmd_serve(config: Config) -> int:
     if h11 is None:
         log.info("h11 not installed: using the stdlib HTTP parser")
@@ -6067,6 +6082,7 @@ def _cmd_serve(config: Config) -> int:
     else:
         log.warning(NO_CREDENTIALS_MESSAGE, config.path)
     log.info("OpenAI clients: base_url=%s/v1", instance.url)
+    release_free_memory()
     stop = threading.Event()
 
     def on_signal(signum, frame):

@@ -54,6 +54,41 @@ def text_stream(pieces=("Hel", "lo", " world"), reasoning=(), usage=(12, 3), don
     return chunks
 
 
+def tool_delta(index, id=None, name=None, arguments=None):
+    """A delta carrying one tool_calls fragment (any of id, name, arguments)."""
+    entry = {"index": index}
+    if id is not None:
+        entry["id"], entry["type"] = id, "function"
+    function = {}
+    if name is not None:
+        function["name"] = name
+    if arguments is not None:
+        function["arguments"] = arguments
+    if function:
+        entry["function"] = function
+    return {"tool_calls": [entry]}
+
+
+def multi_tool_stream(calls, text=(), reasoning=(), finish_reason="tool_calls", usage=(12, 3),
+                      fragment_size=5, done=True):
+    """Chunks of a streamed answer ending in tool calls, one call after another (OpenAI
+    style): reasoning pieces, text pieces, then per call (id, name, arguments JSON) one
+    chunk with id + name and the arguments in fragments of fragment_size characters."""
+    chunks = [chunk({"role": "assistant", "content": ""})]
+    chunks += [chunk({"reasoning_content": r}) for r in reasoning]
+    chunks += [chunk({"content": p}) for p in text]
+    for i, (call_id, name, arguments) in enumerate(calls):
+        chunks.append(chunk(tool_delta(i, id=call_id, name=name, arguments="")))
+        for start in range(0, len(arguments), fragment_size):
+            chunks.append(chunk(tool_delta(i, arguments=arguments[start:start + fragment_size])))
+    chunks.append(chunk({}, finish_reason))
+    if usage:
+        chunks.append(chunk(usage=usage))
+    if done:
+        chunks.append("[DONE]")
+    return chunks
+
+
 def sse(events, space=False):
     """Encode chunks (dicts or "[DONE]") as iFlow does: `data:` without a space."""
     prefix = b"data: " if space else b"data:"

@@ -4492,6 +4492,12 @@ def error_response(exc: Iflow2apiError, dialect: str, request_id: str = "") -> R
     return Response.json(body, status, exc.headers)
 
 
+def dialect_for_path(path: str) -> str:
+    """The error dialect of a path before routing: Anthropic for the messages routes."""
+    return "anthropic" if path.lstrip("/").startswith(("v1/messages", "messages", "api/v1/messages")) \
+        else "openai"
+
+
 class Router:
     """Maps (method, path) to handlers; `{name}` segments become req.params."""
 
@@ -4536,7 +4542,7 @@ class App:
 
     def handle(self, req: Request) -> Response:
         started = time.monotonic()
-        dialect = "anthropic" if req.path.startswith(("/v1/messages", "/messages")) else "openai"
+        dialect = dialect_for_path(req.path)
         try:
             if req.method == "OPTIONS" and req.headers.get("access-control-request-method"):
                 resp = Response(204)
@@ -4876,8 +4882,8 @@ class _StdlibHandler(BaseHTTPRequestHandler):
             body = self._read_body()
         except (RequestTooLargeError, InvalidRequestError) as exc:
             self.close_connection = True  # the unread body makes the connection unusable
-            dialect = "anthropic" if self.path.startswith(("/v1/messages", "/messages")) else "openai"
-            send_response(self.connection, _PlainFramer(True, False), error_response(exc, dialect))
+            send_response(self.connection, _PlainFramer(True, False),
+                          error_response(exc, dialect_for_path(self.path)))
             _drain(self.connection)
             return
         except (OSError, ConnectionError):
@@ -4926,7 +4932,7 @@ class _H11Handler(socketserver.BaseRequestHandler):
             try:
                 req = self._read_request(conn, sock, server.limits)
             except Iflow2apiError as exc:
-                self._refuse(conn, sock, exc)
+                self._refuse(conn, sock, exc, getattr(exc, "path", ""))
                 return
             except h11.RemoteProtocolError as exc:
                 self._refuse(conn, sock, InvalidRequestError("malformed HTTP request: %s" % exc,
@@ -4971,13 +4977,17 @@ class _H11Handler(socketserver.BaseRequestHandler):
                 head = event
                 length = _header_value(event.headers, b"content-length")
                 if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
-                    raise RequestTooLargeError("request body is %s bytes; the limit is %d"
+                    exc = RequestTooLargeError("request body is %s bytes; the limit is %d"
                                                % (length, limits.max_body_bytes))
+                    exc.path = event.target.decode("latin-1")
+                    raise exc
             elif isinstance(event, h11.Data):
                 size += len(event.data)
                 if size > limits.max_body_bytes:
-                    raise RequestTooLargeError("request body exceeds the limit of %d bytes"
+                    exc = RequestTooLargeError("request body exceeds the limit of %d bytes"
                                                % limits.max_body_bytes)
+                    exc.path = head.target.decode("latin-1")
+                    raise exc
                 body.append(event.data)
             elif isinstance(event, h11.EndOfMessage):
                 headers = Headers((k.decode("latin-1"), v.decode("latin-1")) for k, v in head.headers)
@@ -4986,9 +4996,9 @@ class _H11Handler(socketserver.BaseRequestHandler):
             elif isinstance(event, h11.ConnectionClosed):
                 return None
 
-    def _refuse(self, conn, sock, exc: Iflow2apiError) -> None:
+    def _refuse(self, conn, sock, exc: Iflow2apiError, path: str = "") -> None:
         """Answer a request we will not read (too large, malformed) and close."""
-        resp = error_response(exc, "openai")
+        resp = error_response(exc, dialect_for_path(path.partition("?")[0]))
         resp.headers.append(("connection", "close"))
         try:
             if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
@@ -5209,7 +5219,15 @@ class Api:
         return Response.json(body)
 
     def _model_entries(self) -> list:
-        return [_model_entry(model_id, display, owner) for model_id, display, owner in self.backend.public_model_ids()]
+        """Every provider's models, then the Claude aliases of model_map (translation.md 6.3:
+        clients that check a name against the list accept them)."""
+        entries = [_model_entry(model_id, display, owner)
+                   for model_id, display, owner in self.backend.public_model_ids()]
+        listed = {e["id"] for e in entries}
+        for alias, target in sorted(self.config["model_map"].items()):
+            if alias not in listed:
+                entries.append(_model_entry(alias, "%s (%s)" % (alias, target), "iflow2api"))
+        return entries
 
     def list_models(self, req: Request) -> Response:
         self.client_keys.check(req.headers)
@@ -5429,7 +5447,16 @@ class Api:
         if ctx.route.quirks.get("inline_image_urls"):
             openai_body = inline_image_urls(openai_body, self._fetch_image)
         upstream, release = self._open_upstream(openai_body, ctx.route)
+        # From here the client leaving cuts the upstream at once, also before the stream starts.
+        cancel_watch = req.watch_disconnect(upstream.abort)
         stream = AnthropicStream(ctx)
+
+        def finish():
+            cancel_watch()
+            upstream.close()
+            release()
+            _log_stream_usage(req, stream)
+
         reader = None
         try:
             if "text/event-stream" in upstream.content_type:
@@ -5437,30 +5464,30 @@ class Api:
                 events = _until_started(reader, stream, ANTHROPIC_START_AFTER_S if is_stream else None,
                                         self.clock)
             else:  # one JSON body: replay it through the same state machine
-                events = _feed_items(stream, completion_to_chunks(_parse_completion(_read_all(upstream, release)))
+                events = _feed_items(stream, completion_to_chunks(_parse_completion(_read_all(upstream)))
                                      + [ChunkReader.DONE])
+            if not is_stream:
+                while reader is not None and not stream.state.done:
+                    events += _feed_items(stream, reader.next(None))
+        except socket.timeout:
+            finish()
+            raise UpstreamTimeoutError("upstream timed out while answering") from None
+        except (OSError, http.client.HTTPException) as exc:
+            finish()  # nothing was sent yet: an HTTP error, not an SSE one
+            raise UpstreamError(502, "api_error", "upstream stream failed: %s"
+                                % (exc or type(exc).__name__)) from None
         except BaseException:
-            upstream.close()
-            release()
+            finish()
             raise
         headers = [("request-id", req.id)]
         if is_stream:
             return Response(200, headers=headers + _SSE_HEADERS,
-                            stream=self._anthropic_events(req, reader, stream, events, upstream, release))
-        try:
-            while reader is not None and not stream.state.done:
-                events += _feed_items(stream, reader.next(None))
-        except (OSError, http.client.HTTPException) as exc:
-            events += stream.fail("api_error", "upstream stream failed: %s" % (exc or type(exc).__name__))
-        finally:
-            upstream.close()
-            release()
-            _log_stream_usage(req, stream)
+                            stream=self._anthropic_events(req, reader, stream, events, finish))
+        finish()
         return Response.json(_message_or_raise(events), headers=headers)
 
-    def _anthropic_events(self, req, reader, stream, events, upstream, release):
+    def _anthropic_events(self, req, reader, stream, events, finish):
         """The SSE body of a streaming /v1/messages answer, with pings while the upstream is silent."""
-        cancel = req.watch_disconnect(upstream.abort)
         silent_s = 0.0
         try:
             if events:
@@ -5483,10 +5510,7 @@ class Api:
                 if events:
                     yield _encode_events(events)
         finally:
-            cancel()
-            upstream.close()
-            release()
-            _log_stream_usage(req, stream)
+            finish()
 
     def count_tokens(self, req: Request) -> Response:
         """POST /v1/messages/count_tokens: a local estimate, never an upstream call."""

@@ -8,6 +8,7 @@ tests never build SSE by string concatenation themselves.
 import collections
 import json
 import socket
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -109,6 +110,14 @@ class Reply:
         self.drop_after, self.hang_s = drop_after, hang_s
 
 
+class _QuietServer(ThreadingHTTPServer):
+    """No traceback on stderr when the proxy under test hangs up mid-answer (tests cause that)."""
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)
+
+
 class FakeUpstream:
     """Threaded fake upstream; `url` is the API base (ends in /v1)."""
 
@@ -208,7 +217,7 @@ class FakeUpstream:
                     with fake.lock:
                         fake.active_streams -= 1
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = _QuietServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.url = "http://127.0.0.1:%d/v1" % self.port

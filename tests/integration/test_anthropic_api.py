@@ -460,9 +460,6 @@ def test_upstream_timeout_is_504(start_server, fake_upstream, home):
     assert info.value.body["error"]["type"] in ("api_error", "timeout_error")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Api.messages non-stream path: a read timeout after the first upstream chunk goes through "
-    "stream.fail('api_error') and aggregate_stream_to_message, which maps api_error to 502"))
 def test_upstream_timeout_mid_answer_non_stream_is_504(start_server, fake_upstream, home):
     """4.2: upstream timeout -> 504, also when it happens after the first chunk (the
     non-stream client has not been sent anything yet)."""
@@ -526,10 +523,6 @@ def test_body_over_limit_is_413_and_server_keeps_serving(start_server, fake_upst
 
 def test_body_over_limit_is_request_too_large_in_anthropic_shape(start_server, fake_upstream, home,
                                                                  adapter, request):
-    if adapter == "h11":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "_H11Handler._refuse always answers in the OpenAI dialect: a 413 on /v1/messages "
-            "has no Anthropic `type: error` / `request_too_large` body")))
     _server, error = _too_large(start_server, fake_upstream, home)
     assert error.status_code == 413
     assert error.body["type"] == "error" and error.body["error"]["type"] == "request_too_large"
@@ -645,8 +638,6 @@ def test_models_list_parsed_by_both_sdks(server, fake_upstream):
     assert [m.id for m in oai.models.list()] == ids
 
 
-@pytest.mark.xfail(strict=True, reason="Api.list_models does not include the configured model_map "
-                                       "alias names (translation.md 6.3)")
 def test_models_list_includes_claude_aliases(server, fake_upstream):
     ids = [m.id for m in client(server).models.list()]
     assert {"opus", "sonnet", "haiku"} <= set(ids)
@@ -773,9 +764,6 @@ def test_client_disconnect_mid_stream_closes_upstream(start_server, fake_upstrea
     assert create(server).content[0].text == "Hello world"  # the one slot is free again
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Api.messages: the disconnect watch starts only in _anthropic_events, after _until_started; "
-    "a client leaving while the upstream is still silent is not noticed until the stream starts"))
 def test_client_disconnect_before_stream_start_frees_slot(start_server, fake_upstream, home,
                                                           monkeypatch):
     """3.9: a client that leaves while a reasoning model is still silent (Esc in Claude Code)."""
@@ -787,9 +775,6 @@ def test_client_disconnect_before_stream_start_frees_slot(start_server, fake_ups
     assert wait_until(lambda: server.limiter.in_flight == 0, 1.0), "slot held after the client left"
 
 
-@pytest.mark.xfail(strict=True, reason="Api.messages: the non-stream path aggregates the upstream "
-                                       "stream without req.watch_disconnect, so the upstream runs to "
-                                       "its end after the client left")
 def test_client_disconnect_non_stream_closes_upstream(start_server, fake_upstream, home):
     write_settings(str(home), fake_upstream.url)
     server = start_server(concurrency=1, queue_timeout_s=2)

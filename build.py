@@ -7,6 +7,9 @@ The output is a zip archive with a `#!/usr/bin/env python3` line in front. It ho
                      iflow2api.main()
   iflow2api.py       the server, as in the repo
   iflow2api_gui.py   the desktop window, when the repo has it
+  *.pyc              every module compiled by the building Python (hash-based, unchecked);
+                     that Python version starts without compiling, others ignore them
+                     (wrong magic number) and compile the source as usual
   static/...         admin and docs pages, icons, when the repo has them
   h11/, certifi/     copied from this Python's installed packages (pure Python only)
   licenses/...       the licence texts of h11 and certifi
@@ -29,6 +32,7 @@ newlines, so the same inputs give the same sha256. Standard library only; Python
 """
 import argparse
 import ast
+import marshal
 import hashlib
 import importlib.machinery
 import importlib.metadata
@@ -196,6 +200,25 @@ def self_test(path: str, version: str) -> None:
                                  % (" ".join(command), expected, path, out))
 
 
+# -- step 2b: precompiled modules -------------------------------------------------
+
+def precompile(members: dict) -> dict:
+    """Every module (ours and the vendored ones) as a hash-based .pyc for this Python.
+
+    zipimport cannot cache what it compiles, so without them every start compiles the
+    6000-line server and h11 again (~200 ms and ~10 MB of peak memory). An unchecked
+    hash-based pyc (PEP 552) holds no timestamp, so builds stay reproducible."""
+    out = {}
+    for name in sorted(members):
+        if not name.endswith(".py") or name == "__main__.py":
+            continue
+        code = compile(members[name], name, "exec", dont_inherit=True, optimize=0)
+        source_hash = importlib.util.source_hash(members[name])
+        flags = (0b01).to_bytes(4, "little")  # hash-based, check_source off
+        out[name[:-3] + ".pyc"] = importlib.util.MAGIC_NUMBER + flags + source_hash + marshal.dumps(code)
+    return out
+
+
 # -- driver --------------------------------------------------------------------------
 
 def build(output: str, vendor: bool = True, root: str = ROOT, epoch: int = None, quiet: bool = False) -> str:
@@ -207,6 +230,7 @@ def build(output: str, vendor: bool = True, root: str = ROOT, epoch: int = None,
     if vendor:
         vendored, versions = vendor_packages()
         members.update(vendored)
+    members.update(precompile(members))
     members["__main__.py"] = MAIN_PY.encode("utf-8")
     members["BUILD_INFO.json"] = build_info(members, version, versions, root, epoch)
     digest = write_zip(members, output, epoch)

@@ -188,6 +188,18 @@ def snapshot(path):
     return copy, hashlib.sha256(copy.read_bytes()).hexdigest()[:12]
 
 
+def build_pyz():
+    """Our single-file build (what users download and run), made by build.py into a temp dir.
+
+    Measuring it rather than iflow2api.py matters for memory: a script's compiled
+    form stays alive while it runs, a module imported from the zip frees it."""
+    out = Path(tempfile.mkdtemp(prefix="bench-pyz-")) / "iflow2api.pyz"
+    atexit.register(shutil.rmtree, out.parent, True)
+    subprocess.run([sys.executable, str(REPO / "build.py"), "--output", str(out)], check=True,
+                   capture_output=True)
+    return out
+
+
 class Server:
     """A proxy under test, started fresh with its own temporary HOME."""
 
@@ -555,7 +567,9 @@ def main():
     p.add_argument("--ttfc-samples", type=int, help="sequential streams for first-chunk time (default 50, quick 20)")
     p.add_argument("--pace-us", type=int, default=0, help="fake upstream pause between chunks, µs (default 0)")
     p.add_argument("--targets", default=",".join(TARGETS), help="comma list of direct,original,ours")
-    p.add_argument("--ours", default=str(REPO / "iflow2api.py"), help="path of our server")
+    p.add_argument("--ours", default="build",
+                   help="path of our server, or 'build' (default): build dist-style iflow2api.pyz from "
+                        "this checkout with build.py and measure that, the file users download")
     p.add_argument("--original-venv", default=str(BENCH / ".venv-original"),
                    help="venv with iflow2api 1.6.10 (created if missing)")
     p.add_argument("--out", default=str(BENCH / "results.md"), help="markdown output ('' = don't write)")
@@ -567,7 +581,7 @@ def main():
     args.chunks256 = args.chunks256 or (20 if q else 50)
     args.duration = args.duration or (1.0 if q else 2.0)
     args.ttfc_samples = args.ttfc_samples or (20 if q else 50)
-    OURS = Path(args.ours).resolve()
+    OURS = build_pyz() if args.ours == "build" else Path(args.ours).resolve()
     ours_name, ours_digest = os.path.relpath(OURS, REPO) if OURS.is_relative_to(REPO) else str(OURS), None
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     notes = []

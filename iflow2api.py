@@ -146,18 +146,35 @@ log = get_logger()
 
 
 class RecentLogHandler(logging.Handler):
-    """Keeps the last N formatted log lines in memory (status pages, the GUI)."""
+    """Keeps the last N formatted log lines in memory, numbered, for status pages,
+    the GUI and the admin's live log (since() waits for new lines)."""
 
     def __init__(self, capacity: int = 500):
         super().__init__()
-        self.lines = collections.deque(maxlen=capacity)
+        self.entries = collections.deque(maxlen=capacity)  # (number, line)
+        self.count = 0
+        self._changed = threading.Condition()
         self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
 
     def emit(self, record):
         try:
-            self.lines.append(self.format(record))
+            line = self.format(record)
+            with self._changed:
+                self.count += 1
+                self.entries.append((self.count, line))
+                self._changed.notify_all()
         except Exception:  # a broken record must never break serving
             self.handleError(record)
+
+    def lines(self, count: int = 100) -> list:
+        return [line for _n, line in list(self.entries)[-count:]]
+
+    def since(self, number: int, timeout_s: float):
+        """(newest number, lines after `number`), waiting up to timeout_s for one."""
+        with self._changed:
+            if self.count <= number:
+                self._changed.wait(timeout_s)
+            return self.count, [line for n, line in self.entries if n > number]
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -319,6 +336,10 @@ DEFAULT_CONFIG = {
     # a request with images for a text-only model: "route" to vision_model, or "reject" (400)
     "vision_model": "qwen-vl-max",
     "vision_fallback": "route",
+    # web admin: PBKDF2 hash of the admin password (set on first use from this machine)
+    "admin_password_hash": "",
+    # server instances besides "default": [{"name", "host", "port"}], started by `serve`
+    "instances": [],
 }
 
 # Original key names that map to one of ours when ours is absent.
@@ -791,17 +812,22 @@ def normalize_reasoning_message(message: dict, preserve: bool) -> dict:
 
 
 class ReasoningMerger:
-    """Streaming form of preserve_reasoning_content=False: reasoning deltas become
-    content deltas, with one blank line between the reasoning and the answer.
+    """Streaming form of preserve_reasoning_content.
 
+    preserve=False: reasoning deltas become content deltas, with one blank line
+    between the reasoning and the answer. preserve=True: reasoning stays apart, in
+    `reasoning_content` also for providers that call the field `reasoning`.
     The relay asks wants() about the raw bytes of complete events first, so that
     chunks without reasoning are forwarded untouched and never parsed."""
 
-    def __init__(self):
+    def __init__(self, preserve: bool = False):
+        self.preserve = preserve
         self.seen_reasoning = False
         self.separated = False
 
     def wants(self, events: bytes) -> bool:
+        if self.preserve:
+            return b'"reasoning"' in events
         return b'"reasoning' in events or (self.seen_reasoning and not self.separated)
 
     def rewrite(self, data: str) -> str:
@@ -815,9 +841,16 @@ class ReasoningMerger:
         changed = False
         for choice in (chunk.get("choices") or []) if isinstance(chunk, dict) else []:
             delta = choice.get("delta") if isinstance(choice, dict) else None
-            if isinstance(delta, dict) and self._merge_delta(delta):
+            if isinstance(delta, dict) and (self._rename(delta) if self.preserve else self._merge_delta(delta)):
                 changed = True
         return json.dumps(chunk, ensure_ascii=False, separators=(",", ":")) if changed else data
+
+    @staticmethod
+    def _rename(delta: dict) -> bool:
+        if isinstance(delta.get("reasoning"), str) and "reasoning_content" not in delta:
+            delta["reasoning_content"] = delta.pop("reasoning")
+            return True
+        return False
 
     def _merge_delta(self, delta: dict) -> bool:
         field = "reasoning_content" if "reasoning_content" in delta else "reasoning"
@@ -2037,7 +2070,8 @@ class _ToolCall:
         self.order = order
         self.id = ""
         self.name = ""
-        self.arguments = ""
+        self.arguments = ""  # fragments appended
+        self.snapshot = ""  # the last fragment, while every fragment extended the one before
         self.arguments_object = None
 
     @property
@@ -2059,23 +2093,26 @@ class _ToolCall:
         if isinstance(fragment, dict):
             self.arguments_object = fragment  # some gateways send an object
         elif isinstance(fragment, str) and fragment:
-            if self.arguments and fragment.startswith(self.arguments):
-                self.arguments = fragment  # cumulative snapshot: replace (3.6)
-            else:
-                self.arguments += fragment
+            # Cumulative snapshots (3.6) cannot be told from plain fragments one at a
+            # time (a fragment may start like everything so far by chance), so both
+            # readings are kept and input_json() takes the one that parses.
+            if self.snapshot is not None:
+                self.snapshot = fragment if fragment.startswith(self.snapshot) else None
+            self.arguments += fragment
 
     def input_json(self):
         """The argument JSON to send: as received when valid, else repaired (2.2, 3.6)."""
         if self.arguments_object is not None and not self.arguments:
             return json.dumps(self.arguments_object, ensure_ascii=False)
-        text = self.arguments
-        if not text.strip():
+        if not self.arguments.strip():
             return "{}"
-        try:
-            if isinstance(json.loads(text), dict):
-                return text
-        except ValueError:
-            pass
+        for text in (self.arguments, self.snapshot):
+            try:
+                if text and isinstance(json.loads(text), dict):
+                    return text
+            except ValueError:
+                pass
+        text = self.snapshot if self.snapshot and self.snapshot != self.arguments else self.arguments
         parsed = _parse_tool_arguments(text)
         if parsed is None:
             _log.warning("tool %r: arguments are not a JSON object even after repair; "
@@ -3330,7 +3367,7 @@ class ConnectionPool:
         scheme, host, port = key
         timeouts = (self.connect_timeout_s, self.read_timeout_s)
         proxy = self.proxy
-        if scheme == "https" and self._tls is None:
+        if self._tls is None and (scheme == "https" or (proxy is not None and proxy.scheme == "https")):
             self._tls = make_tls_context()
         if proxy is None:
             if scheme == "https":
@@ -3891,10 +3928,10 @@ def provider_settings(name: str, entry: dict) -> dict:
     for key, value in entry.items():
         if key == "quirks" and isinstance(value, dict):
             merged["quirks"].update(value)
-        elif key == "api_key" and value:
-            merged["api_keys"] = [value] + list(merged["api_keys"])
-        else:
+        elif key != "api_key":
             merged[key] = value
+    if entry.get("api_key"):  # the single-key form, used together with api_keys or alone
+        merged["api_keys"] = [entry["api_key"]] + [k for k in merged["api_keys"] or [] if k != entry["api_key"]]
     return merged
 
 
@@ -3925,30 +3962,38 @@ def client_key_of(headers) -> str:
 
 
 class ClientKeys:
-    """Configured client keys (`api_keys` list plus the original's `custom_api_key`)."""
+    """Configured client keys (`api_keys` list plus the original's `custom_api_key`),
+    re-read when the config changes (keys created or revoked in the admin apply at once)."""
 
     def __init__(self, config: Config):
-        keys = [k for k in config.get("api_keys") or [] if isinstance(k, str) and k]
-        if config.get("custom_api_key"):
-            keys.append(config.get("custom_api_key"))
-        for key in keys:
-            register_secret(key)
-        self._digests = {hashlib.sha256(k.encode("utf-8")).digest() for k in keys}
+        self.config = config
+        self._seen = None
+        self._digests = set()
+
+    def _current(self) -> set:
+        keys = tuple(usable_secret(k) for k in self.config.get("api_keys") or [] if isinstance(k, str))
+        keys += (usable_secret(self.config.get("custom_api_key")),)
+        if keys != self._seen:
+            for key in keys:
+                register_secret(key)
+            self._digests = {hashlib.sha256(k.encode("utf-8")).digest() for k in keys if k}
+            self._seen = keys
+        return self._digests
 
     @property
     def required(self) -> bool:
-        return bool(self._digests)
+        return bool(self._current())
 
     def check(self, headers) -> None:
         """Raise AuthenticationError unless the request carries a configured key."""
-        if not self._digests:
+        digests = self._current()
+        if not digests:
             return
         key = client_key_of(headers)
         digest = hashlib.sha256(key.encode("utf-8")).digest()
-        if not key or not any(hmac.compare_digest(digest, d) for d in self._digests):
+        if not key or not any(hmac.compare_digest(digest, d) for d in digests):
             raise AuthenticationError("invalid or missing API key: send the key in an Authorization "
                                       "header (Bearer) or an x-api-key header")
-
 
 # -- iFlow OAuth ------------------------------------------------------------------------
 
@@ -4256,6 +4301,105 @@ def ensure_client_key(config: Config, host: str) -> str:
 def new_client_key() -> str:
     return "sk-i2a-" + base64.urlsafe_b64encode(os.urandom(24)).decode("ascii").rstrip("=")
 
+# -- Admin sign-in: password hash, sessions, CSRF, login rate limit ---------------------------
+
+PASSWORD_ITERATIONS = 200000
+
+
+def hash_password(password: str, salt: bytes = None, iterations: int = PASSWORD_ITERATIONS) -> str:
+    """"pbkdf2_sha256$<iterations>$<salt>$<hash>" (base64 parts) for the admin password."""
+    salt = salt or os.urandom(16)
+    digest = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, iterations)
+    return "pbkdf2_sha256$%d$%s$%s" % (iterations, base64.b64encode(salt).decode("ascii"),
+                                       base64.b64encode(digest).decode("ascii"))
+
+
+def verify_password(password: str, stored: str) -> bool:
+    try:
+        scheme, iterations, salt, expected = stored.split("$")
+        if scheme != "pbkdf2_sha256":
+            return False
+        digest = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), base64.b64decode(salt), int(iterations))
+        return hmac.compare_digest(digest, base64.b64decode(expected))
+    except (ValueError, TypeError, AttributeError):
+        return False
+
+
+class AdminSessions:
+    """Signed-in admin browsers: session token (cookie) -> CSRF token, with expiry.
+
+    Only hashes of the tokens are kept, so a memory dump or a log line can never
+    be replayed as a cookie."""
+
+    def __init__(self, ttl_s: float = 12 * 3600, clock=time.time):
+        self.ttl_s, self.clock = ttl_s, clock
+        self._sessions = {}
+        self._lock = threading.Lock()
+
+    def create(self):
+        """(session token for the cookie, CSRF token for the page)."""
+        token, csrf = new_token(), new_token()
+        with self._lock:
+            self._sessions[_token_hash(token)] = (csrf, self.clock() + self.ttl_s)
+        return token, csrf
+
+    def csrf_for(self, token: str):
+        """The CSRF token of a live session, else None."""
+        if not token:
+            return None
+        with self._lock:
+            found = self._sessions.get(_token_hash(token))
+            if found is None:
+                return None
+            if found[1] < self.clock():
+                del self._sessions[_token_hash(token)]
+                return None
+            return found[0]
+
+    def drop(self, token: str) -> None:
+        with self._lock:
+            self._sessions.pop(_token_hash(token or ""), None)
+
+    def drop_all(self) -> None:
+        with self._lock:
+            self._sessions.clear()
+
+
+def new_token() -> str:
+    return base64.urlsafe_b64encode(os.urandom(24)).decode("ascii").rstrip("=")
+
+
+def _token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+class LoginLimiter:
+    """At most `attempts` failed logins per client address in `window_s`; then wait."""
+
+    def __init__(self, attempts: int = 5, window_s: float = 300.0, clock=time.monotonic):
+        self.attempts, self.window_s, self.clock = attempts, window_s, clock
+        self._failures = collections.defaultdict(collections.deque)
+        self._lock = threading.Lock()
+
+    def retry_after(self, client: str) -> float:
+        """Seconds until this client may try again (0: now)."""
+        with self._lock:
+            failures = self._failures[client]
+            now = self.clock()
+            while failures and failures[0] <= now - self.window_s:
+                failures.popleft()
+            if len(failures) < self.attempts:
+                return 0.0
+            return failures[0] + self.window_s - now
+
+    def failed(self, client: str) -> None:
+        with self._lock:
+            self._failures[client].append(self.clock())
+
+    def succeeded(self, client: str) -> None:
+        with self._lock:
+            self._failures.pop(client, None)
+
 # -- The upstream side of a service ------------------------------------------------------
 
 class Backend:
@@ -4511,7 +4655,8 @@ class Router:
     def add(self, methods, path: str, handler, dialect: str = "openai") -> None:
         for method in methods.split():
             if "{" in path:
-                regex = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path) + "$")
+                pattern = re.sub(r"\{(\w+):([^}]+)\}", r"(?P<\1>\2)", path)  # {name:regex}
+                regex = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern) + "$")
                 self._patterns.append((method, regex, handler, dialect))
             else:
                 self._exact[(method, path)] = (handler, dialect)
@@ -5136,7 +5281,7 @@ class ConcurrencyLimiter:
 
 
 class Stats:
-    """Request counters for /health and the status snapshot."""
+    """Request counters and latencies for /health, the status snapshot and the admin."""
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -5145,6 +5290,9 @@ class Stats:
         self.input_tokens = 0
         self.output_tokens = 0
         self.by_model = collections.Counter()
+        self.by_provider = collections.Counter()
+        self.by_account = collections.Counter()
+        self.latencies_ms = collections.deque(maxlen=1000)
 
     def record(self, status: int, info: dict, ms: float) -> None:
         with self._lock:
@@ -5153,13 +5301,28 @@ class Stats:
                 self.errors += 1
             self.input_tokens += int(info.get("input_tokens") or 0)
             self.output_tokens += int(info.get("output_tokens") or 0)
-            if info.get("model"):
-                self.by_model[info["model"]] += 1
+            for counter, key in ((self.by_model, "model"), (self.by_provider, "provider"),
+                                 (self.by_account, "account")):
+                if info.get(key):
+                    counter[info[key]] += 1
+            if info.get("model"):  # upstream calls only: health checks would skew the numbers
+                self.latencies_ms.append(ms)
 
     def snapshot(self) -> dict:
         with self._lock:
             return {"requests": self.requests, "errors": self.errors, "input_tokens": self.input_tokens,
-                    "output_tokens": self.output_tokens, "by_model": dict(self.by_model)}
+                    "output_tokens": self.output_tokens, "by_model": dict(self.by_model),
+                    "by_provider": dict(self.by_provider), "by_account": dict(self.by_account),
+                    "latencies_ms": list(self.latencies_ms)}
+
+
+def latency_summary(latencies_ms: list) -> dict:
+    """avg, p50 and p95 of request durations (ms), rounded; zeros when there are none."""
+    if not latencies_ms:
+        return {"avg": 0, "p50": 0, "p95": 0}
+    ordered = sorted(latencies_ms)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return {"avg": round(sum(ordered) / len(ordered), 1), "p50": round(pick(0.5), 1), "p95": round(pick(0.95), 1)}
 
 
 class Api:
@@ -5178,7 +5341,7 @@ class Api:
         r.add("GET", "/health", self.health)
         for path in ("/v1/models", "/models"):
             r.add("GET", path, self.list_models)
-        r.add("GET", "/v1/models/{model_id}", self.get_model)
+        r.add("GET", "/v1/models/{model_id:.+}", self.get_model)  # ids may hold a "/" (provider/model)
         r.add("GET", "/v1/vision-models", self.list_vision_models)
         for path in ("/v1/chat/completions", "/v1/chat/completions/", "/chat/completions",
                      "/chat/completions/", "/api/v1/chat/completions", "/api/v1/chat/completions/"):
@@ -5249,16 +5412,21 @@ class Api:
 
     def get_model(self, req: Request) -> Response:
         self.client_keys.check(req.headers)
+        model_id = urllib.parse.unquote(req.params["model_id"])  # SDKs send "p2%2Fmodel"
         for entry in self._model_entries():
-            if entry["id"] == req.params["model_id"]:
+            if entry["id"] == model_id:
                 return Response.json(entry)
-        raise NotFoundError("model %r not found" % req.params["model_id"], code="model_not_found")
+        raise NotFoundError("model %r not found" % model_id, code="model_not_found")
 
     # -- chat completions ------------------------------------------------------
 
     def chat_completions(self, req: Request) -> Response:
         self.client_keys.check(req.headers)
-        body = validate_chat_request(req.json())
+        return self.chat(req, req.json())
+
+    def chat(self, req: Request, body) -> Response:
+        """A chat completion for an already authorised caller (the admin playground too)."""
+        body = validate_chat_request(body)
         if not body.get("model"):
             body["model"] = (self.config.get("default_model") or self.credentials.model_name
                              or DEFAULT_MODEL)
@@ -5268,7 +5436,7 @@ class Api:
         if route.quirks.get("inline_image_urls"):
             body = inline_image_urls(body, self._fetch_image)
         is_stream = bool(body.get("stream"))
-        upstream, release = self._open_upstream(body, route)
+        upstream, release = _watched(req, *self._open_upstream(body, route, req.log))
         if is_stream and "text/event-stream" in upstream.content_type:
             return self._stream_response(req, upstream, release)
         result = _parse_completion(_read_all(upstream, release))
@@ -5310,7 +5478,7 @@ class Api:
                                       % (url[:200], resp.status, content_type or "no type", len(data)))
         return content_type, data
 
-    def _open_upstream(self, body: dict, route):
+    def _open_upstream(self, body: dict, route, log_info: dict = None):
         """(upstream response with a 2xx status, function that ends the call once).
 
         Picks the least busy account (key) of the route; a 429, 401 or 5xx (or a
@@ -5329,6 +5497,8 @@ class Api:
                     raise last_error or AuthenticationError(_no_credentials_message(route, self.config))
                 end_account = accounts.begin(account)
                 used_key = account.api_key
+                if log_info is not None:
+                    log_info["provider"], log_info["account"] = route.name, account.id
                 try:
                     url, headers, data = route.provider.prepare(body, account)
                     upstream = self.backend.pool.request("POST", url, headers, data)
@@ -5343,6 +5513,11 @@ class Api:
                     continue
                 if 200 <= upstream.status < 300:
                     return upstream, _once(lambda: (end_account(True), release_slot()))
+                if upstream.status == 407 and self.backend.pool.proxy is not None:
+                    _read_all(upstream)
+                    end_account(False)
+                    raise UpstreamError(502, "api_error", "the upstream proxy %r refused the login: check "
+                                        "user:password in upstream_proxy" % self.backend.pool.proxy)
                 exc = upstream_error(upstream.status, _read_all(upstream), upstream.headers)
                 if route.kind == "iflow":
                     exc = _with_login_hint(exc)
@@ -5393,22 +5568,18 @@ class Api:
                     upstream.close()
                     release()
                     raise problem
-        merger = None if self.config.get("preserve_reasoning_content") else ReasoningMerger()
+        merger = ReasoningMerger(self.config.get("preserve_reasoning_content"))
         return _sse_response(self._relay(req, upstream, release, first, merger))
 
     def _relay(self, req, upstream, release, first: bytes, merger):
         """Forward upstream bytes as they arrive; only rewrite events that need it."""
-        cancel = req.watch_disconnect(upstream.abort)
         parser = SSEParser()
         pending, older, previous, data = b"", b"", b"", first
         try:
             try:
                 while data:
-                    if merger is None:
-                        out = data
-                    else:
-                        events, pending = split_complete_events(pending + data)
-                        out = _rewrite_events(events, parser, merger) if merger.wants(events) else events
+                    events, pending = split_complete_events(pending + data)
+                    out = _rewrite_events(events, parser, merger) if merger.wants(events) else events
                     if out:
                         yield out
                     older, previous = previous, data
@@ -5421,7 +5592,6 @@ class Api:
                 yield encode_sse_data(json.dumps({"error": {"message": message, "type": "server_error",
                                                             "code": "upstream_error"}}))
         finally:
-            cancel()
             upstream.close()
             release()
             # Usage comes in the last chunks: look only there, once, at the end.
@@ -5449,13 +5619,10 @@ class Api:
             openai_body["stream_options"] = {"include_usage": True}
         if ctx.route.quirks.get("inline_image_urls"):
             openai_body = inline_image_urls(openai_body, self._fetch_image)
-        upstream, release = self._open_upstream(openai_body, ctx.route)
-        # From here the client leaving cuts the upstream at once, also before the stream starts.
-        cancel_watch = req.watch_disconnect(upstream.abort)
+        upstream, release = _watched(req, *self._open_upstream(openai_body, ctx.route, req.log))
         stream = AnthropicStream(ctx)
 
         def finish():
-            cancel_watch()
             upstream.close()
             release()
             _log_stream_usage(req, stream)
@@ -5684,6 +5851,13 @@ def _parse_completion(raw: bytes) -> dict:
     return result
 
 
+def _watched(req: Request, upstream: UpstreamResponse, release):
+    """(upstream, release): from now on the client leaving cuts the upstream at once
+    (also before the first byte); releasing the call also ends the watch."""
+    cancel = req.watch_disconnect(upstream.abort)
+    return upstream, _once(lambda: (cancel(), release()))
+
+
 def _log_model(route, model: str) -> str:
     return model if route.kind == "iflow" else route.name + "/" + model
 
@@ -5744,6 +5918,450 @@ def _model_entry(model_id: str, display: str, owner: str = "iflow") -> dict:
             "type": "model", "display_name": display, "created_at": "2025-01-01T00:00:00Z"}
 
 
+# -- Static files, API docs ---------------------------------------------------------------
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+                  ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml", ".png": "image/png",
+                  ".ico": "image/x-icon", ".json": "application/json", ".txt": "text/plain; charset=utf-8",
+                  ".woff2": "font/woff2"}
+
+
+def read_resource(relpath: str) -> bytes:
+    """Bytes of a file shipped next to this module (static/...), from disk or from the zip."""
+    path = os.path.join(_HERE, *relpath.split("/"))
+    loader = globals().get("__loader__")
+    if loader is not None and hasattr(loader, "get_data"):
+        return loader.get_data(path)
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def static_response(relpath: str) -> Response:
+    """A file under static/ (no way out of it), or 404."""
+    parts = [p for p in relpath.split("/") if p]
+    if not parts or any(p in (".", "..") or "\\\\" in p or p.startswith(".") for p in parts):
+        raise NotFoundError("no such file")
+    try:
+        data = read_resource("static/" + "/".join(parts))
+    except (OSError, KeyError):
+        raise NotFoundError("no such file: /static/%s" % "/".join(parts)) from None
+    content_type = _CONTENT_TYPES.get(os.path.splitext(parts[-1])[1].lower(), "application/octet-stream")
+    return Response(200, data, [("content-type", content_type), ("cache-control", "no-cache"),
+                                ("x-content-type-options", "nosniff")])
+
+
+def _schema_ref(name: str) -> dict:
+    return {"$ref": "#/components/schemas/%s" % name}
+
+
+def _json_body(schema: dict, description: str) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def openapi_document() -> dict:
+    """The OpenAPI 3.0 description of every public endpoint (served at /openapi.json)."""
+    error = {"description": "Error in the API's own format",
+             "content": {"application/json": {"schema": _schema_ref("Error")}}}
+    stream = {"text/event-stream": {"schema": {"type": "string", "description": "Server-sent events"}}}
+    obj = {"type": "object"}
+    schemas = {
+        "Error": {"type": "object", "description": "OpenAI routes: {error: {...}}; Anthropic routes: "
+                                                   "{type: 'error', error: {type, message}}",
+                  "properties": {"error": {"type": "object", "properties": {
+                      "message": {"type": "string"}, "type": {"type": "string"},
+                      "code": {"type": "string", "nullable": True}}},
+                      "type": {"type": "string"}}},
+        "ChatMessage": {"type": "object", "required": ["role"], "properties": {
+            "role": {"type": "string", "enum": ["system", "developer", "user", "assistant", "tool"]},
+            "content": {"nullable": True, "oneOf": [{"type": "string"}, {"type": "array", "items": obj}]},
+            "tool_calls": {"type": "array", "items": obj}, "tool_call_id": {"type": "string"}}},
+        "ChatCompletionRequest": {"type": "object", "required": ["messages"], "properties": {
+            "model": {"type": "string", "example": "glm-5"},
+            "messages": {"type": "array", "minItems": 1, "items": _schema_ref("ChatMessage")},
+            "stream": {"type": "boolean"}, "temperature": {"type": "number"}, "top_p": {"type": "number"},
+            "max_tokens": {"type": "integer"}, "tools": {"type": "array", "items": obj},
+            "tool_choice": {}, "stop": {}}},
+        "ChatCompletion": {"type": "object", "properties": {
+            "id": {"type": "string"}, "object": {"type": "string"}, "model": {"type": "string"},
+            "choices": {"type": "array", "items": {"type": "object", "properties": {
+                "index": {"type": "integer"}, "message": _schema_ref("ChatMessage"),
+                "finish_reason": {"type": "string", "nullable": True}}}},
+            "usage": {"type": "object", "properties": {"prompt_tokens": {"type": "integer"},
+                                                       "completion_tokens": {"type": "integer"},
+                                                       "total_tokens": {"type": "integer"}}}}},
+        "MessagesRequest": {"type": "object", "required": ["model", "messages"], "properties": {
+            "model": {"type": "string", "example": "claude-sonnet-4-5"},
+            "max_tokens": {"type": "integer"}, "system": {"oneOf": [{"type": "string"},
+                                                                    {"type": "array", "items": obj}]},
+            "messages": {"type": "array", "items": {"type": "object", "required": ["role", "content"],
+                                                    "properties": {"role": {"type": "string",
+                                                                            "enum": ["user", "assistant"]},
+                                                                   "content": {}}}},
+            "stream": {"type": "boolean"}, "tools": {"type": "array", "items": obj}, "tool_choice": obj,
+            "thinking": obj, "stop_sequences": {"type": "array", "items": {"type": "string"}},
+            "temperature": {"type": "number"}, "top_p": {"type": "number"}}},
+        "Message": {"type": "object", "properties": {
+            "id": {"type": "string"}, "type": {"type": "string", "enum": ["message"]},
+            "role": {"type": "string"}, "model": {"type": "string"},
+            "content": {"type": "array", "items": obj},
+            "stop_reason": {"type": "string", "nullable": True},
+            "stop_sequence": {"type": "string", "nullable": True}, "usage": obj}},
+        "TokenCount": {"type": "object", "properties": {"input_tokens": {"type": "integer"}}},
+        "Model": {"type": "object", "properties": {
+            "id": {"type": "string"}, "object": {"type": "string"}, "created": {"type": "integer"},
+            "owned_by": {"type": "string"}, "type": {"type": "string"}, "display_name": {"type": "string"},
+            "created_at": {"type": "string"}}},
+        "ModelList": {"type": "object", "properties": {
+            "object": {"type": "string"}, "data": {"type": "array", "items": _schema_ref("Model")},
+            "has_more": {"type": "boolean"}, "first_id": {"type": "string", "nullable": True},
+            "last_id": {"type": "string", "nullable": True}}},
+        "Health": {"type": "object", "properties": {
+            "status": {"type": "string", "enum": ["ok", "no_credentials"]}, "version": {"type": "string"},
+            "uptime_s": {"type": "number"}, "message": {"type": "string"}}},
+    }
+
+    def operation(summary, tag, request=None, ok=None, streams=False, params=None):
+        op = {"summary": summary, "tags": [tag], "responses": {"default": error}}
+        if request:
+            op["requestBody"] = {"required": True, "content": {"application/json": {"schema": _schema_ref(request)}}}
+        if ok:
+            response = _json_body(_schema_ref(ok), "Success")
+            if streams:
+                response["content"].update(stream)
+            op["responses"]["200"] = response
+        if params:
+            op["parameters"] = params
+        return op
+
+    model_param = [{"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}]
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "iflow2api", "version": __version__,
+                 "description": "OpenAI- and Anthropic-compatible API in front of the iFlow API and "
+                                "other OpenAI-compatible providers. Send a client key as "
+                                "`Authorization: Bearer` or `x-api-key` when keys are configured."},
+        "servers": [{"url": "/"}],
+        "paths": {
+            "/v1/chat/completions": {"post": operation("Create a chat completion (OpenAI)", "OpenAI",
+                                                       "ChatCompletionRequest", "ChatCompletion", True)},
+            "/v1/models": {"get": operation("List models (OpenAI and Anthropic shape)", "Models",
+                                            ok="ModelList")},
+            "/v1/models/{model_id}": {"get": operation("Get one model", "Models", ok="Model",
+                                                       params=model_param)},
+            "/v1/vision-models": {"get": operation("List vision models", "Models", ok="ModelList")},
+            "/v1/messages": {"post": operation("Create a message (Anthropic)", "Anthropic",
+                                               "MessagesRequest", "Message", True)},
+            "/v1/messages/count_tokens": {"post": operation("Count input tokens (local estimate)",
+                                                            "Anthropic", "MessagesRequest", "TokenCount")},
+            "/health": {"get": operation("Server health", "Service", ok="Health")},
+        },
+        "components": {"schemas": schemas},
+    }
+
+# -- Admin JSON API (/admin/api/...) ------------------------------------------------------
+# Drives the same Service as the CLI and the GUI. Signed-in browsers hold an HttpOnly,
+# SameSite=Strict session cookie; every change also needs the X-CSRF-Token header.
+# Before an admin password exists, only this machine may set one; nobody else gets in.
+
+SESSION_COOKIE = "iflow2api_admin"
+_LOOPBACK_CLIENTS = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
+
+
+class AdminApi:
+    """The web admin's JSON API over a Service (passed in: it lives in section 9)."""
+
+    def __init__(self, service, sessions: AdminSessions, limiter: LoginLimiter):
+        self.service, self.sessions, self.limiter = service, sessions, limiter
+        self.logins = {}  # OAuth login sessions started from the browser, by id
+
+    def register(self, r: Router) -> None:
+        r.add("GET", "/admin", self.page)
+        r.add("GET", "/admin/", self.page)
+        r.add("GET", "/static/{path:.+}", lambda req: static_response(req.params["path"]))
+        r.add("GET", "/docs", lambda req: static_response("docs.html"))
+        r.add("GET", "/redoc", lambda req: static_response("redoc.html"))
+        r.add("GET", "/openapi.json", lambda req: Response.json(openapi_document()))
+        r.add("GET", "/admin/api/session", self.session)
+        r.add("POST", "/admin/api/setup", self.setup)
+        r.add("POST", "/admin/api/login", self.login)
+        for method, path, handler in (
+                ("POST", "/admin/api/logout", self.logout),
+                ("POST", "/admin/api/password", self.change_password),
+                ("GET", "/admin/api/status", self.status),
+                ("GET", "/admin/api/logs", self.logs),
+                ("GET", "/admin/api/logs/stream", self.log_stream),
+                ("GET", "/admin/api/instances", self.instances),
+                ("POST", "/admin/api/instances", self.add_instance),
+                ("POST", "/admin/api/instances/{name}/start", self.start_instance),
+                ("POST", "/admin/api/instances/{name}/stop", self.stop_instance),
+                ("DELETE", "/admin/api/instances/{name}", self.remove_instance),
+                ("GET", "/admin/api/config", self.config),
+                ("PUT", "/admin/api/config", self.set_config),
+                ("GET", "/admin/api/accounts", self.accounts),
+                ("POST", "/admin/api/accounts", self.add_api_key_account),
+                ("DELETE", "/admin/api/accounts/{account_id}", self.remove_account),
+                ("POST", "/admin/api/accounts/oauth/start", self.oauth_start),
+                ("GET", "/admin/api/accounts/oauth/{login_id}", self.oauth_state),
+                ("POST", "/admin/api/accounts/oauth/{login_id}", self.oauth_paste),
+                ("GET", "/admin/api/providers", self.providers),
+                ("POST", "/admin/api/providers", self.add_provider),
+                ("DELETE", "/admin/api/providers/{name}", self.remove_provider),
+                ("GET", "/admin/api/keys", self.keys),
+                ("POST", "/admin/api/keys", self.create_key),
+                ("DELETE", "/admin/api/keys/{key_id}", self.revoke_key),
+                ("GET", "/admin/api/models", self.models),
+                ("POST", "/admin/api/playground", self.playground)):
+            r.add(method, path, self._signed_in(handler))
+
+    # -- sign-in ---------------------------------------------------------------------
+
+    def _signed_in(self, handler):
+        """handler behind the session check, and the CSRF check for changes."""
+        def guarded(req: Request) -> Response:
+            csrf = self.sessions.csrf_for(_cookie(req, SESSION_COOKIE))
+            if csrf is None:
+                raise AuthenticationError("sign in to the admin first")
+            if req.method != "GET" and not hmac.compare_digest(req.headers.get("x-csrf-token") or "", csrf):
+                raise Iflow2apiError("missing or wrong X-CSRF-Token header", status=403, code="csrf",
+                                     openai_type="permission_error", anthropic_type="permission_error")
+            return handler(req)
+        return guarded
+
+    def _has_password(self) -> bool:
+        return bool(usable_secret(self.service.config.get("admin_password_hash")))
+
+    def page(self, req: Request) -> Response:
+        resp = static_response("admin/index.html")
+        resp.headers.append(("content-security-policy", "frame-ancestors 'none'"))
+        return resp
+
+    def session(self, req: Request) -> Response:
+        csrf = self.sessions.csrf_for(_cookie(req, SESSION_COOKIE))
+        return Response.json({"logged_in": csrf is not None, "needs_setup": not self._has_password(),
+                              "setup_allowed": _is_local(req), "csrf": csrf, "version": __version__})
+
+    def setup(self, req: Request) -> Response:
+        if self._has_password():
+            raise Iflow2apiError("the admin password is already set; sign in", status=409, code="conflict",
+                                 openai_type="invalid_request_error")
+        if not _is_local(req):
+            raise Iflow2apiError("set the admin password on the server's own machine first", status=403,
+                                 code="forbidden", openai_type="permission_error")
+        password = _password_field(req, "password")
+        self.service.config_set({"admin_password_hash": hash_password(password)})
+        log.info("admin password set")
+        return self._new_session()
+
+    def login(self, req: Request) -> Response:
+        client = req.client[0] if req.client else ""
+        wait = self.limiter.retry_after(client)
+        if wait > 0:
+            raise RateLimitError("too many sign-in attempts; try again in %d s" % (wait + 1),
+                                 headers=[("retry-after", "%d" % (wait + 1))])
+        if not self._has_password():
+            raise Iflow2apiError("no admin password yet: set one first", status=409, code="needs_setup",
+                                 openai_type="invalid_request_error")
+        body = req.json()
+        password = body.get("password") if isinstance(body, dict) else None
+        if not isinstance(password, str) or not verify_password(password, self.service.config["admin_password_hash"]):
+            self.limiter.failed(client)
+            log.warning("admin sign-in failed from %s", client)
+            raise AuthenticationError("wrong password")
+        self.limiter.succeeded(client)
+        return self._new_session()
+
+    def _new_session(self) -> Response:
+        token, csrf = self.sessions.create()
+        return Response.json({"csrf": csrf}, headers=[("set-cookie", "%s=%s; Path=/; HttpOnly; SameSite=Strict"
+                                                       % (SESSION_COOKIE, token))])
+
+    def logout(self, req: Request) -> Response:
+        self.sessions.drop(_cookie(req, SESSION_COOKIE))
+        return Response.json({"ok": True}, headers=[("set-cookie", "%s=; Path=/; HttpOnly; SameSite=Strict; "
+                                                     "Max-Age=0" % SESSION_COOKIE)])
+
+    def change_password(self, req: Request) -> Response:
+        body = req.json()
+        current = body.get("current") if isinstance(body, dict) else None
+        if not isinstance(current, str) or not verify_password(current, self.service.config["admin_password_hash"]):
+            raise AuthenticationError("the current password is wrong")
+        self.service.config_set({"admin_password_hash": hash_password(_password_field(req, "new"))})
+        self.sessions.drop_all()
+        return self._new_session()
+
+    # -- dashboard ----------------------------------------------------------------------
+
+    def status(self, req: Request) -> Response:
+        return Response.json(self.service.dashboard())
+
+    def logs(self, req: Request) -> Response:
+        count = _int_param(req, "n", 200)
+        return Response.json({"lines": self.service.recent_logs(count)})
+
+    def log_stream(self, req: Request) -> Response:
+        buffer = self.service.log_buffer
+
+        def events():
+            number = buffer.count
+            yield b": live log\n\n"
+            while True:
+                number, lines = buffer.since(number, 15.0)
+                out = [b"event: log\ndata: " + json.dumps({"line": line}).encode("utf-8") + b"\n\n"
+                       for line in lines]
+                yield b"".join(out) or b": keep-alive\n\n"
+        return Response(200, headers=list(_SSE_HEADERS), stream=events())
+
+    # -- management -----------------------------------------------------------------------
+
+    def instances(self, req: Request) -> Response:
+        return Response.json({"instances": self.service.instance_list()})
+
+    def add_instance(self, req: Request) -> Response:
+        body = _object(req)
+        return Response.json(self.service.add_instance(str(body.get("name") or ""), body.get("host"),
+                                                       body.get("port")))
+
+    def start_instance(self, req: Request) -> Response:
+        return Response.json(self.service.start_instance(req.params["name"]))
+
+    def stop_instance(self, req: Request) -> Response:
+        self.service.stop_instance(req.params["name"])
+        return Response.json({"ok": True})
+
+    def remove_instance(self, req: Request) -> Response:
+        self.service.remove_instance(req.params["name"])
+        return Response.json({"ok": True})
+
+    def config(self, req: Request) -> Response:
+        return Response.json({"config": self.service.config_get(), "editable": self.service.editable_keys()})
+
+    def set_config(self, req: Request) -> Response:
+        changes = _object(req).get("changes")
+        if not isinstance(changes, dict):
+            raise InvalidRequestError("changes: expected an object of config keys")
+        self.service.config_set_editable(changes)
+        return Response.json({"config": self.service.config_get()})
+
+    def accounts(self, req: Request) -> Response:
+        return Response.json({"accounts": self.service.accounts()})
+
+    def add_api_key_account(self, req: Request) -> Response:
+        body = _object(req)
+        return Response.json({"id": self.service.login_api_key(body.get("api_key"), bool(body.get("add")))})
+
+    def remove_account(self, req: Request) -> Response:
+        if not self.service.logout(req.params["account_id"]):
+            raise NotFoundError("no account %r" % req.params["account_id"])
+        return Response.json({"ok": True})
+
+    def oauth_start(self, req: Request) -> Response:
+        session = self.service.login_start()
+        login_id = new_token()[:12]
+        state = {"session": session, "add": bool(_object(req).get("add")), "state": "waiting",
+                 "account": None, "message": ""}
+        self.logins[login_id] = state
+        threading.Thread(target=self._wait_login, args=(state,), daemon=True).start()
+        return Response.json({"session": login_id, "url": session.url})
+
+    def _wait_login(self, state: dict) -> None:
+        try:
+            state["account"] = self.service.login_finish(state["session"], timeout_s=600, add=state["add"])
+            state["state"] = "done"
+        except Iflow2apiError as exc:
+            if state["state"] == "waiting":
+                state["state"], state["message"] = "error", str(exc)
+
+    def oauth_state(self, req: Request) -> Response:
+        state = self._login(req)
+        return Response.json({k: state[k] for k in ("state", "account", "message")})
+
+    def oauth_paste(self, req: Request) -> Response:
+        state = self._login(req)
+        pasted = _object(req).get("pasted")
+        if not isinstance(pasted, str) or not pasted.strip():
+            raise InvalidRequestError("pasted: the address the browser ended on, or the code")
+        try:
+            state["account"] = self.service.login_finish(state["session"], pasted, add=state["add"])
+            state["state"], state["message"] = "done", ""
+        except Iflow2apiError as exc:
+            state["state"], state["message"] = "error", str(exc)
+        return Response.json({k: state[k] for k in ("state", "account", "message")})
+
+    def _login(self, req: Request) -> dict:
+        state = self.logins.get(req.params["login_id"])
+        if state is None:
+            raise NotFoundError("no such login; start again")
+        return state
+
+    def providers(self, req: Request) -> Response:
+        return Response.json({"providers": self.service.providers()})
+
+    def add_provider(self, req: Request) -> Response:
+        body = _object(req)
+        models = body.get("models") or None
+        if models is not None and not (isinstance(models, list) and all(isinstance(m, str) for m in models)):
+            raise InvalidRequestError("models: expected a list of model ids")
+        return Response.json(self.service.provider_add(str(body.get("name") or ""), body.get("preset") or None,
+                                                       body.get("api_key") or None, body.get("base_url") or None,
+                                                       models, bool(body.get("default"))))
+
+    def remove_provider(self, req: Request) -> Response:
+        if not self.service.provider_remove(req.params["name"]):
+            raise NotFoundError("no configured provider %r" % req.params["name"])
+        return Response.json({"ok": True})
+
+    def keys(self, req: Request) -> Response:
+        return Response.json({"keys": self.service.client_keys()})
+
+    def create_key(self, req: Request) -> Response:
+        return Response.json(self.service.create_client_key())
+
+    def revoke_key(self, req: Request) -> Response:
+        if not self.service.revoke_client_key(req.params["key_id"]):
+            raise NotFoundError("no key %r" % req.params["key_id"])
+        return Response.json({"ok": True})
+
+    def models(self, req: Request) -> Response:
+        return Response.json({"models": [m for m, _d, _o in self.service.backend.public_model_ids()]})
+
+    def playground(self, req: Request) -> Response:
+        return self.service.playground(req)
+
+
+def _cookie(req: Request, name: str) -> str:
+    for header in req.headers.get_all("cookie"):
+        for part in header.split(";"):
+            key, _, value = part.strip().partition("=")
+            if key == name:
+                return value
+    return ""
+
+
+def _is_local(req: Request) -> bool:
+    return bool(req.client) and req.client[0] in _LOOPBACK_CLIENTS
+
+
+def _object(req: Request) -> dict:
+    body = req.json()
+    if not isinstance(body, dict):
+        raise InvalidRequestError("expected a JSON object")
+    return body
+
+
+def _password_field(req: Request, field: str) -> str:
+    value = _object(req).get(field)
+    if not isinstance(value, str) or len(value) < 8:
+        raise InvalidRequestError("%s: at least 8 characters" % field)
+    return value
+
+
+def _int_param(req: Request, name: str, default: int) -> int:
+    try:
+        return max(1, min(1000, int(req.query.get(name, [default])[0])))
+    except ValueError:
+        return default
+
 # == 9. Service: instances, status, logs =========================================
 # The object the CLI, the admin API and the GUI drive: start/stop server
 # instances, status snapshot, recent log lines, config. Tests: tests/integration.
@@ -5752,7 +6370,7 @@ class Instance:
     """One listening server with its own limiter and counters over a shared Backend."""
 
     def __init__(self, config: Config, name: str = "default", host: str = None, port: int = None,
-                 adapter: str = None, backend: Backend = None):
+                 adapter: str = None, backend: Backend = None, admin: AdminApi = None):
         self.name, self.config = name, config
         self.host = host or config["host"]
         self.port = config["port"] if port is None else port
@@ -5764,7 +6382,10 @@ class Instance:
         self.stats = Stats()
         self.generated_key = ""  # a client key made for this start (remote bind), shown once
         self.api = Api(config, self.backend, self.limiter, self.stats, ClientKeys(config), self.adapter)
-        self.app = App(self.api.router(), config["cors_allow_origins"], self.stats)
+        router = self.api.router()
+        if admin is not None:
+            admin.register(router)
+        self.app = App(router, config["cors_allow_origins"], self.stats)
         self.server = None
 
     @property
@@ -5790,10 +6411,12 @@ class Instance:
             self.server = None
 
     def status(self) -> dict:
+        stats = self.stats.snapshot()
         return {"name": self.name, "running": self.running, "url": self.url, "host": self.host,
                 "port": self.port, "http_adapter": self.adapter,
-                "credentials": self.backend.has_credentials(),
-                "in_flight": self.limiter.in_flight, **self.stats.snapshot()}
+                "credentials": self.backend.has_credentials(), "in_flight": self.limiter.in_flight,
+                "requests": stats["requests"], "errors": stats["errors"],
+                "input_tokens": stats["input_tokens"], "output_tokens": stats["output_tokens"]}
 
 
 class Service:
@@ -5806,7 +6429,9 @@ class Service:
         self.instances = {}
         self.log_buffer = RecentLogHandler()
         logging.getLogger("iflow2api").addHandler(self.log_buffer)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self.started_at = time.time()
+        self.admin = AdminApi(self, AdminSessions(), LoginLimiter())
 
     @classmethod
     def from_config(cls, overrides: dict = None, path: str = None, env=None) -> "Service":
@@ -5823,7 +6448,7 @@ class Service:
             instance = self.instances.get(name)
             if instance is None or not instance.running:
                 generated = ensure_client_key(self.config, host or self.config["host"])
-                instance = Instance(self.config, name, host, port, backend=self.backend)
+                instance = Instance(self.config, name, host, port, backend=self.backend, admin=self.admin)
                 instance.generated_key = generated
                 instance.start()
                 self.instances[name] = instance
@@ -5847,7 +6472,98 @@ class Service:
                 "accounts": self.accounts()}
 
     def recent_logs(self, count: int = 100) -> list:
-        return list(self.log_buffer.lines)[-count:]
+        return self.log_buffer.lines(count)
+
+    def dashboard(self) -> dict:
+        """Totals over every instance, latency, per model/provider/account counters, and lists."""
+        totals = {"requests": 0, "errors": 0, "input_tokens": 0, "output_tokens": 0}
+        counters = {"by_model": collections.Counter(), "by_provider": collections.Counter(),
+                    "by_account": collections.Counter()}
+        latencies = []
+        for instance in list(self.instances.values()):
+            stats = instance.stats.snapshot()
+            for key in totals:
+                totals[key] += stats[key]
+            for key, counter in counters.items():
+                counter.update(stats[key])
+            latencies += stats["latencies_ms"]
+        out = {"version": __version__, "uptime_s": round(time.time() - self.started_at, 1),
+               "latency_ms": latency_summary(latencies), "instances": self.instance_list(),
+               "accounts": self.accounts(), "providers": self.providers()}
+        out.update(totals)
+        out.update({k: dict(v) for k, v in counters.items()})
+        return out
+
+    # -- instances defined in config ---------------------------------------------
+
+    def instance_list(self) -> list:
+        """Running instances and the configured ones that are stopped."""
+        listed = [i.status() for i in self.instances.values()]
+        names = {i["name"] for i in listed}
+        for entry in self.config.get("instances") or []:
+            if isinstance(entry, dict) and entry.get("name") not in names:
+                listed.append({"name": entry["name"], "running": False, "url": "",
+                               "host": entry.get("host") or self.config["host"], "port": entry.get("port"),
+                               "requests": 0, "errors": 0, "in_flight": 0})
+        return listed
+
+    def add_instance(self, name: str, host: str = None, port=None) -> dict:
+        """Define, save and start one more server instance (another port)."""
+        if not re.match(r"^[A-Za-z0-9_.-]{1,40}$", name) or name == "default":
+            raise InvalidRequestError("name: 1-40 letters, digits, '_', '-' or '.' (not 'default')")
+        if any(isinstance(e, dict) and e.get("name") == name for e in self.config.get("instances") or []):
+            raise InvalidRequestError("an instance named %r exists" % name)
+        if isinstance(port, str) and port.isdigit():
+            port = int(port)
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            raise InvalidRequestError("port: a number from 1 to 65535")
+        entry = {"name": name, "host": host or self.config["host"], "port": port}
+        instance = self._start_entry(entry)
+        self.config.update({"instances": list(self.config.get("instances") or []) + [entry]})
+        return instance.status()
+
+    def start_instance(self, name: str) -> dict:
+        if name in self.instances:
+            return self.instances[name].status()
+        if name == "default":
+            return self.start().status()
+        entry = next((e for e in self.config.get("instances") or [] if isinstance(e, dict) and e.get("name") == name),
+                     None)
+        if entry is None:
+            raise NotFoundError("no instance %r" % name)
+        return self._start_entry(entry).status()
+
+    def stop_instance(self, name: str) -> None:
+        if name not in self.instances:
+            raise NotFoundError("instance %r is not running" % name)
+        threading.Thread(target=self.stop, args=(name,), daemon=True).start()  # may be the one serving us
+
+    def remove_instance(self, name: str) -> None:
+        entries = self.config.get("instances") or []
+        kept = [e for e in entries if not (isinstance(e, dict) and e.get("name") == name)]
+        if len(kept) == len(entries):
+            raise NotFoundError("no configured instance %r" % name)
+        self.config.update({"instances": kept})
+        if name in self.instances:
+            self.stop_instance(name)
+
+    def start_configured(self) -> list:
+        """Start every instance saved in config (serve does this after the default one)."""
+        started = []
+        for entry in self.config.get("instances") or []:
+            if isinstance(entry, dict) and entry.get("name") not in self.instances:
+                try:
+                    started.append(self._start_entry(entry))
+                except (OSError, Iflow2apiError) as exc:
+                    log.warning("instance %s not started: %s", entry.get("name"), exc)
+        return started
+
+    def _start_entry(self, entry: dict) -> Instance:
+        try:
+            return self.start(str(entry["name"]), entry.get("host"), entry.get("port"))
+        except OSError as exc:
+            raise InvalidRequestError("cannot listen on %s:%s (%s)" % (entry.get("host") or self.config["host"],
+                                                                     entry.get("port"), exc.strerror or exc))
 
     # -- config --
 
@@ -5858,6 +6574,44 @@ class Service:
     def config_set(self, changes: dict) -> None:
         self.config.update(changes)
         self.backend.reload()
+
+    def editable_keys(self) -> list:
+        """Config keys the admin may change directly (secrets and lists with their own pages excluded)."""
+        return sorted(k for k in DEFAULT_CONFIG if k not in _MANAGED_KEYS)
+
+    def config_set_editable(self, changes: dict) -> None:
+        refused = sorted(set(changes) - set(self.editable_keys()))
+        if refused:
+            raise InvalidRequestError("not editable here: %s" % ", ".join(refused))
+        self.config_set(changes)
+
+    # -- client API keys ------------------------------------------------------------
+
+    def client_keys(self) -> list:
+        """[{id, masked}] of the configured client keys (the full key is never shown again)."""
+        return [{"id": _key_id(k), "masked": mask_secret(k)}
+                for k in self.config.get("api_keys") or [] if usable_secret(k)]
+
+    def create_client_key(self) -> dict:
+        key = new_client_key()
+        register_secret(key)
+        self.config.update({"api_keys": list(self.config.get("api_keys") or []) + [key]})
+        return {"id": _key_id(key), "key": key}
+
+    def revoke_client_key(self, key_id: str) -> bool:
+        keys = list(self.config.get("api_keys") or [])
+        kept = [k for k in keys if not (usable_secret(k) and _key_id(k) == key_id)]
+        if len(kept) == len(keys):
+            return False
+        self.config.update({"api_keys": kept})
+        return True
+
+    def playground(self, req: Request) -> Response:
+        """A chat completion for a signed-in admin (no client key needed)."""
+        instance = next(iter(self.instances.values()), None)
+        if instance is None:
+            raise Iflow2apiError("no server instance is running", status=503, code="unavailable")
+        return instance.api.chat(req, req.json())
 
     # -- accounts and login --
 
@@ -5957,6 +6711,15 @@ class Service:
         self.config.update(changes)
         self.backend.reload()
         return True
+
+
+# Config keys with their own admin pages or too sensitive for a plain form.
+_MANAGED_KEYS = {"api_key", "custom_api_key", "api_keys", "accounts", "providers", "instances",
+                 "admin_password_hash", "oauth_client_secret"}
+
+
+def _key_id(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:10]
 
 
 # == 10. CLI ====================================================================
@@ -6197,6 +6960,15 @@ def _cmd_serve(config: Config) -> int:
         log.info("h11 not installed: using the stdlib HTTP parser")
     if not has_certifi():
         log.info("certifi not installed: using the system CA store")
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        stop.set()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # before listening: a stop may come at once
+        try:
+            signal.signal(sig, on_signal)
+        except (ValueError, OSError):  # pragma: no cover - not the main thread
+            pass
     service = Service(config)
     try:
         instance = service.start()
@@ -6218,17 +6990,11 @@ def _cmd_serve(config: Config) -> int:
         log.info("credentials: %s (%s)", credentials.source(), credentials.auth_type or "api-key")
     else:
         log.warning(NO_CREDENTIALS_MESSAGE, config.path)
-    log.info("OpenAI clients: base_url=%s/v1", instance.url)
+    log.info("OpenAI clients: base_url=%s/v1  Claude Code: ANTHROPIC_BASE_URL=%s  admin: %s/admin",
+             instance.url, instance.url, instance.url)
+    for extra in service.start_configured():
+        log.info("instance %s listening on %s", extra.name, extra.url)
     release_free_memory()
-    stop = threading.Event()
-
-    def on_signal(signum, frame):
-        stop.set()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            signal.signal(sig, on_signal)
-        except (ValueError, OSError):  # pragma: no cover - not the main thread
-            pass
     while not stop.wait(0.5):
         pass
     log.info("shutting down")

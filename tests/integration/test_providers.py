@@ -283,8 +283,6 @@ def test_discovered_models_are_listed_with_prefix_and_cached(routed, fake_upstre
     assert [model_gets(r) for r in p2.chat_requests()] == ["beta-2"]
 
 
-@pytest.mark.xfail(strict=True, reason="GET /v1/models/{model_id} matches one path segment and does not "
-                                       "percent-decode it, so listed provider/model ids cannot be retrieved")
 def test_prefixed_model_can_be_retrieved(routed, p2):
     server = routed()
     assert "p2/beta-2" in model_ids(server)
@@ -394,8 +392,6 @@ def test_reasoning_field_exposed_as_reasoning_content_in_preserve_mode(routed, p
     assert (message["content"], message["reasoning_content"]) == ("only thought", "only thought")
 
 
-@pytest.mark.xfail(strict=True, reason="preserve mode streams a provider's `reasoning` delta field as is; "
-                                       "non-stream answers rename it to reasoning_content")
 def test_reasoning_field_exposed_as_reasoning_content_in_preserve_mode_stream(routed, p2):
     server = routed(preserve_reasoning_content=True)
     p2.push(Reply(stream=_reasoning_stream(["2+2", " is 4"], ["4"])))
@@ -513,8 +509,6 @@ def test_every_key_limited_is_a_429(routed, p1):
     assert len(p1.chat_requests()) == 2
 
 
-@pytest.mark.xfail(strict=True, reason="provider_settings: an `api_keys` list that comes after `api_key` "
-                                       "in the entry replaces it, so the single key is lost")
 def test_api_key_and_api_keys_are_both_used(routed, p1):
     entry = {"base_url": p1.url, "api_key": "sk-single-cccccccccccccc", "api_keys": ["sk-listed-ddddddddddddd"],
              "discover_models": False}
@@ -561,10 +555,6 @@ def test_http_proxy_tunnels_https_with_connect(routed, closing, trust_test_ca, p
     assert [r.headers["authorization"] for r in p1.chat_requests()] == ["Bearer " + P1_KEY] * 2
 
 
-@pytest.mark.xfail(strict=True, reason="ConnectionPool._new: the TLS connection to an https:// proxy gets "
-                                       "self._tls, which is only created for https targets, so it is None for "
-                                       "plain-http targets and http.client falls back to its default context "
-                                       "instead of make_tls_context()")
 def test_https_proxy_url(routed, closing, trust_test_ca, fake_upstream):
     proxy = closing(HttpProxy(tls=True))
     server = routed(upstream_proxy_enabled=True, upstream_proxy=proxy.url(host="localhost"))
@@ -624,10 +614,6 @@ def test_proxy_login(routed, closing, trust_test_ca, fake_upstream, p1, kind):
 
 
 def _wrong_login_case(kind):
-    if kind == "http-forward":
-        return pytest.param(kind, marks=pytest.mark.xfail(
-            strict=True, reason="a 407 from an HTTP proxy on a plain-http upstream is classified like an "
-                                "upstream answer (401 invalid_api_key), not a proxy failure (502)"))
     return kind
 
 

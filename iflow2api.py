@@ -578,15 +578,41 @@ def resolve_config(file_data: dict, env: dict, cli: dict):
                 merged[key] = _coerce(value, DEFAULT_CONFIG[key])
             except (TypeError, ValueError) as exc:
                 warnings.append("%s: %s=%r ignored (%s)" % (source, key, value, exc))
-    for key in ("model_map", "model_routes"):
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in merged[key].items()):
-            warnings.append("%s must map names to model names; using %r" % (key, DEFAULT_CONFIG[key]))
-            merged[key] = DEFAULT_CONFIG[key]
-    for key, low in (("port", 0), ("concurrency", 1), ("max_connections", 1)):
-        if merged[key] < low or (key == "port" and merged[key] > 65535):
-            warnings.append("%s=%r out of range, using %r" % (key, merged[key], DEFAULT_CONFIG[key]))
+    for key in _RANGE_CHECKS:
+        problem = _out_of_range(key, merged[key])
+        if problem:
+            warnings.append("%s; using %r" % (problem, DEFAULT_CONFIG[key]))
             merged[key] = DEFAULT_CONFIG[key]
     return merged, warnings
+
+
+def _names_to_names(value) -> bool:
+    return all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+
+
+# Checks beyond the type: key -> (test, what is expected).
+_RANGE_CHECKS = {
+    "port": (lambda v: 0 <= v <= 65535, "a port from 0 to 65535"),
+    "concurrency": (lambda v: v >= 1, "at least 1"),
+    "max_connections": (lambda v: v >= 1, "at least 1"),
+    "queue_timeout_s": (lambda v: v >= 0, "0 or more seconds"),
+    "max_body_bytes": (lambda v: v >= 1, "at least 1 byte"),
+    "header_timeout_s": (lambda v: v > 0, "more than 0 seconds"),
+    "idle_timeout_s": (lambda v: v > 0, "more than 0 seconds"),
+    "upstream_connect_timeout_s": (lambda v: v > 0, "more than 0 seconds"),
+    "upstream_read_timeout_s": (lambda v: v > 0, "more than 0 seconds"),
+    "model_map": (_names_to_names, "an object of names to model names"),
+    "model_routes": (_names_to_names, "an object of model names to providers"),
+    "vision_fallback": (lambda v: v in ("route", "reject"), '"route" or "reject"'),
+}
+
+
+def _out_of_range(key, value):
+    """A message when value (already of the right type) does not fit key, else None."""
+    check = _RANGE_CHECKS.get(key)
+    if check is None or check[0](value):
+        return None
+    return "%s=%r: expected %s" % (key, value, check[1])
 
 
 class Config:
@@ -627,9 +653,11 @@ class Config:
             for key, value in changes.items():
                 if key in DEFAULT_CONFIG:
                     try:
-                        _coerce(value, DEFAULT_CONFIG[key])
+                        problem = _out_of_range(key, _coerce(value, DEFAULT_CONFIG[key]))
                     except (TypeError, ValueError) as exc:
-                        raise ConfigError("%s: %s" % (key, exc)) from None
+                        problem = "%s: %s" % (key, exc)
+                    if problem:
+                        raise ConfigError(problem)
             self.file_data = dict(self.file_data, **changes)
             self._resolve()
             if save:
@@ -4111,10 +4139,14 @@ class LoginSession:
         return self._take()
 
     def close(self) -> None:
+        """Stop the callback server; a wait() still running ends as cancelled."""
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+        if not self._arrived.is_set():
+            self._codes.append((False, "the login was cancelled"))
+            self._arrived.set()
 
     def _take(self) -> str:
         ok, value = self._codes.popleft()
@@ -4679,6 +4711,10 @@ class Router:
         raise NotFoundError("no route for %s %s" % (method, path))
 
 
+# The admin's own traffic and pages are not API requests: the dashboard would count itself.
+_NOT_COUNTED = ("/admin", "/static/", "/docs", "/redoc", "/openapi.json", "/favicon")
+
+
 class App:
     """Routing, error handling, CORS and the one access-log line per request."""
 
@@ -4733,7 +4769,7 @@ class App:
         self.access_log.info("%s %s model=%s status=%d ms=%.0f%s%s", req.method, req.path,
                              info.get("model", "-"), resp.status, ms, tokens,
                              " error=%r" % info["error"][:200] if info.get("error") else "")
-        if self.stats is not None:
+        if self.stats is not None and not req.path.startswith(_NOT_COUNTED):
             self.stats.record(resp.status, info, ms)
 
 
@@ -6104,6 +6140,7 @@ class AdminApi:
                 ("POST", "/admin/api/accounts/oauth/start", self.oauth_start),
                 ("GET", "/admin/api/accounts/oauth/{login_id}", self.oauth_state),
                 ("POST", "/admin/api/accounts/oauth/{login_id}", self.oauth_paste),
+                ("DELETE", "/admin/api/accounts/oauth/{login_id}", self.oauth_cancel),
                 ("GET", "/admin/api/providers", self.providers),
                 ("POST", "/admin/api/providers", self.add_provider),
                 ("DELETE", "/admin/api/providers/{name}", self.remove_provider),
@@ -6287,6 +6324,14 @@ class AdminApi:
         except Iflow2apiError as exc:
             state["state"], state["message"] = "error", str(exc)
         return Response.json({k: state[k] for k in ("state", "account", "message")})
+
+    def oauth_cancel(self, req: Request) -> Response:
+        state = self.logins.pop(req.params["login_id"], None)
+        if state is None:
+            raise NotFoundError("no such login")
+        state["state"], state["message"] = "cancelled", "cancelled"
+        state["session"].close()  # frees the callback port; the waiting thread ends
+        return Response.json({"ok": True})
 
     def _login(self, req: Request) -> dict:
         state = self.logins.get(req.params["login_id"])
@@ -6488,6 +6533,7 @@ class Service:
                 counter.update(stats[key])
             latencies += stats["latencies_ms"]
         out = {"version": __version__, "uptime_s": round(time.time() - self.started_at, 1),
+               "keys_required": ClientKeys(self.config).required,
                "latency_ms": latency_summary(latencies), "instances": self.instance_list(),
                "accounts": self.accounts(), "providers": self.providers()}
         out.update(totals)

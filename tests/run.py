@@ -3,8 +3,8 @@
 
 Sets up what the tests need, then runs pytest:
 - a virtual environment .venv-test with tests/requirements.txt (pip, PyPI only);
-- e2e tools when a test group needs them (installed by the groups' own setup
-  steps below, cached under .cache/).
+- the Claude Code CLI from npm (pinned, in .cache/claude-code) and, under CI,
+  Debian's chromium for the browser tests.
 Under CI (CI=true) a missing tool fails the tests instead of skipping them.
 """
 import os
@@ -68,9 +68,19 @@ def ensure_venv() -> str:
     return python
 
 
+def ensure_chromium():
+    """Debian's chromium for the browser tests (Playwright drives it; its own download
+    is not reachable from CI)."""
+    if not os.path.exists("/usr/bin/chromium") and in_ci():
+        print("tests/run.py: installing chromium", flush=True)
+        apt_install("chromium")
+    return os.path.exists("/usr/bin/chromium")
+
+
 def main(argv) -> int:
     python = ensure_venv()
     install_claude_code()
+    ensure_chromium()
     env = dict(os.environ)
     env["PATH"] = os.path.dirname(python) + os.pathsep + env.get("PATH", "")
     args = argv or ["tests"]

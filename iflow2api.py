@@ -267,6 +267,7 @@ class UpstreamError(Iflow2apiError):
 
     @property
     def openai_status(self) -> int:
+        """The status on OpenAI routes (error_response applies the same rule)."""
         return 503 if self.status == 529 else self.status
 
 
@@ -1762,7 +1763,6 @@ class StreamState:
         self.tools = {}  # key -> _ToolCall
         self.emitted_tool_count = 0
         self.finish_reason = None
-        self.finish_handled = False
         self.matched_stop = None
         self.usage = None
         self.hidden_reasoning = ""
@@ -1991,7 +1991,6 @@ class AnthropicStream:
         self.state.tools = {}
         for tool in tools:
             self._emit_tool(tool, out)
-        self.state.finish_handled = True
 
     # -- tools (3.6) --
 
@@ -3822,10 +3821,10 @@ PROVIDER_PRESETS = {
              "quirks": {"thinking_style": "enable_thinking"}},
     "openrouter": {"base_url": "https://openrouter.ai/api/v1", "key_env": "OPENROUTER_API_KEY",
                    "notes": "many vendors; model ids contain a slash (anthropic/claude-...)",
-                   "quirks": {"reasoning_field": "reasoning"}},
+                   "quirks": {}},
     "ollama": {"base_url": "http://127.0.0.1:11434/v1", "key_env": "", "keyless": True,
                "notes": "local models, no key; reasoning in `reasoning`",
-               "quirks": {"reasoning_field": "reasoning", "accepts_top_k": True}},
+               "quirks": {"accepts_top_k": True}},
     "vllm": {"base_url": "http://127.0.0.1:8000/v1", "key_env": "VLLM_API_KEY", "keyless": True,
              "notes": "self-hosted; thinking via chat_template_kwargs",
              "quirks": {"thinking_style": "chat_template_kwargs", "accepts_top_k": True}},
@@ -4658,17 +4657,12 @@ class Response:
 
 def error_response(exc: Iflow2apiError, dialect: str, request_id: str = "") -> Response:
     """The one place errors become HTTP responses, in the caller's API dialect."""
-    status = exc.status
     if dialect == "anthropic":
-        body = {"type": "error", "error": {"type": exc.anthropic_type, "message": str(exc)}}
-        if request_id:
-            body["request_id"] = request_id
-    else:
-        if status == 529:  # Anthropic's "overloaded" has no OpenAI equivalent: 503
-            status = 503
-        body = {"error": {"message": str(exc), "type": exc.openai_type, "param": getattr(exc, "param", None),
-                          "code": exc.code}}
-    return Response.json(body, status, exc.headers)
+        body = anthropic_error_body(exc.anthropic_type, str(exc), request_id or None)
+        return Response.json(body, exc.status, exc.headers)
+    body = openai_error_body(str(exc), exc.openai_type, exc.code, getattr(exc, "param", None))
+    # Anthropic's 529 "overloaded" has no OpenAI equivalent: 503
+    return Response.json(body, 503 if exc.status == 529 else exc.status, exc.headers)
 
 
 def dialect_for_path(path: str) -> str:

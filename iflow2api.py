@@ -4760,10 +4760,13 @@ class App:
         tokens = ""
         if "input_tokens" in info or "output_tokens" in info:
             tokens = " tokens=%s+%s" % (info.get("input_tokens", "?"), info.get("output_tokens", "?"))
-        self.access_log.info("%s %s model=%s status=%d ms=%.0f%s%s", req.method, req.path,
-                             info.get("model", "-"), resp.status, ms, tokens,
-                             " error=%r" % info["error"][:200] if info.get("error") else "")
-        if self.stats is not None and not req.path.startswith(_NOT_COUNTED):
+        counted = not req.path.startswith(_NOT_COUNTED)
+        # The admin's pages and polling would drown the API lines: those go to DEBUG.
+        self.access_log.log(logging.INFO if counted or resp.status >= 400 else logging.DEBUG,
+                            "%s %s model=%s status=%d ms=%.0f%s%s", req.method, req.path,
+                            info.get("model", "-"), resp.status, ms, tokens,
+                            " error=%r" % info["error"][:200] if info.get("error") else "")
+        if self.stats is not None and counted:
             self.stats.record(resp.status, info, ms)
 
 

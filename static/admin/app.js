@@ -220,7 +220,7 @@
   // Screens: loading, setup, login, app
 
   function showScreen(name) {
-    $$('[data-screen]').forEach(function (section) { section.hidden = section.dataset.screen !== name; });
+    $$('section[data-screen]').forEach(function (section) { section.hidden = section.dataset.screen !== name; });
     const inApp = name === 'app';
     $('#logout').hidden = !inApp;
     $('#change-password').hidden = !inApp;

@@ -80,3 +80,24 @@ def server(start_server, fake_upstream, home):
     """The server with credentials pointing at the fake upstream."""
     write_settings(str(home), fake_upstream.url)
     return start_server()
+
+
+@pytest.fixture
+def start_service(home, adapter):
+    """Like start_server, but returns the Service itself (its "default" instance started,
+    reachable as service.instances["default"].url), so a test can stop it and start a
+    new Service on the same HOME and config file. Every Service is stopped at the end."""
+    services = []
+
+    def start(**overrides):
+        overrides.setdefault("port", 0)
+        overrides.setdefault("host", "127.0.0.1")
+        env = dict(os.environ, IFLOW2API_HTTP=adapter)
+        service = iflow2api.Service(iflow2api.Config(env=env, cli=overrides))
+        services.append(service)
+        service.start()
+        return service
+
+    yield start
+    for service in services:
+        service.stop()

@@ -1,0 +1,477 @@
+"""The web admin (/admin) and the API docs (/docs, /redoc) in headless Chromium, driven by
+Playwright for Python, against the real server in-process with the fake upstream.
+
+Chromium is Debian's /usr/bin/chromium (Playwright's own browser download is not used).
+Missing Playwright or Chromium skips these tests locally and fails them under CI.
+Each test leaves a screenshot in test-artifacts/ at the repository root. The browser may
+only reach 127.0.0.1: every other address is aborted, so nothing leaves the machine.
+"""
+import json
+import os
+import re
+import socket
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+import iflow2api
+from conftest import ROOT, in_ci, write_settings
+from fakes import Reply, text_stream
+
+try:
+    from playwright.sync_api import expect, sync_playwright
+except ImportError:  # reported by the browser fixture
+    expect = sync_playwright = None
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARTIFACTS = os.path.join(ROOT, "test-artifacts")
+WAIT_MS = 10000  # every wait in a page is bounded by this
+PASSWORD = "browser test password"
+CHAT = {"model": "glm-5", "messages": [{"role": "user", "content": "hi"}]}
+NOT_LOCAL = re.compile(r"^(?!(https?|wss?)://(127\.0\.0\.1|localhost)[:/])[a-z-]+://")
+
+if expect is not None:
+    expect.set_options(timeout=WAIT_MS)
+
+
+@pytest.fixture
+def adapter():
+    """One HTTP adapter is enough here (the API tests cover both)."""
+    return "h11" if iflow2api.h11 is not None else "stdlib"
+
+
+def _unavailable(reason):
+    if in_ci():
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if sync_playwright is None:
+        _unavailable("Playwright for Python is not installed (pip install playwright)")
+    if not os.path.exists(CHROMIUM):
+        _unavailable("%s is missing (apt-get install chromium)" % CHROMIUM)
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=30000)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+class Pages:
+    """Opens pages in fresh contexts; remembers them for screenshots and JS errors."""
+
+    def __init__(self, browser):
+        self.browser, self.contexts, self.pages, self.errors = browser, [], [], []
+
+    def new(self, **options):
+        options.setdefault("viewport", {"width": 1280, "height": 860})
+        options.setdefault("locale", "en-US")
+        options.setdefault("color_scheme", "light")
+        context = self.browser.new_context(**options)
+        context.set_default_timeout(WAIT_MS)
+        context.set_default_navigation_timeout(WAIT_MS)
+        context.route(NOT_LOCAL, lambda route: route.abort())
+        page = context.new_page()
+        page.on("pageerror", lambda exc: self.errors.append(str(exc)))
+        self.contexts.append(context)
+        self.pages.append(page)
+        return page
+
+    def close(self, name):
+        os.makedirs(ARTIFACTS, exist_ok=True)
+        for i, page in enumerate(self.pages):
+            path = os.path.join(ARTIFACTS, "%s%s.png" % (name, "" if i == 0 else "-%d" % i))
+            try:
+                page.screenshot(path=path, full_page=True, timeout=WAIT_MS)
+            except Exception:  # a screenshot must not hide the test's own result
+                pass
+        for context in self.contexts:
+            context.close()
+
+
+@pytest.fixture
+def pages(browser, request):
+    opened = Pages(browser)
+    yield opened
+    opened.close(re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name))
+
+
+def screenshot(page, name):
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    page.screenshot(path=os.path.join(ARTIFACTS, name + ".png"), full_page=True)
+
+
+# -- helpers over HTTP ------------------------------------------------------------------
+
+def http(url, method="GET", body=None, headers=None, timeout=10):
+    data = None if body is None else json.dumps(body).encode()
+    sent = {"Content-Type": "application/json"} if data is not None else {}
+    sent.update(headers or {})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        resp = opener.open(urllib.request.Request(url, data=data, method=method, headers=sent), timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        resp = exc
+    with resp:
+        return resp.getcode(), resp.read()
+
+
+def set_password(url, password=PASSWORD):
+    status, body = http(url + "/admin/api/setup", "POST", {"password": password})
+    assert status == 200, body
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(port):
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def wait_until(predicate, timeout=10.0, message="condition"):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for " + message)
+        time.sleep(0.05)
+
+
+def open_admin(page, url):
+    """Load /admin and wait for its first screen (setup, login or app); the page must show."""
+    page.goto(url + "/admin")
+    page.wait_for_function("() => ['setup', 'login', 'app'].indexOf(document.body.dataset.screen) >= 0",
+                           timeout=WAIT_MS)
+    assert not page.evaluate("document.body.hidden"), (
+        "the whole admin page is hidden: <body hidden> (showScreen() in static/admin/app.js)")
+
+
+def sign_in(page, url, password=PASSWORD):
+    open_admin(page, url)
+    expect(page.locator("#screen-login")).to_be_visible()
+    page.fill("#login-password", password)
+    page.click("#login-submit")
+    expect(page.locator("#screen-app")).to_be_visible()
+
+
+def open_tab(page, name):
+    page.click("[data-tab=%s]" % name)
+    expect(page.locator("[data-panel=%s]" % name)).to_be_visible()
+
+
+def no_page_errors(pages):
+    assert pages.errors == [], pages.errors
+
+
+# -- the tests ---------------------------------------------------------------------------
+
+def test_first_run_password_setup_then_the_dashboard(server, pages):
+    page = pages.new()
+    open_admin(page, server.url)
+    expect(page.locator("#screen-setup")).to_be_visible()
+    expect(page.locator("#screen-login")).to_be_hidden()
+    expect(page.locator("#screen-app")).to_be_hidden()
+    expect(page.locator("#logout")).to_be_hidden()
+
+    page.fill("#setup-password", "short")
+    page.click("#setup-submit")
+    expect(page.locator("#setup-error")).not_to_be_empty()
+    expect(page.locator("#screen-setup")).to_be_visible()
+
+    page.fill("#setup-password", PASSWORD)
+    page.click("#setup-submit")
+    expect(page.locator("#screen-app")).to_be_visible()
+    expect(page.locator("[data-tab=dashboard]")).to_have_attribute("aria-selected", "true")
+    expect(page.locator("[data-panel=dashboard]")).to_be_visible()
+    expect(page.locator("[data-stat=version]")).to_have_attribute("data-value", iflow2api.__version__)
+    expect(page.locator("[data-stat=status]")).to_have_attribute("data-value", "running")
+    expect(page.locator("[data-stat=requests]")).to_have_attribute("data-value", "0")
+    expect(page.locator("[data-stat=uptime]")).not_to_have_attribute("data-value", "")
+    expect(page.locator("#logout")).to_be_visible()
+
+    # The session cookie is out of the page's reach and strict about sites.
+    assert "iflow2api_admin" not in page.evaluate("document.cookie")
+    cookie = [c for c in page.context.cookies() if c["name"] == "iflow2api_admin"]
+    assert cookie and cookie[0]["httpOnly"] and cookie[0]["sameSite"] == "Strict"
+    with open(server.config.path, encoding="utf-8") as f:
+        saved = f.read()
+    assert PASSWORD not in saved and "admin_password_hash" in saved
+    # A second browser now gets the sign-in form, not the setup.
+    other = pages.new()
+    open_admin(other, server.url)
+    expect(other.locator("#screen-login")).to_be_visible()
+    expect(other.locator("#screen-setup")).to_be_hidden()
+    no_page_errors(pages)
+
+
+def test_login_after_logout(server, pages):
+    set_password(server.url)
+    page = pages.new()
+    open_admin(page, server.url)
+    expect(page.locator("#screen-login")).to_be_visible()
+    page.fill("#login-password", "not the password")
+    page.click("#login-submit")
+    expect(page.locator("#login-error")).to_have_text("Wrong password.")
+    expect(page.locator("#screen-app")).to_be_hidden()
+
+    page.fill("#login-password", PASSWORD)
+    page.click("#login-submit")
+    expect(page.locator("#screen-app")).to_be_visible()
+    expect(page.locator("#login-error")).to_be_empty()
+
+    page.click("#logout")
+    expect(page.locator("#screen-login")).to_be_visible()
+    expect(page.locator("#screen-app")).to_be_hidden()
+    expect(page.locator("#logout")).to_be_hidden()
+    expect(page.locator("#toast")).to_be_visible()
+    page.reload()  # the session is gone on the server, not only in the page
+    page.wait_for_function("() => document.body.dataset.screen === 'login'", timeout=WAIT_MS)
+    expect(page.locator("#screen-login")).to_be_visible()
+
+    sign_in(page, server.url)
+    expect(page.locator("[data-stat=status]")).to_have_attribute("data-value", "running")
+    no_page_errors(pages)
+
+
+def test_dashboard_numbers_change_after_api_calls(server, fake_upstream, caplog, pages):
+    caplog.set_level("INFO", logger="iflow2api")  # as `iflow2api serve` does: the live log shows requests
+    set_password(server.url)
+    page = pages.new()
+    sign_in(page, server.url)
+    requests = page.locator("[data-stat=requests]")
+    expect(requests).to_have_attribute("data-value", "0")
+    expect(page.locator("#log-state")).to_have_attribute("data-state", "live")
+    page.evaluate("window.__sameDocument = 'yes'")
+
+    for body in (CHAT, dict(CHAT, stream=True)):
+        status, answer = http(server.url + "/v1/chat/completions", "POST", body)
+        assert status == 200, answer
+    page.wait_for_function("() => Number(document.querySelector('[data-stat=requests]').dataset.value) >= 2",
+                           timeout=WAIT_MS)
+    expect(requests).to_have_attribute("data-value", "2")
+    expect(requests).to_have_text("2")
+    page.wait_for_function("() => Number(document.querySelector('[data-stat=input_tokens]').dataset.value) >= 24",
+                           timeout=WAIT_MS)
+    expect(page.locator("#table-by-model")).to_contain_text("glm-5")
+    expect(page.locator("#log-tail")).to_contain_text("POST /v1/chat/completions")
+    assert page.evaluate("window.__sameDocument") == "yes", "the numbers changed without a reload"
+    no_page_errors(pages)
+
+
+def test_start_and_stop_an_instance(server, pages):
+    set_password(server.url)
+    page = pages.new()
+    sign_in(page, server.url)
+    open_tab(page, "instances")
+    expect(page.locator("tr[data-instance=default]")).to_have_attribute("data-running", "true")
+
+    port = free_port()
+    page.fill("#instance-name", "extra")
+    page.fill("#instance-host", "127.0.0.1")
+    page.fill("#instance-port", str(port))
+    page.click("#instance-add")
+    row = page.locator("tr[data-instance=extra]")
+    expect(row).to_have_attribute("data-running", "true")
+    expect(row).to_contain_text("127.0.0.1:%d" % port)
+    assert http("http://127.0.0.1:%d/health" % port)[0] == 200
+
+    row.locator("[data-action=stop]").click()
+    expect(row).to_have_attribute("data-running", "false")
+    wait_until(lambda: not port_open(port), message="port %d to close" % port)
+    expect(row.locator("[data-action=start]")).to_be_visible()
+    expect(page.locator("tr[data-instance=default]")).to_have_attribute("data-running", "true")
+
+    row.locator("[data-action=start]").click()
+    expect(row).to_have_attribute("data-running", "true")
+    assert http("http://127.0.0.1:%d/health" % port)[0] == 200
+
+    row.locator("[data-action=remove]").click()
+    expect(page.locator("#confirm-dialog")).to_be_visible()
+    page.click("#confirm-yes")
+    expect(row).to_have_count(0)
+    wait_until(lambda: not port_open(port), message="port %d to close after remove" % port)
+    no_page_errors(pages)
+
+
+def test_config_change_persists_across_restart(start_service, fake_upstream, home, pages):
+    write_settings(str(home), fake_upstream.url)
+    first = start_service()
+    url = first.instances["default"].url
+    set_password(url)
+    page = pages.new()
+    sign_in(page, url)
+    open_tab(page, "config")
+    timeout_field = page.locator("[data-config-key=queue_timeout_s]")
+    reasoning_box = page.locator("[data-config-key=preserve_reasoning_content]")
+    expect(timeout_field).to_have_value("30")
+    expect(reasoning_box).not_to_be_checked()
+    timeout_field.fill("12.5")
+    reasoning_box.check()
+    page.click("#config-save")
+    expect(page.locator("#toast")).to_contain_text("queue_timeout_s")
+    expect(page.locator("#toast")).to_have_attribute("data-kind", "ok")
+    with open(first.config.path, encoding="utf-8") as f:
+        saved = json.load(f)
+    assert saved["queue_timeout_s"] == 12.5 and saved["preserve_reasoning_content"] is True
+
+    first.stop()
+    second = start_service()  # a new Service on the same HOME and config file
+    url = second.instances["default"].url
+    sign_in(page, url)  # sessions do not outlive the process: sign in again
+    open_tab(page, "config")
+    expect(page.locator("[data-config-key=queue_timeout_s]")).to_have_value("12.5")
+    expect(page.locator("[data-config-key=preserve_reasoning_content]")).to_be_checked()
+    assert second.config["queue_timeout_s"] == 12.5 and second.config["preserve_reasoning_content"] is True
+    no_page_errors(pages)
+
+
+def test_playground_streams_an_answer_from_the_fake_upstream(server, fake_upstream, pages):
+    fake_upstream.push(Reply(stream=text_stream(["Streamed ", "from ", "the fake upstream."]), piece_delay_s=0.25))
+    set_password(server.url)
+    page = pages.new()
+    sign_in(page, server.url)
+    open_tab(page, "playground")
+    expect(page.locator("#pg-model option[value='glm-5']")).to_have_count(1)
+    page.select_option("#pg-model", "glm-5")
+    page.fill("#pg-prompt", "Say something streamed")
+    output = page.locator("#pg-output")
+    expect(output).to_have_attribute("data-state", "idle")
+
+    page.click("#pg-send")
+    # Text shows while the answer is still streaming, then the whole answer.
+    page.wait_for_function("() => { const o = document.querySelector('#pg-output');"
+                           " return o.dataset.state === 'streaming' && o.textContent.length > 0; }",
+                           timeout=WAIT_MS)
+    expect(output).to_have_attribute("data-state", "done")
+    expect(output).to_have_text("Streamed from the fake upstream.")
+    sent = json.loads(fake_upstream.chat_requests()[-1].body)
+    assert sent["messages"][-1]["content"] == "Say something streamed" and sent["stream"] is True
+
+    curl = page.locator("#pg-curl").inner_text()
+    assert curl.startswith("curl -N " + server.url + "/v1/chat/completions"), curl
+    assert "Say something streamed" in curl and '"model":"glm-5"' in curl and '"stream":true' in curl
+    assert "content-type: application/json" in curl
+    no_page_errors(pages)
+
+
+def test_language_switch_to_chinese(server, pages):
+    set_password(server.url)
+    page = pages.new()
+    sign_in(page, server.url)
+    html = page.locator("html")
+    expect(html).to_have_attribute("lang", "en")
+    expect(page.locator("[data-tab=dashboard]")).to_have_text("Dashboard")
+    expect(page.locator("#logout")).to_have_text("Log out")
+
+    page.select_option("#lang-select", "zh")
+    expect(html).to_have_attribute("lang", re.compile(r"^zh"))
+    expect(page.locator("[data-tab=dashboard]")).to_have_text("仪表盘")
+    expect(page.locator("[data-tab=config]")).to_have_text("配置")
+    expect(page.locator("#logout")).to_have_text("退出登录")
+    assert re.search(r"[\u4e00-\u9fff]", page.title())
+    expect(page.locator("[data-stat=status]")).to_have_text(re.compile(r"[\u4e00-\u9fff]"))
+
+    page.reload()  # remembered
+    expect(page.locator("#screen-app")).to_be_visible()
+    expect(html).to_have_attribute("lang", re.compile(r"^zh"))
+    expect(page.locator("[data-tab=dashboard]")).to_have_text("仪表盘")
+    page.select_option("#lang-select", "en")
+    expect(page.locator("[data-tab=dashboard]")).to_have_text("Dashboard")
+    no_page_errors(pages)
+
+
+def test_theme_switch_to_dark_and_following_the_system(server, pages):
+    set_password(server.url)
+    page = pages.new(color_scheme="light")
+    sign_in(page, server.url)
+    html = page.locator("html")
+    background = "() => getComputedStyle(document.body).backgroundColor"
+    expect(html).to_have_attribute("data-theme", "light")
+    expect(page.locator("#theme-select")).to_have_value("system")
+    light = page.evaluate(background)
+
+    page.select_option("#theme-select", "dark")
+    expect(html).to_have_attribute("data-theme", "dark")
+    assert page.evaluate(background) != light, "the dark theme changes the page colours"
+    page.reload()
+    expect(page.locator("#screen-app")).to_be_visible()
+    expect(html).to_have_attribute("data-theme", "dark")
+
+    page.select_option("#theme-select", "light")
+    expect(html).to_have_attribute("data-theme", "light")
+    page.select_option("#theme-select", "system")
+    page.emulate_media(color_scheme="dark")
+    expect(html).to_have_attribute("data-theme", "dark")
+    page.emulate_media(color_scheme="light")
+    expect(html).to_have_attribute("data-theme", "light")
+    no_page_errors(pages)
+
+
+def test_phone_width_has_no_horizontal_overflow(server, pages):
+    page = pages.new(viewport={"width": 375, "height": 740}, is_mobile=True, has_touch=True)
+    width = "() => document.documentElement.scrollWidth"
+    open_admin(page, server.url)
+    expect(page.locator("#screen-setup")).to_be_visible()
+    assert page.evaluate(width) <= 375
+    page.fill("#setup-password", PASSWORD)
+    page.click("#setup-submit")
+    expect(page.locator("#screen-app")).to_be_visible()
+    for tab in ("dashboard", "instances", "accounts", "providers", "keys", "config", "playground"):
+        open_tab(page, tab)
+        page.wait_for_timeout(100)  # tables fill in after their fetch
+        assert page.evaluate(width) <= 375, (tab, page.evaluate(width))
+    open_tab(page, "dashboard")
+    box = page.locator("[data-stat=requests]").bounding_box()
+    assert box and box["x"] >= 0 and box["x"] + box["width"] <= 375
+    no_page_errors(pages)
+
+
+def test_docs_and_redoc_show_the_endpoints_when_the_cdn_is_unreachable(server, pages):
+    page = pages.new()
+    blocked = []
+
+    def abort(route):
+        blocked.append(route.request.url)
+        route.abort()
+    page.route("**/cdn.jsdelivr.net/**", abort)
+    for path in ("/docs", "/redoc"):
+        page.goto(server.url + path)
+        fallback = page.locator("#fallback")
+        expect(fallback).to_be_visible()
+        expect(fallback).to_have_attribute("data-state", "ready")
+        for endpoint in ("/v1/chat/completions", "/v1/messages", "/v1/messages/count_tokens", "/v1/models",
+                         "/v1/models/{model_id}", "/health"):
+            expect(fallback.locator("section.operation[data-path='%s']" % endpoint)).to_have_count(1)
+        expect(fallback).to_contain_text("/v1/chat/completions")
+        expect(fallback).to_contain_text("ChatCompletionRequest")
+        expect(page.locator("#docs-status")).to_contain_text("/openapi.json")
+        screenshot(page, "docs-fallback" + path.replace("/", "-"))
+    assert any("swagger-ui" in u for u in blocked) and any("redoc" in u for u in blocked), blocked
+    no_page_errors(pages)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: a page from another origin (here http://127.0.0.1:<other port>) "
+                   "can set the first-run admin password with fetch(mode: 'no-cors', text/plain JSON body): "
+                   "AdminApi.setup only checks that the TCP peer is loopback, which the victim's browser is")
+def test_another_site_cannot_choose_the_admin_password(server, fake_upstream, pages):
+    page = pages.new()
+    page.goto(fake_upstream.url + "/somewhere")  # any page of another origin on this machine
+    page.evaluate("""(url) => fetch(url + '/admin/api/setup', {method: 'POST', mode: 'no-cors',
+        headers: {'Content-Type': 'text/plain'}, body: JSON.stringify({password: 'chosen-by-another-site'})})
+        .then(() => true, () => false)""", server.url)
+    status, body = http(server.url + "/admin/api/session")
+    assert status == 200
+    assert json.loads(body)["needs_setup"] is True, "another site set the admin password"

@@ -481,7 +481,8 @@ def load_secret_key(path: str) -> bytes:
 
 # Which config fields hold secrets: top-level names, lists of secrets, and fields
 # inside each account.
-SECRET_FIELDS = ("api_key", "custom_api_key", "oauth_access_token", "oauth_refresh_token")
+SECRET_FIELDS = ("api_key", "custom_api_key", "oauth_access_token", "oauth_refresh_token",
+                 "admin_password_hash")
 SECRET_LISTS = ("api_keys",)
 ACCOUNT_SECRET_FIELDS = ("api_key", "oauth_access_token", "oauth_refresh_token")
 
@@ -5973,7 +5974,7 @@ def read_resource(relpath: str) -> bytes:
 def static_response(relpath: str) -> Response:
     """A file under static/ (no way out of it), or 404."""
     parts = [p for p in relpath.split("/") if p]
-    if not parts or any(p in (".", "..") or "\\\\" in p or p.startswith(".") for p in parts):
+    if not parts or any(p in (".", "..") or "\\" in p or p.startswith(".") for p in parts):
         raise NotFoundError("no such file")
     try:
         data = read_resource("static/" + "/".join(parts))
@@ -6089,7 +6090,11 @@ def openapi_document() -> dict:
                                                             "Anthropic", "MessagesRequest", "TokenCount")},
             "/health": {"get": operation("Server health", "Service", ok="Health")},
         },
-        "components": {"schemas": schemas},
+        "components": {"schemas": schemas, "securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer", "description": "a client key (api_keys)"},
+            "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"}}},
+        # {} first: keys are needed only when configured (or on a non-loopback bind)
+        "security": [{}, {"bearer": []}, {"apiKey": []}],
     }
 
 # -- Admin JSON API (/admin/api/...) ------------------------------------------------------
@@ -6107,6 +6112,7 @@ class AdminApi:
     def __init__(self, service, sessions: AdminSessions, limiter: LoginLimiter):
         self.service, self.sessions, self.limiter = service, sessions, limiter
         self.logins = {}  # OAuth login sessions started from the browser, by id
+        self._setup_lock = threading.Lock()
 
     def register(self, r: Router) -> None:
         r.add("GET", "/admin", self.page)
@@ -6156,7 +6162,8 @@ class AdminApi:
             csrf = self.sessions.csrf_for(_cookie(req, SESSION_COOKIE))
             if csrf is None:
                 raise AuthenticationError("sign in to the admin first")
-            if req.method != "GET" and not hmac.compare_digest(req.headers.get("x-csrf-token") or "", csrf):
+            if req.method not in ("GET", "HEAD") and not hmac.compare_digest(req.headers.get("x-csrf-token") or "",
+                                                                             csrf):
                 raise Iflow2apiError("missing or wrong X-CSRF-Token header", status=403, code="csrf",
                                      openai_type="permission_error", anthropic_type="permission_error")
             return handler(req)
@@ -6176,18 +6183,27 @@ class AdminApi:
                               "setup_allowed": _is_local(req), "csrf": csrf, "version": __version__})
 
     def setup(self, req: Request) -> Response:
-        if self._has_password():
-            raise Iflow2apiError("the admin password is already set; sign in", status=409, code="conflict",
-                                 openai_type="invalid_request_error")
-        if not _is_local(req):
-            raise Iflow2apiError("set the admin password on the server's own machine first", status=403,
-                                 code="forbidden", openai_type="permission_error")
+        # Loopback alone is not enough: a web page on this machine (any site, or a DNS
+        # rebinding name) can reach 127.0.0.1 too. The admin page itself is same-origin,
+        # sends JSON and names a loopback host.
+        self._refuse_if_set()
+        if not _is_local(req) or not _loopback_host(req):
+            raise _forbidden("set the admin password on the server's own machine first")
+        _require_same_origin_json(req)
         password = _password_field(req, "password")
-        self.service.config_set({"admin_password_hash": hash_password(password)})
+        with self._setup_lock:  # two first-run setups at once: only the first wins
+            self._refuse_if_set()
+            self.service.config_set({"admin_password_hash": hash_password(password)})
         log.info("admin password set")
         return self._new_session()
 
+    def _refuse_if_set(self) -> None:
+        if self._has_password():
+            raise Iflow2apiError("the admin password is already set; sign in", status=409,
+                                 code="conflict", openai_type="invalid_request_error")
+
     def login(self, req: Request) -> Response:
+        _require_same_origin_json(req)
         client = req.client[0] if req.client else ""
         wait = self.limiter.retry_after(client)
         if wait > 0:
@@ -6216,9 +6232,15 @@ class AdminApi:
                                                      "Max-Age=0" % SESSION_COOKIE)])
 
     def change_password(self, req: Request) -> Response:
+        client = req.client[0] if req.client else ""
+        wait = self.limiter.retry_after(client)
+        if wait > 0:
+            raise RateLimitError("too many wrong passwords; try again in %d s" % (wait + 1),
+                                 headers=[("retry-after", "%d" % (wait + 1))])
         body = req.json()
         current = body.get("current") if isinstance(body, dict) else None
         if not isinstance(current, str) or not verify_password(current, self.service.config["admin_password_hash"]):
+            self.limiter.failed(client)
             raise AuthenticationError("the current password is wrong")
         self.service.config_set({"admin_password_hash": hash_password(_password_field(req, "new"))})
         self.sessions.drop_all()
@@ -6382,6 +6404,29 @@ def _cookie(req: Request, name: str) -> str:
 
 def _is_local(req: Request) -> bool:
     return bool(req.client) and req.client[0] in _LOOPBACK_CLIENTS
+
+
+def _loopback_host(req: Request) -> bool:
+    """The Host header names this machine (not a DNS-rebinding name pointing at it)."""
+    host = (req.headers.get("host") or "").lower()
+    host = host[1:host.index("]")] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
+    return host in ("localhost", "127.0.0.1", "::1")
+
+
+def _require_same_origin_json(req: Request) -> None:
+    """Refuse requests another site's page could make (forms or no-preflight fetches)."""
+    origin = req.headers.get("origin")
+    if origin and urllib.parse.urlsplit(origin).netloc.lower() != (req.headers.get("host") or "").lower():
+        raise _forbidden("requests from another site are refused")
+    if (req.headers.get("sec-fetch-site") or "same-origin") not in ("same-origin", "none"):
+        raise _forbidden("requests from another site are refused")
+    if not (req.headers.get("content-type") or "").lower().startswith("application/json"):
+        raise InvalidRequestError("send the request as application/json")
+
+
+def _forbidden(message: str) -> Iflow2apiError:
+    return Iflow2apiError(message, status=403, code="forbidden", openai_type="permission_error",
+                          anthropic_type="permission_error")
 
 
 def _object(req: Request) -> dict:
@@ -6563,7 +6608,10 @@ class Service:
         entry = {"name": name, "host": host or self.config["host"], "port": port}
         instance = self._start_entry(entry)
         self.config.update({"instances": list(self.config.get("instances") or []) + [entry]})
-        return instance.status()
+        status = instance.status()
+        if instance.generated_key:  # a remote bind made the first client key: show it once
+            status["generated_key"] = instance.generated_key
+        return status
 
     def start_instance(self, name: str) -> dict:
         if name in self.instances:

@@ -463,9 +463,6 @@ def test_docs_and_redoc_show_the_endpoints_when_the_cdn_is_unreachable(server, p
     no_page_errors(pages)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a page from another origin (here http://127.0.0.1:<other port>) "
-                   "can set the first-run admin password with fetch(mode: 'no-cors', text/plain JSON body): "
-                   "AdminApi.setup only checks that the TCP peer is loopback, which the victim's browser is")
 def test_another_site_cannot_choose_the_admin_password(server, fake_upstream, pages):
     page = pages.new()
     page.goto(fake_upstream.url + "/somewhere")  # any page of another origin on this machine

@@ -267,9 +267,6 @@ def test_first_run_setup_only_from_loopback_and_only_once(admin, server, remote_
     assert answer.status == 200 and COOKIE + "=" in answer.header("set-cookie")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: AdminApi.setup checks _has_password() before hashing "
-                   "(PBKDF2, ~0.1 s) and saving without a lock, so two simultaneous first-run setups "
-                   "both answer 200 with a session and the later one silently replaces the other's password")
 def test_two_simultaneous_setups_set_one_password(server):
     results = {}
     barrier = threading.Barrier(2)
@@ -287,10 +284,6 @@ def test_two_simultaneous_setups_set_one_password(server):
     assert sorted(results.values()) == [200, 409], results
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: first-run setup has no cross-site protection: Request.json() "
-                   "parses any content-type and setup ignores Origin / Sec-Fetch-Site, so any web page "
-                   "open in a browser on this machine can POST text/plain {\"password\": ...} to "
-                   "/admin/api/setup (a CORS 'simple request', no preflight) and choose the admin password")
 def test_setup_refuses_a_cross_site_request(admin):
     answer = admin.post("/admin/api/setup", raw=json.dumps({"password": "chosen-by-evil.example"}).encode(),
                         headers={"Content-Type": "text/plain;charset=UTF-8", "Origin": "http://evil.example",
@@ -630,10 +623,6 @@ def test_instances_add_start_stop_remove(signed_in, server, fake_upstream):
     assert signed_in.get("/admin/api/status").status == 200
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: adding an instance on a non-loopback host via "
-                   "POST /admin/api/instances makes Service.start() generate and save a client API key "
-                   "(ensure_client_key), but the answer (Instance.status()) does not include it, so the key "
-                   "is never shown while every /v1 client - on the loopback instance too - now gets 401")
 def test_adding_a_lan_instance_shows_the_generated_client_key(signed_in, server):
     answer = signed_in.post("/admin/api/instances", {"name": "lan", "host": "0.0.0.0", "port": free_port()})
     assert answer.status == 200, answer
@@ -703,9 +692,6 @@ def test_config_get_masks_secrets_and_put_validates_and_persists(signed_in, serv
     assert leftovers == []
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Service.config_get() masks only SECRET_FIELDS/api_keys/"
-                   "providers/accounts, so GET /admin/api/config sends admin_password_hash (the PBKDF2 "
-                   "hash with its salt) to the browser unmasked, ready for offline cracking")
 def test_config_get_does_not_send_the_password_hash(signed_in, server):
     stored = json.loads(read_config_file(server))["admin_password_hash"]
     plain = _open_hash(server, stored)

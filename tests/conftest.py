@@ -3,6 +3,8 @@ real server started in-process on 127.0.0.1 port 0 with either HTTP adapter."""
 import json
 import os
 import sys
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -14,6 +16,26 @@ import iflow2api  # noqa: E402
 from fakes import FakeUpstream  # noqa: E402
 
 FAKE_KEY = "sk-fake-0123456789abcdef0123456789"
+
+
+# Test clients talk to 127.0.0.1 directly, whatever proxy variables the machine has.
+DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def http(server, method, path, body=None, headers=None, timeout=10):
+    """(status, headers, body bytes) with plain urllib, no client-side retries, no proxy."""
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    req = urllib.request.Request(server.url + path, data=data, method=method, headers=headers or {})
+    try:
+        with DIRECT.open(req, timeout=timeout) as resp:
+            return resp.status, resp.headers, resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.headers, err.read()
+
+
+def healthy(server):
+    status, _h, body = http(server, "GET", "/health")
+    return status == 200 and json.loads(body)["status"] == "ok"
 
 
 def in_ci() -> bool:
@@ -58,21 +80,11 @@ def adapter(request):
 
 
 @pytest.fixture
-def start_server(home, adapter):
-    """Start the real server with config overrides; stops them all at the end."""
-    services = []
-
+def start_server(start_service):
+    """Start the real server with config overrides (its "default" instance); all stop at the end."""
     def start(**overrides):
-        overrides.setdefault("port", 0)
-        overrides.setdefault("host", "127.0.0.1")
-        env = dict(os.environ, IFLOW2API_HTTP=adapter)
-        service = iflow2api.Service(iflow2api.Config(env=env, cli=overrides))
-        services.append(service)
-        return service.start()
-
-    yield start
-    for service in services:
-        service.stop()
+        return start_service(**overrides).instances["default"]
+    return start
 
 
 @pytest.fixture

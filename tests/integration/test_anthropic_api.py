@@ -8,7 +8,6 @@ import json
 import socket
 import struct
 import time
-import urllib.request
 import weakref
 import zlib
 from http.client import HTTPConnection
@@ -18,7 +17,7 @@ import openai
 import pytest
 
 import iflow2api as I
-from conftest import FAKE_KEY, write_settings
+from conftest import FAKE_KEY, healthy, http, write_settings
 from fakes import Reply, chunk, completion, multi_tool_stream, sse, text_stream, tool_delta
 
 MODEL = "claude-sonnet-4-6"
@@ -78,20 +77,8 @@ def both_modes(test):
     return run
 
 
-def http(server, method, path, body=None, headers=None, timeout=10):
-    """(status, headers, body bytes) with plain urllib, no client-side retries."""
-    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-    req = urllib.request.Request(server.url + path, data=data, method=method, headers=headers or {})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, resp.headers, resp.read()
-    except urllib.error.HTTPError as err:
-        return err.code, err.headers, err.read()
 
 
-def healthy(server):
-    status, _h, body = http(server, "GET", "/health")
-    return status == 200 and json.loads(body)["status"] == "ok"
 
 
 def raw_stream(server, body, headers=None, path="/v1/messages", timeout=10):

@@ -5,13 +5,12 @@ import logging
 import socket
 import threading
 import time
-import urllib.request
 
 import openai
 import pytest
 
 import iflow2api as I
-from conftest import FAKE_KEY, write_settings
+from conftest import FAKE_KEY, healthy, http, write_settings
 from fakes import Reply, completion, sse, text_stream
 
 
@@ -25,20 +24,8 @@ def ask(server, **kw):
     return client(server).chat.completions.create(**kw)
 
 
-def http(server, method, path, body=None, headers=None, timeout=10):
-    """(status, headers, body bytes) with plain urllib, no client-side retries."""
-    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-    req = urllib.request.Request(server.url + path, data=data, method=method, headers=headers or {})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, resp.headers, resp.read()
-    except urllib.error.HTTPError as err:
-        return err.code, err.headers, err.read()
 
 
-def healthy(server):
-    status, _h, body = http(server, "GET", "/health")
-    return status == 200 and json.loads(body)["status"] == "ok"
 
 
 # -- happy paths ----------------------------------------------------------------------

@@ -4140,15 +4140,17 @@ class LoginSession:
 
     def close(self) -> None:
         """Stop the callback server; a wait() still running ends as cancelled."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        server, self._server = self._server, None  # close() may run in two threads at once
+        if server is not None:
+            server.shutdown()
+            server.server_close()
         if not self._arrived.is_set():
             self._codes.append((False, "the login was cancelled"))
             self._arrived.set()
 
     def _take(self) -> str:
+        if not self._codes:  # a browser redirect and a pasted answer raced: one of them won
+            raise AuthenticationError("this login was already completed")
         ok, value = self._codes.popleft()
         if not ok:
             raise AuthenticationError(value)
@@ -6322,10 +6324,10 @@ class AdminApi:
 
     def _wait_login(self, state: dict) -> None:
         try:
-            state["account"] = self.service.login_finish(state["session"], timeout_s=600, add=state["add"])
-            state["state"] = "done"
+            account = self.service.login_finish(state["session"], timeout_s=600, add=state["add"])
+            state["account"], state["state"] = account, "done"
         except Iflow2apiError as exc:
-            if state["state"] == "waiting":
+            if state["state"] == "waiting" and not state.get("pasted"):
                 state["state"], state["message"] = "error", str(exc)
 
     def oauth_state(self, req: Request) -> Response:
@@ -6337,6 +6339,7 @@ class AdminApi:
         pasted = _object(req).get("pasted")
         if not isinstance(pasted, str) or not pasted.strip():
             raise InvalidRequestError("pasted: the address the browser ended on, or the code")
+        state["pasted"] = True  # the browser-wait thread now ends quietly
         try:
             state["account"] = self.service.login_finish(state["session"], pasted, add=state["add"])
             state["state"], state["message"] = "done", ""

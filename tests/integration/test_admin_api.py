@@ -17,6 +17,7 @@ import stat
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import pytest
@@ -860,3 +861,69 @@ def test_path_traversal_under_static_is_404(server, path):
     answer = raw_call(server.url, "GET", path)
     assert answer.status == 404, (path, answer)
     assert b"import " not in answer.body and b"root:" not in answer.body
+
+
+# -- iFlow login started from the browser -----------------------------------------------------
+
+def _oauth_server(start_server, fake_upstream, home):
+    from fake_oauth import FakeOAuth
+    oauth = FakeOAuth()
+    server = start_server(oauth_callback_port=free_port(), **oauth.urls())
+    client = Client(server.url)
+    assert client.setup().status == 200
+    return oauth, server, client
+
+
+def _follow_to_callback(url):
+    """What the user's browser does: the iFlow login page redirects to our callback."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(url, timeout=10) as resp:
+        return resp.status, resp.read()
+
+
+def test_oauth_login_started_from_the_admin_completes_by_redirect(start_server, fake_upstream, home):
+    oauth, server, client = _oauth_server(start_server, fake_upstream, home)
+    try:
+        started = client.post("/admin/api/accounts/oauth/start", {"add": False}).json()
+        assert started["url"].startswith(oauth.urls()["oauth_authorize_url"])
+        status, page = _follow_to_callback(started["url"])
+        assert status == 200 and b"Login complete" in page
+        state = {}
+        wait_for(lambda: state.update(client.get("/admin/api/accounts/oauth/" + started["session"]).json())
+                 or state.get("state") == "done", message="login done")
+        assert state["account"] == "iflow-cli"
+        settings = json.load(open(os.path.join(str(home), ".iflow", "settings.json")))
+        assert settings["selectedAuthType"] == "oauth-iflow" and settings["apiKey"] in oauth.api_keys()
+        accounts = client.get("/admin/api/accounts").json()["accounts"]
+        assert [a["id"] for a in accounts] == ["iflow-cli"] and settings["apiKey"] not in json.dumps(accounts)
+    finally:
+        oauth.close()
+
+
+def test_oauth_login_from_the_admin_by_pasting_the_address_and_cancel(start_server, fake_upstream, home):
+    oauth, server, client = _oauth_server(start_server, fake_upstream, home)
+    try:
+        started = client.post("/admin/api/accounts/oauth/start", {"add": True}).json()
+        # A remote admin cannot reach our callback: it pastes where the browser ended instead.
+        query = urllib.parse.urlsplit(started["url"]).query
+        params = urllib.parse.parse_qs(query)
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
+        try:
+            opener.open(started["url"], timeout=10)
+            raise AssertionError("the authorize page should redirect")
+        except urllib.error.HTTPError as redirect:
+            ended_on = redirect.headers["location"]
+        assert ended_on.startswith(params["redirect"][0])
+        answer = client.post("/admin/api/accounts/oauth/" + started["session"], {"pasted": ended_on}).json()
+        assert answer["state"] == "done" and answer["account"].startswith("acct-")
+        assert client.get("/admin/api/accounts").json()["accounts"][0]["auth_type"] == "oauth-iflow"
+        second = client.post("/admin/api/accounts/oauth/start", {"add": True}).json()
+        assert client.delete("/admin/api/accounts/oauth/" + second["session"]).status == 200
+        assert client.get("/admin/api/accounts/oauth/" + second["session"]).status == 404
+    finally:
+        oauth.close()
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None

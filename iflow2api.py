@@ -5141,12 +5141,20 @@ class _H11Handler(socketserver.BaseRequestHandler):
         """The next complete request, or None when the client closed or idled out."""
         head, body, size = None, [], 0
         got_bytes = conn.trailing_data[0] != b""
+        head_deadline = None  # the whole head must arrive in header_timeout_s (no slow-loris)
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
                 if head is not None and conn.they_are_waiting_for_100_continue:
                     sock.sendall(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
-                sock.settimeout(limits.header_timeout_s if got_bytes else limits.idle_timeout_s)
+                if not got_bytes:
+                    timeout_s = limits.idle_timeout_s
+                elif head is None:
+                    head_deadline = head_deadline or time.monotonic() + limits.header_timeout_s
+                    timeout_s = max(0.001, head_deadline - time.monotonic())
+                else:
+                    timeout_s = limits.header_timeout_s  # body: a limit per read, not in total
+                sock.settimeout(timeout_s)
                 try:
                     data = sock.recv(65536)
                 except socket.timeout:

@@ -263,3 +263,29 @@ def test_cli_env_and_config_file_precedence(tmp_path):
     out = subprocess.run([sys.executable, os.path.join(ROOT, "iflow2api.py"), "config", "port", "abc"],
                          env=env, capture_output=True, text=True, timeout=20)
     assert out.returncode != 0 and "port" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_slow_loris_head_is_cut_off_by_a_total_deadline(start_server, fake_upstream, home, adapter):
+    if adapter == "stdlib":
+        pytest.skip("the stdlib adapter limits each read of the head, not the head as a whole")
+    write_settings(str(home), fake_upstream.url)
+    server = start_server(header_timeout_s=0.6)
+    sock = connect(server)
+    sock.settimeout(0.1)
+    started = time.time()
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 40
+    answer = None
+    for i in range(len(head)):  # one byte every 0.1 s: every read is quick, the head never ends
+        try:
+            sock.sendall(head[i:i + 1])
+            answer = sock.recv(4096)  # times out while the server still waits
+            break
+        except socket.timeout:
+            continue
+        except OSError:
+            answer = b""
+            break
+    cut_after = time.time() - started
+    assert answer is not None, "the server kept waiting for the head"
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 408")
+    assert cut_after < 2.0

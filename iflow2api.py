@@ -5,19 +5,27 @@
 Run it:   python3 iflow2api.py [--host 127.0.0.1] [--port 28000]
 Help:     python3 iflow2api.py --help
 
-Clients talk OpenAI (`/v1/chat/completions`, `/v1/models`) to 127.0.0.1:28000 and
-the server forwards to the iFlow API with the credentials the iFlow CLI keeps in
-~/.iflow/settings.json. Standard library only (CPython >= 3.8); h11 and certifi
-are used when importable.
+Clients talk OpenAI (`/v1/chat/completions`, `/v1/models`) or Anthropic
+(`/v1/messages`, as Claude Code does) to 127.0.0.1:28000; the server forwards to
+the iFlow API (with the login the iFlow CLI keeps in ~/.iflow/settings.json, or
+`iflow2api login`) or to any OpenAI-compatible provider. Web admin at /admin,
+API docs at /docs. Standard library only (CPython >= 3.8); h11 and certifi are
+used when importable.
 
 Sections (search for "# == N."), lowest layer first; a section only uses names
 from sections above it:
-  0. module header            6. auth: client API keys
-  1. constants, logging       7. HTTP server: Request/Response, adapters, limits
-  2. config and credentials   8. routes: OpenAI API, health, models
-  3. translation (sans-IO)    9. service: instances, status, logs
-  4. SSE codec (sans-IO)     10. CLI
-  5. upstream: pool, providers, model catalogue
+  0. module header
+  1. constants, logging, secret redaction, errors
+  2. config, iFlow credentials, secrets at rest
+  3. translation (sans-IO): OpenAI reasoning, Anthropic <-> OpenAI, token estimate
+  4. SSE codec (sans-IO)
+  5. upstream: connection pool, proxies, iFlow and OpenAI-compatible providers,
+     accounts and keys, model catalogue
+  6. auth: client keys, OAuth login and refresh, admin sign-in, the Backend
+  7. HTTP server: Request/Response, router, h11 and stdlib adapters, limits
+  8. routes: OpenAI and Anthropic APIs, health, models, static files, OpenAPI, admin API
+  9. service: instances, status, logs, accounts, providers (CLI, GUI and admin drive it)
+ 10. CLI
 """
 from __future__ import annotations
 

@@ -5034,11 +5034,7 @@ class _StdlibHandler(BaseHTTPRequestHandler):
     def setup(self):
         self.timeout = self.server.limits.idle_timeout_s  # applied by StreamRequestHandler.setup
         super().setup()
-
-    def parse_request(self):
-        # The request line has arrived: the rest of the head must follow promptly.
-        self.connection.settimeout(self.server.limits.header_timeout_s)
-        return super().parse_request()
+        self.rfile = _HeadReader(self.rfile, self.connection, self.server.limits)
 
     def log_message(self, format, *args):  # noqa: A002 - name fixed by http.server
         pass  # App logs one line per request
@@ -5070,6 +5066,7 @@ class _StdlibHandler(BaseHTTPRequestHandler):
         return body
 
     def _dispatch(self):
+        self.rfile.head_done()
         try:
             body = self._read_body()
         except (RequestTooLargeError, InvalidRequestError) as exc:
@@ -5092,6 +5089,49 @@ class _StdlibHandler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = _dispatch
+
+
+class _HeadReader:
+    """The stdlib adapter's socket file, timing each request head as a whole.
+
+    A request may take idle_timeout_s to begin; from its first byte, the request
+    line and headers must arrive within header_timeout_s in total (a byte every
+    few seconds would otherwise hold the connection forever). head_done() switches
+    to a limit per read for the body."""
+
+    def __init__(self, rfile, sock, limits: Limits):
+        self._rfile, self._sock, self._limits = rfile, sock, limits
+        self._deadline = None
+
+    def readline(self, limit: int = -1) -> bytes:
+        if self._deadline is None:
+            self._sock.settimeout(self._limits.idle_timeout_s)
+            if not self._rfile.peek(1):
+                return b""  # the client closed the connection
+            self._deadline = time.monotonic() + self._limits.header_timeout_s
+        line = b""
+        while True:  # the line is assembled here: one readline() would restart the timeout per byte
+            remaining = self._deadline - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout("request head too slow")
+            self._sock.settimeout(remaining)
+            buffered = self._rfile.peek(1)  # what is buffered, reading once if nothing is
+            if not buffered:
+                return line
+            end = buffered.find(b"\n")
+            take = len(buffered) if end == -1 else end + 1
+            if limit is not None and limit >= 0:
+                take = min(take, limit - len(line))
+            line += self._rfile.read(take)
+            if line.endswith(b"\n") or (limit is not None and 0 <= limit <= len(line)):
+                return line
+
+    def head_done(self) -> None:
+        self._deadline = None
+        self._sock.settimeout(self._limits.header_timeout_s)
+
+    def __getattr__(self, name):  # read(), close()...: the real file
+        return getattr(self._rfile, name)
 
 
 def _read_chunked(rfile, limit: int) -> bytes:

@@ -2,6 +2,7 @@
 real server started in-process on 127.0.0.1 port 0 with either HTTP adapter."""
 import json
 import os
+import socket
 import sys
 import urllib.error
 import urllib.request
@@ -36,6 +37,21 @@ def http(server, method, path, body=None, headers=None, timeout=10):
 def healthy(server):
     status, _h, body = http(server, "GET", "/health")
     return status == 200 and json.loads(body)["status"] == "ok"
+
+
+def free_port() -> int:
+    """A port nothing listens on right now (for servers a test starts itself)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
 
 
 def in_ci() -> bool:

@@ -9,7 +9,6 @@ only reach 127.0.0.1: every other address is aborted, so nothing leaves the mach
 import json
 import os
 import re
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -17,7 +16,7 @@ import urllib.request
 import pytest
 
 import iflow2api
-from conftest import ROOT, in_ci, write_settings
+from conftest import ROOT, free_port, in_ci, port_open, write_settings
 from fakes import Reply, text_stream
 
 try:
@@ -128,18 +127,6 @@ def set_password(url, password=PASSWORD):
     assert status == 200, body
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def port_open(port):
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 def wait_until(predicate, timeout=10.0, message="condition"):

@@ -23,7 +23,7 @@ import urllib.request
 import pytest
 
 import iflow2api
-from conftest import FAKE_KEY
+from conftest import FAKE_KEY, free_port, port_open
 from fakes import Reply, text_stream
 
 PASSWORD = "correct horse battery"
@@ -176,18 +176,6 @@ def wait_for(predicate, timeout=10.0, interval=0.05, message="condition"):
         time.sleep(interval)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def port_open(port):
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 def read_config_file(server):

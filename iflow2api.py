@@ -780,31 +780,35 @@ class IFlowCredentials:
         """The current settings.json contents (re-read only when the file changed)."""
         return self._load()
 
+    def login(self) -> dict:
+        """The login in one look at the file: api_key, base_url, auth_type, source."""
+        data = self._load()
+        from_file = data.get("apiKey") or data.get("searchApiKey")
+        key = from_file or usable_secret(self.config.get("api_key"))
+        register_secret(key)
+        return {"api_key": key,
+                "base_url": (data.get("baseUrl") or self.config.get("base_url") or IFLOW_BASE_URL).rstrip("/"),
+                "auth_type": data.get("selectedAuthType") or ("api-key" if key else ""),
+                "source": self.path if from_file else (self.config.path if key else "")}
+
     @property
     def api_key(self) -> str:
-        data = self._load()
-        key = data.get("apiKey") or data.get("searchApiKey") or usable_secret(self.config.get("api_key"))
-        register_secret(key)
-        return key
+        return self.login()["api_key"]
 
     @property
     def base_url(self) -> str:
-        data = self._load()
-        return (data.get("baseUrl") or self.config.get("base_url") or IFLOW_BASE_URL).rstrip("/")
+        return self.login()["base_url"]
 
     @property
     def auth_type(self) -> str:
-        return self._load().get("selectedAuthType") or ("api-key" if self.api_key else "")
+        return self.login()["auth_type"]
 
     @property
     def model_name(self) -> str:
         return self._load().get("modelName") or ""
 
     def source(self) -> str:
-        data = self._load()
-        if data.get("apiKey") or data.get("searchApiKey"):
-            return self.path
-        return self.config.path if usable_secret(self.config.get("api_key")) else ""
+        return self.login()["source"]
 
 
 def _read_settings(path: str):
@@ -3669,11 +3673,11 @@ class AccountPool(AccountSet):
     def _sync(self) -> None:
         fresh = collections.OrderedDict()
         data = self.credentials.data()
-        primary_key = self.credentials.api_key
-        if primary_key:
+        login = self.credentials.login()  # one look at settings.json per request, not five
+        if login["api_key"]:
             account = self._accounts.get(Account.PRIMARY) or Account(Account.PRIMARY)
-            account.label = "iFlow CLI (%s)" % self.credentials.source()
-            _fill_account(account, primary_key, self.credentials.base_url, self.credentials.auth_type,
+            account.label = "iFlow CLI (%s)" % login["source"]
+            _fill_account(account, login["api_key"], login["base_url"], login["auth_type"],
                           data.get("oauth_access_token"), data.get("oauth_refresh_token"),
                           data.get("oauth_expires_at"))
             fresh[account.id] = account
@@ -5467,7 +5471,7 @@ class Api:
             "providers": list(self.backend.routes),
             "http_adapter": self.adapter,
             "concurrency": {"limit": self.limiter.limit, "in_flight": self.limiter.in_flight,
-                            "waiting": self.limiter.waiting},
+                            "waiting": self.limiter.waiting, "rejected": self.limiter.rejected},
             "accounts": {"total": len(accounts),
                          "usable": sum(1 for a in accounts if a.usable(time.time()))},
             "requests": self.stats.snapshot()["requests"],
@@ -5746,7 +5750,7 @@ class Api:
             return Response(200, headers=headers + _SSE_HEADERS,
                             stream=self._anthropic_events(req, reader, stream, events, finish))
         finish()
-        return Response.json(_message_or_raise(events), headers=headers)
+        return Response.json(aggregate_stream_to_message(events), headers=headers)
 
     def _anthropic_events(self, req, reader, stream, events, finish):
         """The SSE body of a streaming /v1/messages answer, with pings while the upstream is silent."""
@@ -5879,10 +5883,6 @@ def _until_started(reader: ChunkReader, stream: AnthropicStream, start_after_s, 
 
 def _encode_events(events) -> bytes:
     return b"".join(encode_anthropic_event(event) for event in events)
-
-
-def _message_or_raise(events) -> dict:
-    return aggregate_stream_to_message(events)
 
 
 def _log_stream_usage(req: Request, stream: AnthropicStream) -> None:

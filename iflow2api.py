@@ -6656,7 +6656,7 @@ class Service:
 
     def add_instance(self, name: str, host: str = None, port=None) -> dict:
         """Define, save and start one more server instance (another port)."""
-        if not re.match(r"^[A-Za-z0-9_.-]{1,40}$", name) or name == "default":
+        if not _NAME_RE.match(name) or name == "default":
             raise InvalidRequestError("name: 1-40 letters, digits, '_', '-' or '.' (not 'default')")
         if any(isinstance(e, dict) and e.get("name") == name for e in self.config.get("instances") or []):
             raise InvalidRequestError("an instance named %r exists" % name)
@@ -6823,7 +6823,7 @@ class Service:
     def provider_add(self, name: str, preset: str = None, api_key: str = None, base_url: str = None,
                      models=None, make_default: bool = False) -> dict:
         """Create (or update) a provider profile; unknown names need a base URL."""
-        if not re.match(r"^[A-Za-z0-9_.-]{1,40}$", name or "") or name == "iflow":
+        if not _NAME_RE.match(name or "") or name == "iflow":
             raise InvalidRequestError("provider names are 1-40 letters, digits, '_', '-' or '.' (not 'iflow')")
         if (preset or name) not in PROVIDER_PRESETS and not base_url and name not in (
                 self.config.get("providers") or {}):
@@ -6862,6 +6862,9 @@ class Service:
         self.backend.reload()
         return True
 
+
+# Names of instances and providers (they appear in URLs and in "provider/model").
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,40}$")
 
 # Config keys with their own admin pages or too sensitive for a plain form.
 _MANAGED_KEYS = {"api_key", "custom_api_key", "api_keys", "accounts", "providers", "instances",

@@ -313,11 +313,15 @@ DEFAULT_CONFIG = {
     "max_body_bytes": 32 * MIB,
     "header_timeout_s": 20.0,
     "idle_timeout_s": 75.0,
+    "body_timeout_s": 300.0,
     "max_connections": 1024,
     "upstream_connect_timeout_s": 10.0,
     "upstream_read_timeout_s": 600.0,
     "models_cache_s": 600.0,
-    "cors_allow_origins": ["*"],
+    # browser pages of other origins may call the API only when listed here (["*"]: any)
+    "cors_allow_origins": [],
+    # Host names served on a loopback bind without client keys, besides localhost/127.0.0.1/::1
+    "allowed_hosts": [],
     "api_keys": [],
     "default_model": "",
     # Anthropic route: Claude tiers (and any other alias) -> upstream model, like the original (glm-5)
@@ -609,6 +613,7 @@ _RANGE_CHECKS = {
     "max_body_bytes": (lambda v: v >= 1, "at least 1 byte"),
     "header_timeout_s": (lambda v: v > 0, "more than 0 seconds"),
     "idle_timeout_s": (lambda v: v > 0, "more than 0 seconds"),
+    "body_timeout_s": (lambda v: v > 0, "more than 0 seconds"),
     "upstream_connect_timeout_s": (lambda v: v > 0, "more than 0 seconds"),
     "upstream_read_timeout_s": (lambda v: v > 0, "more than 0 seconds"),
     "model_map": (_names_to_names, "an object of names to model names"),
@@ -2869,12 +2874,26 @@ class SSEParser:
     sends none); comments and id/retry fields are ignored. UTF-8 is decoded per
     complete line, so a character split across reads arrives intact."""
 
-    def __init__(self):
+    def __init__(self, max_event_bytes: int = 16 * MIB):
         self._buf = b""
+        self._pending = []  # pieces of one long line that has no end yet
+        self._pending_bytes = 0
+        self._event_bytes = 0
         self._event = None
         self._data = []
+        self._max_event_bytes = max_event_bytes
 
     def feed(self, chunk: bytes) -> list:
+        """Events completed by chunk; ValueError when one event passes max_event_bytes."""
+        if b"\n" not in chunk and b"\r" not in chunk:
+            # Part of a long line: keep the piece (joining every time would be quadratic).
+            self._pending.append(chunk)
+            self._pending_bytes += len(chunk)
+            self._check_size(len(self._buf) + self._pending_bytes)
+            return []
+        if self._pending:
+            self._buf += b"".join(self._pending)
+            self._pending, self._pending_bytes = [], 0
         self._buf += chunk
         out = []
         if b"\r" not in self._buf:  # the common case: plain \n line ends, split at once
@@ -2895,21 +2914,30 @@ class SSEParser:
     def flush(self) -> list:
         """Events completed by the end of the stream (a last event without a blank line)."""
         out = []
+        if self._pending:
+            self._buf += b"".join(self._pending)
+            self._pending, self._pending_bytes = [], 0
         if self._buf:
             self._line(self._buf, out)
             self._buf = b""
         self._line(b"", out)
         return out
 
+    def _check_size(self, size: int) -> None:
+        if self._event_bytes + size > self._max_event_bytes:
+            raise ValueError("an SSE event is larger than %d bytes" % self._max_event_bytes)
+
     def _line(self, line: bytes, out: list) -> None:
         if not line:
             if self._data:
                 out.append((self._event, "\n".join(self._data)))
-            self._event, self._data = None, []
+            self._event, self._data, self._event_bytes = None, [], 0
         elif line.startswith(b"data:"):
             value = line[5:]
             if value.startswith(b" "):
                 value = value[1:]
+            self._check_size(len(value))
+            self._event_bytes += len(value)
             self._data.append(value.decode("utf-8", "replace"))
         elif line.startswith(b"event:"):
             self._event = line[6:].strip().decode("utf-8", "replace")
@@ -2956,6 +2984,109 @@ def last_usage_in_stream(tail: bytes):
         if isinstance(found, dict):
             usage = found
     return usage
+
+
+class ChunkedDecoder:
+    """Incremental decoder of an HTTP/1.1 chunked body (sans-IO): feed() raw bytes,
+    get the body bytes; `done` after the last chunk and its trailers.
+
+    Strict on purpose (request smuggling, issue 10): a size is 1-16 hex digits,
+    nothing else (int() would also take "-1", "+2" and "1_0"), and every chunk ends
+    in CRLF. ValueError when malformed; RequestTooLargeError past max_bytes."""
+
+    def __init__(self, max_bytes: int = None):
+        self._buf = b""
+        self._left = 0
+        self._total = 0
+        self._max_bytes = max_bytes
+        self._state = "size"  # size -> data -> crlf -> size ... -> trailer -> done
+
+    @property
+    def done(self) -> bool:
+        return self._state == "done"
+
+    @property
+    def data_wanted(self) -> int:
+        """Bytes that can be read without passing the end of the current chunk (its
+        data and CRLF); 0 while a size or trailer line is expected (read a line)."""
+        if self._state == "data":
+            return self._left + 2
+        return max(0, 2 - len(self._buf)) if self._state == "crlf" else 0
+
+    def feed(self, data: bytes) -> bytes:
+        buf, out = self._buf + data, []
+        while self._state != "done":
+            if self._state == "data":
+                piece = buf[:self._left]
+                out.append(piece)
+                self._left -= len(piece)
+                buf = buf[len(piece):]
+                if self._left:
+                    break
+                self._state = "crlf"
+            elif self._state == "crlf":
+                if len(buf) < 2:
+                    break
+                if buf[:2] != b"\r\n":
+                    raise ValueError("chunk data not followed by CRLF")
+                buf, self._state = buf[2:], "size"
+            else:  # "size" or "trailer": one line each
+                end = buf.find(b"\n")
+                if end == -1:
+                    if len(buf) > 4096:
+                        raise ValueError("chunk size line too long")
+                    break
+                line, buf = buf[:end].rstrip(b"\r"), buf[end + 1:]
+                if self._state == "trailer":
+                    if not line:
+                        self._state = "done"
+                    continue
+                size = parse_chunk_size(line)
+                self._total += size
+                if self._max_bytes is not None and self._total > self._max_bytes:
+                    raise RequestTooLargeError("request body exceeds the limit of %d bytes" % self._max_bytes)
+                if size == 0:
+                    self._state = "trailer"
+                else:
+                    self._left, self._state = size, "data"
+        self._buf = buf
+        return b"".join(out)
+
+
+def request_framing(transfer_encodings: list, content_lengths: list):
+    """How a request body is framed: "chunked", or its length in bytes (0 when none).
+
+    As strict as h11 (no request smuggling through a lenient parser, issue 10):
+    only "chunked" as transfer coding (501 otherwise), no Content-Length beside it,
+    one Content-Length value of digits only (repeats must agree)."""
+    if transfer_encodings:
+        codings = [c.strip().lower() for value in transfer_encodings for c in value.split(",")]
+        if codings != ["chunked"]:
+            raise InvalidRequestError("only Transfer-Encoding: chunked is supported", status=501)
+        if content_lengths:
+            raise InvalidRequestError("a request may not carry both Transfer-Encoding and Content-Length")
+        return "chunked"
+    values = {v.strip() for value in content_lengths for v in value.split(",")}
+    if not values:
+        return 0
+    if len(values) > 1:
+        raise InvalidRequestError("conflicting Content-Length headers")
+    value = values.pop()
+    if not value.isdigit() or not value.isascii() or len(value) > 18:
+        raise InvalidRequestError("invalid Content-Length")
+    return int(value)
+
+
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+
+
+def parse_chunk_size(line: bytes) -> int:
+    """The size in a chunk-size line (extensions after ";" ignored); ValueError
+    unless it is 1-16 hex digits."""
+    size = line.split(b";", 1)[0].strip(b" \t")
+    if not _CHUNK_SIZE.fullmatch(size):
+        raise ValueError("malformed chunk size %r" % size[:20])
+    return int(size, 16)
 
 
 # == 5. Upstream: connection pool, iFlow provider, model catalogue ===============
@@ -3223,54 +3354,6 @@ class _SocksTLSConnection(_TLSConnection):
         sock = socks5_connect(self.proxy, self.host, self.port, self.timeout)
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
         _tune_socket(self.sock, self.read_timeout_s)
-
-class ChunkedDecoder:
-    """Incremental decoder of an HTTP/1.1 chunked body (sans-IO): feed() raw bytes,
-    get the body bytes; `done` after the last chunk and its trailers."""
-
-    def __init__(self):
-        self._buf = b""
-        self._left = 0
-        self._state = "size"  # size -> data -> crlf -> size ... -> trailer -> done
-
-    @property
-    def done(self) -> bool:
-        return self._state == "done"
-
-    def feed(self, data: bytes) -> bytes:
-        buf, out = self._buf + data, []
-        while self._state != "done":
-            if self._state == "data":
-                piece = buf[:self._left]
-                out.append(piece)
-                self._left -= len(piece)
-                buf = buf[len(piece):]
-                if self._left:
-                    break
-                self._state = "crlf"
-            elif self._state == "crlf":
-                if len(buf) < 2:
-                    break
-                buf, self._state = buf[2:], "size"
-            else:  # "size" or "trailer": one line each
-                end = buf.find(b"\n")
-                if end == -1:
-                    if len(buf) > 4096:
-                        raise ValueError("chunk size line too long")
-                    break
-                line, buf = buf[:end].rstrip(b"\r"), buf[end + 1:]
-                if self._state == "trailer":
-                    if not line:
-                        self._state = "done"
-                    continue
-                size = int(line.split(b";")[0].strip(), 16)  # ValueError when malformed
-                if size == 0:
-                    self._state = "trailer"
-                else:
-                    self._left, self._state = size, "data"
-        self._buf = buf
-        return b"".join(out)
-
 
 class UpstreamResponse:
     """An upstream HTTP response bound to its pooled connection.
@@ -4001,12 +4084,29 @@ def client_key_of(headers) -> str:
     return ""
 
 
-class ClientKeys:
-    """Configured client keys (`api_keys` list plus the original's `custom_api_key`),
-    re-read when the config changes (keys created or revoked in the admin apply at once)."""
+# -- Client API keys for remote binds -----------------------------------------------------
 
-    def __init__(self, config: Config):
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+def needs_client_key(config: Config, host: str) -> bool:
+    """Binding anything but the default loopback addresses exposes the API: keys are
+    required there unless the user opted out (allow_remote_without_key)."""
+    return host not in LOOPBACK_HOSTS and not config["allow_remote_without_key"]
+
+
+class ClientKeys:
+    """Which clients may use one server: the client keys (`api_keys` list plus the
+    original's `custom_api_key`, re-read when the config changes) and, on loopback
+    binds without keys, which Host names (DNS rebinding, issue 10).
+
+    Keys are required when the bind needs them or any key is configured, never
+    depending on how many are usable: revoking the last key on a network bind or
+    losing secret.key (sealed keys unreadable) locks the API, it does not open it."""
+
+    def __init__(self, config: Config, bind_host: str = None):
         self.config = config
+        self.bind_host = bind_host or config["host"]
         self._seen = None
         self._digests = set()
 
@@ -4020,20 +4120,46 @@ class ClientKeys:
             self._seen = keys
         return self._digests
 
+    def _configured(self) -> bool:
+        entries = [k for k in self.config.get("api_keys") or [] if isinstance(k, str) and k]
+        return bool(entries or self.config.get("custom_api_key"))
+
     @property
     def required(self) -> bool:
+        return needs_client_key(self.config, self.bind_host) or self._configured()
+
+    @property
+    def has_usable_key(self) -> bool:
         return bool(self._current())
 
     def check(self, headers) -> None:
-        """Raise AuthenticationError unless the request carries a configured key."""
-        digests = self._current()
-        if not digests:
+        """Raise AuthenticationError unless keys are not required or the request carries one."""
+        if not self.required:
             return
+        digests = self._current()
         key = client_key_of(headers)
         digest = hashlib.sha256(key.encode("utf-8")).digest()
         if not key or not any(hmac.compare_digest(digest, d) for d in digests):
             raise AuthenticationError("invalid or missing API key: send the key in an Authorization "
                                       "header (Bearer) or an x-api-key header")
+
+    def host_allowed(self, host_header: str) -> bool:
+        """Whether a request naming this Host may be served. Without client keys on a
+        loopback bind, only loopback names (and allowed_hosts): a web page whose name
+        resolves to 127.0.0.1 (DNS rebinding) must not reach the API."""
+        if self.bind_host not in LOOPBACK_HOSTS or self.required:
+            return True
+        name = host_name_of(host_header)
+        return (name in ("localhost", "127.0.0.1", "::1") or name.endswith(".localhost")
+                or name in [h.lower() for h in self.config.get("allowed_hosts") or [] if isinstance(h, str)])
+
+
+def host_name_of(host_header: str) -> str:
+    """The lower-case name in a Host header, without port or IPv6 brackets."""
+    host = (host_header or "").strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host[1:]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 # -- iFlow OAuth ------------------------------------------------------------------------
 
@@ -4324,20 +4450,9 @@ class TokenRefresher:
             return True
 
 
-# -- Client API keys for remote binds -----------------------------------------------------
-
-LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
-
-
-def needs_client_key(config: Config, host: str) -> bool:
-    """Binding anything but the default loopback addresses exposes the API: keys are
-    required there unless the user opted out (allow_remote_without_key)."""
-    return host not in LOOPBACK_HOSTS and not config["allow_remote_without_key"]
-
-
 def ensure_client_key(config: Config, host: str) -> str:
     """Generate and save a client key for a remote bind that has none; the new key or ""."""
-    if not needs_client_key(config, host) or ClientKeys(config).required:
+    if not needs_client_key(config, host) or ClientKeys(config, host).has_usable_key:
         return ""
     key = new_client_key()
     config.update({"api_keys": list(config.get("api_keys") or []) + [key]})
@@ -4727,11 +4842,21 @@ _NOT_COUNTED = ("/admin", "/static/", "/docs", "/redoc", "/openapi.json", "/favi
 class App:
     """Routing, error handling, CORS and the one access-log line per request."""
 
-    def __init__(self, router: Router, cors_origins=("*",), stats=None):
+    def __init__(self, router: Router, cors_origins=(), stats=None, head_checks=()):
         self.router = router
         self.cors_origins = list(cors_origins or [])
         self.stats = stats
+        self.head_checks = list(head_checks)
         self.access_log = get_logger("access")
+
+    def check_head(self, method: str, target: str, headers, has_body: bool) -> None:
+        """Run the checks that must pass before a body is read (Host, client key,
+        admin session): a refused client never gets to make us buffer its body."""
+        path = target.partition("?")[0]
+        if "\x00" in path or "%00" in path:
+            raise InvalidRequestError("the request path contains a NUL byte")
+        for check in self.head_checks:
+            check(method, path, headers, has_body)
 
     def handle(self, req: Request) -> Response:
         started = time.monotonic()
@@ -4880,16 +5005,31 @@ class Limits:
     """Server limits (from config): body size, timeouts, connection count."""
 
     def __init__(self, max_body_bytes=32 * MIB, header_timeout_s=20.0, idle_timeout_s=75.0,
-                 max_connections=1024):
+                 max_connections=1024, body_timeout_s=300.0):
         self.max_body_bytes = max_body_bytes
-        self.header_timeout_s = header_timeout_s
+        self.header_timeout_s = header_timeout_s  # the whole head; also each read of a body
         self.idle_timeout_s = idle_timeout_s
         self.max_connections = max_connections
+        self.body_timeout_s = body_timeout_s  # the whole body (a trickle must end)
 
     @classmethod
     def from_config(cls, config) -> "Limits":
         return cls(config["max_body_bytes"], config["header_timeout_s"], config["idle_timeout_s"],
-                   config["max_connections"])
+                   config["max_connections"], config["body_timeout_s"])
+
+
+class BodyTimeoutError(Iflow2apiError):
+    status, code = 408, "timeout"
+    openai_type, anthropic_type = "invalid_request_error", "timeout_error"
+
+
+def _arm_body_read(sock, deadline: float, per_read_s: float) -> None:
+    """Set the socket timeout for the next body read: per read, within the body's deadline."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise BodyTimeoutError("request body too slow")
+    sock.settimeout(min(per_read_s, remaining))
+
 
 
 class _PlainFramer:
@@ -5053,27 +5193,47 @@ class _StdlibHandler(BaseHTTPRequestHandler):
         send_response(self.connection, framer, error_response(exc, "openai"))
 
     def _read_body(self) -> bytes:
-        limit = self.server.limits.max_body_bytes
-        if "chunked" in (self.headers.get("transfer-encoding") or "").lower():
-            return _read_chunked(self.rfile, limit)
-        try:
-            length = int(self.headers.get("content-length") or 0)
-        except ValueError:
-            raise InvalidRequestError("invalid Content-Length") from None
-        if length < 0:
-            raise InvalidRequestError("invalid Content-Length")
-        if length > limit:
-            raise RequestTooLargeError("request body is %d bytes; the limit is %d" % (length, limit))
-        body = self.rfile.read(length)
-        if len(body) != length:
-            raise ConnectionError("client closed during the body")
-        return body
+        """The request body under max_body_bytes, within body_timeout_s in total, once
+        the head passed the app's checks."""
+        limits = self.server.limits
+        framing = request_framing(self.headers.get_all("transfer-encoding") or [],
+                                  self.headers.get_all("content-length") or [])
+        if framing != "chunked" and framing > limits.max_body_bytes:
+            raise RequestTooLargeError("request body is %d bytes; the limit is %d"
+                                       % (framing, limits.max_body_bytes))
+        self.server.app.check_head(self.command, self.path, Headers(self.headers.items()), framing != 0)
+        if framing == "chunked":
+            return self._read_chunked(limits)
+        deadline, parts, left = time.monotonic() + limits.body_timeout_s, [], framing
+        while left:
+            _arm_body_read(self.connection, deadline, limits.header_timeout_s)
+            data = self.rfile.read1(min(left, 1024 * 1024))
+            if not data:
+                raise ConnectionError("client closed during the body")
+            parts.append(data)
+            left -= len(data)
+        return b"".join(parts)
+
+    def _read_chunked(self, limits) -> bytes:
+        decoder = ChunkedDecoder(limits.max_body_bytes)
+        deadline, parts = time.monotonic() + limits.body_timeout_s, []
+        while not decoder.done:
+            _arm_body_read(self.connection, deadline, limits.header_timeout_s)
+            wanted = decoder.data_wanted
+            data = self.rfile.read1(min(wanted, 1024 * 1024)) if wanted else self.rfile.body_line(4098)
+            if not data:
+                raise ConnectionError("client closed during the body")
+            try:
+                parts.append(decoder.feed(data))
+            except ValueError as exc:
+                raise InvalidRequestError("malformed chunked body: %s" % exc) from None
+        return b"".join(parts)
 
     def _dispatch(self):
         self.rfile.head_done()
         try:
             body = self._read_body()
-        except (RequestTooLargeError, InvalidRequestError) as exc:
+        except Iflow2apiError as exc:
             self.close_connection = True  # the unread body makes the connection unusable
             send_response(self.connection, _PlainFramer(True, False),
                           error_response(exc, dialect_for_path(self.path)))
@@ -5134,28 +5294,12 @@ class _HeadReader:
         self._deadline = None
         self._sock.settimeout(self._limits.header_timeout_s)
 
+    def body_line(self, limit: int) -> bytes:
+        """A line of the body (chunk sizes, trailers): read as is, timed by the caller."""
+        return self._rfile.readline(limit)
+
     def __getattr__(self, name):  # read(), close()...: the real file
         return getattr(self._rfile, name)
-
-
-def _read_chunked(rfile, limit: int) -> bytes:
-    """Decode a chunked request body, refusing more than limit bytes."""
-    parts, total = [], 0
-    while True:
-        line = rfile.readline(1024)
-        try:
-            size = int(line.split(b";")[0].strip(), 16)
-        except ValueError:
-            raise InvalidRequestError("malformed chunked body") from None
-        if size == 0:
-            while rfile.readline(1024) not in (b"\r\n", b"\n", b""):
-                pass  # trailers
-            return b"".join(parts)
-        total += size
-        if total > limit:
-            raise RequestTooLargeError("request body exceeds the limit of %d bytes" % limit)
-        parts.append(rfile.read(size))
-        rfile.readline(1024)
 
 
 class _H11Handler(socketserver.BaseRequestHandler):
@@ -5168,7 +5312,7 @@ class _H11Handler(socketserver.BaseRequestHandler):
             try:
                 req = self._read_request(conn, sock, server.limits)
             except Iflow2apiError as exc:
-                self._refuse(conn, sock, exc, getattr(exc, "path", ""))
+                self._refuse(conn, sock, exc, self._target)
                 return
             except h11.RemoteProtocolError as exc:
                 self._refuse(conn, sock, InvalidRequestError("malformed HTTP request: %s" % exc,
@@ -5191,9 +5335,11 @@ class _H11Handler(socketserver.BaseRequestHandler):
 
     def _read_request(self, conn, sock, limits: Limits):
         """The next complete request, or None when the client closed or idled out."""
+        self._target = ""  # of the request being read, for the dialect of a refusal
         head, body, size = None, [], 0
         got_bytes = conn.trailing_data[0] != b""
         head_deadline = None  # the whole head must arrive in header_timeout_s (no slow-loris)
+        body_deadline = None  # and the whole body in body_timeout_s
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
@@ -5205,8 +5351,10 @@ class _H11Handler(socketserver.BaseRequestHandler):
                     head_deadline = head_deadline or time.monotonic() + limits.header_timeout_s
                     timeout_s = max(0.001, head_deadline - time.monotonic())
                 else:
-                    timeout_s = limits.header_timeout_s  # body: a limit per read, not in total
-                sock.settimeout(timeout_s)
+                    _arm_body_read(sock, body_deadline, limits.header_timeout_s)
+                    timeout_s = None
+                if timeout_s is not None:
+                    sock.settimeout(timeout_s)
                 try:
                     data = sock.recv(65536)
                 except socket.timeout:
@@ -5218,20 +5366,13 @@ class _H11Handler(socketserver.BaseRequestHandler):
                 got_bytes = True
                 conn.receive_data(data)
             elif isinstance(event, h11.Request):
-                head = event
-                length = _header_value(event.headers, b"content-length")
-                if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
-                    exc = RequestTooLargeError("request body is %s bytes; the limit is %d"
-                                               % (length, limits.max_body_bytes))
-                    exc.path = event.target.decode("latin-1")
-                    raise exc
+                head, body_deadline = event, time.monotonic() + limits.body_timeout_s
+                self._check_head(event, limits)
             elif isinstance(event, h11.Data):
                 size += len(event.data)
                 if size > limits.max_body_bytes:
-                    exc = RequestTooLargeError("request body exceeds the limit of %d bytes"
+                    raise RequestTooLargeError("request body exceeds the limit of %d bytes"
                                                % limits.max_body_bytes)
-                    exc.path = head.target.decode("latin-1")
-                    raise exc
                 body.append(event.data)
             elif isinstance(event, h11.EndOfMessage):
                 headers = Headers((k.decode("latin-1"), v.decode("latin-1")) for k, v in head.headers)
@@ -5239,6 +5380,16 @@ class _H11Handler(socketserver.BaseRequestHandler):
                                b"".join(body), self.client_address, sock, self.server.watcher)
             elif isinstance(event, h11.ConnectionClosed):
                 return None
+
+    def _check_head(self, head, limits: Limits) -> None:
+        """Framing, size and the app's checks, before any of the body is read."""
+        self._target = head.target.decode("latin-1")
+        headers = Headers((k.decode("latin-1"), v.decode("latin-1")) for k, v in head.headers)
+        framing = request_framing(headers.get_all("transfer-encoding"), headers.get_all("content-length"))
+        if framing != "chunked" and framing > limits.max_body_bytes:
+            raise RequestTooLargeError("request body is %d bytes; the limit is %d"
+                                       % (framing, limits.max_body_bytes))
+        self.server.app.check_head(head.method.decode("ascii"), self._target, headers, framing != 0)
 
     def _refuse(self, conn, sock, exc: Iflow2apiError, path: str = "") -> None:
         """Answer a request we will not read (too large, malformed) and close."""
@@ -5270,13 +5421,6 @@ def _drain(sock, max_bytes: int = 256 * MIB, max_s: float = 5.0) -> None:
             max_bytes -= len(data)
     except OSError:
         pass
-
-
-def _header_value(headers, name: bytes):
-    for key, value in headers:
-        if key == name:
-            return value.decode("latin-1")
-    return None
 
 
 def pick_http_adapter(env=None) -> str:
@@ -5451,6 +5595,17 @@ class Api:
             r.add("POST", path, self.root_post)
         r.add("POST", "/api/event_logging/batch", self.telemetry, "anthropic")
         return r
+
+    def head_check(self, method: str, path: str, headers, has_body: bool) -> None:
+        """Before a body is read: the Host name (DNS rebinding), and the client key
+        of any request that brings a body to the API (not the admin: it checks its session)."""
+        host = headers.get("host")
+        if host is not None and not self.client_keys.host_allowed(host):
+            raise Iflow2apiError("host name %r is not served here; add it to allowed_hosts to allow it"
+                                 % host_name_of(host)[:100], status=403, code="host_not_allowed",
+                                 openai_type="permission_error", anthropic_type="permission_error")
+        if has_body and not path.startswith("/admin/"):
+            self.client_keys.check(headers)
 
     # -- small endpoints -------------------------------------------------------
 
@@ -6214,6 +6369,12 @@ class AdminApi:
 
     # -- sign-in ---------------------------------------------------------------------
 
+    def head_check(self, method: str, path: str, headers, has_body: bool) -> None:
+        """Before a body is read: only a signed-in admin may send one (but to sign in or set up)."""
+        if has_body and path.startswith("/admin/api/") and path not in ("/admin/api/setup", "/admin/api/login"):
+            if self.sessions.csrf_for(_cookie_of(headers, SESSION_COOKIE)) is None:
+                raise AuthenticationError("sign in to the admin first")
+
     def _signed_in(self, handler):
         """handler behind the session check, and the CSRF check for changes."""
         def guarded(req: Request) -> Response:
@@ -6453,7 +6614,11 @@ class AdminApi:
 
 
 def _cookie(req: Request, name: str) -> str:
-    for header in req.headers.get_all("cookie"):
+    return _cookie_of(req.headers, name)
+
+
+def _cookie_of(headers, name: str) -> str:
+    for header in headers.get_all("cookie"):
         for part in header.split(";"):
             key, _, value = part.strip().partition("=")
             if key == name:
@@ -6527,11 +6692,14 @@ class Instance:
         self.limiter = ConcurrencyLimiter(config["concurrency"], config["queue_timeout_s"])
         self.stats = Stats()
         self.generated_key = ""  # a client key made for this start (remote bind), shown once
-        self.api = Api(config, self.backend, self.limiter, self.stats, ClientKeys(config), self.adapter)
+        self.api = Api(config, self.backend, self.limiter, self.stats, ClientKeys(config, self.host),
+                       self.adapter)
         router = self.api.router()
+        head_checks = [self.api.head_check]
         if admin is not None:
             admin.register(router)
-        self.app = App(router, config["cors_allow_origins"], self.stats)
+            head_checks.append(admin.head_check)
+        self.app = App(router, config["cors_allow_origins"], self.stats, head_checks)
         self.server = None
 
     @property
@@ -6753,8 +6921,19 @@ class Service:
         kept = [k for k in keys if not (usable_secret(k) and _key_id(k) == key_id)]
         if len(kept) == len(keys):
             return False
+        exposed = self._network_binds()
+        if exposed and not any(usable_secret(k) for k in kept):
+            raise InvalidRequestError("this is the last client key and the server listens on %s; create "
+                                      "another key first (or set allow_remote_without_key)" % exposed[0],
+                                      code="last_key")
         self.config.update({"api_keys": kept})
         return True
+
+    def _network_binds(self) -> list:
+        """Configured or running bind addresses that require client keys."""
+        hosts = [self.config["host"]] + [i.host for i in self.instances.values()]
+        hosts += [e.get("host") for e in self.config.get("instances") or [] if isinstance(e, dict)]
+        return [h for h in hosts if h and needs_client_key(self.config, h)]
 
     def playground(self, req: Request) -> Response:
         """A chat completion for a signed-in admin (no client key needed)."""

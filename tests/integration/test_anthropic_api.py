@@ -723,7 +723,7 @@ def _send_and_leave(server, stream, wait_for=None, linger_s=0.0):
     appears, then close the connection; returns the monotonic time of the close."""
     sock = socket.create_connection(("127.0.0.1", server.port))
     body = json.dumps(params(stream=stream))
-    sock.sendall(("POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    sock.sendall(("POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                   "anthropic-version: 2023-06-01\r\nContent-Length: %d\r\n\r\n%s"
                   % (len(body), body)).encode())
     sock.settimeout(5)

@@ -254,7 +254,7 @@ def test_client_disconnect_mid_stream_closes_upstream_and_frees_slot(start_serve
     fake_upstream.push(Reply(stream=sse(text_stream(["first"] + ["x"] * 50)), piece_delay_s=0.2))
     sock = socket.create_connection(("127.0.0.1", server.port))
     body = json.dumps({"model": "glm-5", "stream": True, "messages": [{"role": "user", "content": "x"}]})
-    sock.sendall(("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    sock.sendall(("POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                   "Content-Length: %d\r\n\r\n%s" % (len(body), body)).encode())
     assert b"first" in _recv_until(sock, b"first")
     sock.close()
@@ -313,7 +313,17 @@ def test_client_api_keys_enforced_when_configured(start_server, fake_upstream, h
     assert status == 200
 
 
-def test_cors_preflight_and_headers(server):
+def test_cors_is_off_by_default(server):
+    status, headers, _b = http(server, "OPTIONS", "/v1/chat/completions", headers={
+        "origin": "http://localhost:3000", "access-control-request-method": "POST"})
+    assert status == 204 and "access-control-allow-origin" not in headers
+    status, headers, _b = http(server, "GET", "/v1/models", headers={"origin": "http://x"})
+    assert status == 200 and "access-control-allow-origin" not in headers
+
+
+def test_cors_preflight_and_headers_when_enabled(start_server, fake_upstream, home):
+    write_settings(str(home), fake_upstream.url)
+    server = start_server(cors_allow_origins=["*"])
     status, headers, _b = http(server, "OPTIONS", "/v1/chat/completions", headers={
         "origin": "http://localhost:3000", "access-control-request-method": "POST",
         "access-control-request-headers": "authorization, content-type"})

@@ -131,7 +131,7 @@ def test_content_length_over_limit_is_413_without_reading_body(start_server, fak
     write_settings(str(home), fake_upstream.url)
     server = start_server(max_body_bytes=1000)
     sock = connect(server)
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5000000\r\n\r\n")
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5000000\r\n\r\n")
     status, _h, body = read_response(sock)
     assert status == 413 and json.loads(body)["error"]["code"] == "request_too_large"
 
@@ -140,7 +140,7 @@ def test_slow_client_times_out_and_does_not_block_others(start_server, fake_upst
     write_settings(str(home), fake_upstream.url)
     server = start_server(header_timeout_s=0.5)
     slow = connect(server)
-    slow.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")  # head never finishes
+    slow.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # head never finishes
     fast = connect(server)
     started = time.time()
     fast.sendall(raw_request("POST", "/v1/chat/completions", CHAT))
@@ -271,7 +271,7 @@ def test_slow_loris_head_is_cut_off_by_a_total_deadline(start_server, fake_upstr
     sock = connect(server)
     sock.settimeout(0.1)
     started = time.time()
-    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 40
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 40
     answer = None
     for i in range(len(head)):  # one byte every 0.1 s: every read is quick, the head never ends
         try:

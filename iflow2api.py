@@ -5206,8 +5206,7 @@ class _StdlibHandler(BaseHTTPRequestHandler):
             return self._read_chunked(limits)
         deadline, parts, left = time.monotonic() + limits.body_timeout_s, [], framing
         while left:
-            _arm_body_read(self.connection, deadline, limits.header_timeout_s)
-            data = self.rfile.read1(min(left, 1024 * 1024))
+            data = self._timed_read(deadline, self.rfile.read1, min(left, 1024 * 1024))
             if not data:
                 raise ConnectionError("client closed during the body")
             parts.append(data)
@@ -5218,9 +5217,9 @@ class _StdlibHandler(BaseHTTPRequestHandler):
         decoder = ChunkedDecoder(limits.max_body_bytes)
         deadline, parts = time.monotonic() + limits.body_timeout_s, []
         while not decoder.done:
-            _arm_body_read(self.connection, deadline, limits.header_timeout_s)
             wanted = decoder.data_wanted
-            data = self.rfile.read1(min(wanted, 1024 * 1024)) if wanted else self.rfile.body_line(4098)
+            data = (self._timed_read(deadline, self.rfile.read1, min(wanted, 1024 * 1024)) if wanted
+                    else self._timed_read(deadline, self.rfile.body_line, 4098))
             if not data:
                 raise ConnectionError("client closed during the body")
             try:
@@ -5228,6 +5227,14 @@ class _StdlibHandler(BaseHTTPRequestHandler):
             except ValueError as exc:
                 raise InvalidRequestError("malformed chunked body: %s" % exc) from None
         return b"".join(parts)
+
+    def _timed_read(self, deadline: float, read, size: int) -> bytes:
+        """read(size) within the body's deadline and the limit per read: 408 when slower."""
+        _arm_body_read(self.connection, deadline, self.server.limits.header_timeout_s)
+        try:
+            return read(size)
+        except socket.timeout:
+            raise BodyTimeoutError("request body too slow") from None
 
     def _dispatch(self):
         self.rfile.head_done()

@@ -1141,3 +1141,62 @@ def test_no_secret_in_any_log_line_or_response(make_service, oauth, home, fake_u
     assert any("refresh" in line for line in logs)  # the run did log what happened
     assert_no_secrets("\n".join(logs), secrets_)
 
+
+
+# == Keys follow the bind, not the count of usable keys (issue 10, defect 2) ====================
+
+def test_revoking_the_last_key_on_a_network_bind_is_refused(served, home, fake_upstream):
+    write_settings(str(home), fake_upstream.url)
+    service, instance = served(host="127.0.0.2")
+    only = service.client_keys()
+    assert len(only) == 1
+    with pytest.raises(I.InvalidRequestError, match="last client key"):
+        service.revoke_client_key(only[0]["id"])
+    second = service.create_client_key()
+    assert service.revoke_client_key(only[0]["id"]) is True
+    assert chat(instance)[0] == 401 and chat(instance, {"x-api-key": second["key"]})[0] == 200
+
+
+def test_unreadable_keys_lock_the_api_instead_of_opening_it(served, home, fake_upstream):
+    write_settings(str(home), fake_upstream.url)
+    service, instance = served()
+    service.config.update({"api_keys": ["client-key-0123456789"]})  # saved sealed with secret.key
+    service.stop()
+    os.unlink(os.path.join(os.path.dirname(service.config.path), "secret.key"))
+    _service2, instance2 = served()
+    assert chat(instance2)[0] == 401
+    assert chat(instance2, {"x-api-key": "client-key-0123456789"})[0] == 401  # cannot be checked: refused
+
+
+def test_a_network_bind_with_every_key_revoked_in_the_file_stays_locked(served, home, fake_upstream):
+    write_settings(str(home), fake_upstream.url)
+    service, instance = served(host="127.0.0.2")
+    service.config.update({"api_keys": []})  # as a hand edit would; the server must not open up
+    assert chat(instance)[0] == 401 and fake_upstream.chat_requests() == []
+
+
+# == Web pages and DNS rebinding (issue 10, defect 3) ===========================================
+
+@pytest.mark.parametrize("host_header, allowed", [
+    ("127.0.0.1:28000", True), ("localhost", True), ("[::1]:28000", True), ("app.localhost", True),
+    ("evil.example", False), ("evil.example:28000", False), ("127.0.0.1.nip.io", False)])
+def test_loopback_bind_without_keys_serves_only_loopback_host_names(served, home, fake_upstream,
+                                                                    host_header, allowed):
+    write_settings(str(home), fake_upstream.url)
+    _service, instance = served()
+    status, _h, body = chat(instance, {"Host": host_header})
+    if allowed:
+        assert status == 200
+    else:
+        assert status == 403 and "allowed_hosts" in json.loads(body)["error"]["message"]
+        assert call(instance, "GET", "/admin/api/session", None, {"Host": host_header})[0] == 403
+        assert fake_upstream.chat_requests() == []
+
+
+def test_allowed_hosts_and_client_keys_lift_the_host_check(served, home, fake_upstream):
+    write_settings(str(home), fake_upstream.url)
+    _service, instance = served(allowed_hosts=["my-box.lan"])
+    assert chat(instance, {"Host": "my-box.lan:28000"})[0] == 200
+    assert chat(instance, {"Host": "other.lan"})[0] == 403
+    _service, keyed = served(api_keys=["client-key-0123456789"])
+    assert chat(keyed, {"Host": "other.lan", "x-api-key": "client-key-0123456789"})[0] == 200

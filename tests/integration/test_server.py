@@ -287,3 +287,80 @@ def test_slow_loris_head_is_cut_off_by_a_total_deadline(start_server, fake_upstr
     assert answer is not None, "the server kept waiting for the head"
     assert answer == b"" or answer.startswith(b"HTTP/1.1 408")
     assert cut_after < 2.0
+
+
+# == Framing and bodies (issue 10: defects 1, 7, 14) ============================================
+
+@pytest.mark.parametrize("size", [b"-1", b"+2", b"1_0", b"0x10", b" ", b"1" * 17])
+def test_chunk_sizes_that_are_not_plain_hex_are_refused(start_server, fake_upstream, home, size):
+    write_settings(str(home), fake_upstream.url)
+    server = start_server(max_body_bytes=1000)
+    sock = connect(server)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 + size + b"\r\n" + b"x" * 2000)
+    status, _h, body = read_response(sock)
+    assert status in (400, 413) and "error" in json.loads(body)
+    assert fake_upstream.chat_requests() == []
+
+
+def test_chunked_body_over_the_limit_is_413(start_server, fake_upstream, home):
+    write_settings(str(home), fake_upstream.url)
+    server = start_server(max_body_bytes=1000)
+    sock = connect(server)
+    sock.sendall(raw_request("POST", "/v1/chat/completions", b"400\r\n" + b"x" * 1024 + b"\r\n",
+                             [("Transfer-Encoding", "chunked")]))
+    status, _h, body = read_response(sock)
+    assert status == 413 and json.loads(body)["error"]["code"] == "request_too_large"
+
+
+@pytest.mark.parametrize("headers, status", [
+    ([("Content-Length", "5"), ("Content-Length", "6")], 400),
+    ([("Transfer-Encoding", "gzip")], 501),
+    ([("Transfer-Encoding", "xchunked")], 501),
+    ([("Transfer-Encoding", "chunked"), ("Content-Length", "5")], 400)])
+def test_ambiguous_framing_is_refused_and_the_connection_closed(server, fake_upstream, headers, status):
+    sock = connect(server)
+    lines = "".join("%s: %s\r\n" % h for h in headers)
+    sock.sendall(("POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n%s\r\n" % lines).encode()
+                 + b"5\r\nhello\r\n0\r\n\r\n")
+    got, _h, body = read_response(sock)
+    assert got == status and "error" in json.loads(body)
+    sock.settimeout(5)
+    assert sock.recv(100) == b""  # closed, never read as a second request
+    assert fake_upstream.chat_requests() == []
+
+
+def test_keyless_body_on_a_keyed_server_is_refused_before_it_is_sent(start_server, fake_upstream, home):
+    write_settings(str(home), fake_upstream.url)
+    server = start_server(api_keys=["client-key-0123456789"])
+    sock = connect(server)
+    started = time.monotonic()
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 30000000\r\n\r\n")
+    status, _h, body = read_response(sock)  # answered on the head alone: not one body byte sent
+    assert status == 401 and time.monotonic() - started < 3
+
+
+def test_a_trickled_body_is_cut_off_by_a_total_deadline(start_server, fake_upstream, home):
+    write_settings(str(home), fake_upstream.url)
+    server = start_server(body_timeout_s=1.0, header_timeout_s=5.0)
+    sock = connect(server)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n")
+    started = time.monotonic()
+    for _ in range(30):  # one byte every 0.2 s: each read is in time, the whole is not
+        sock.sendall(b"x")
+        sock.settimeout(0.2)
+        try:
+            if sock.recv(1, socket.MSG_PEEK):
+                break  # answered
+        except socket.timeout:
+            pass
+    status, _h, _b = read_response(sock)
+    assert status == 408 and time.monotonic() - started < 4
+
+
+@pytest.mark.parametrize("path", ["/v1/models%00", "/v1/mod\x00els"])
+def test_nul_byte_in_the_path_is_400(server, path):
+    sock = connect(server)
+    sock.sendall(("GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % path).encode("latin-1"))
+    status, _h, body = read_response(sock)
+    assert status == 400 and "error" in json.loads(body)

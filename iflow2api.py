@@ -116,6 +116,15 @@ def mask_secret(value: str) -> str:
     return value[:3] + "..." + value[-4:]
 
 
+def mask_url_password(url: str) -> str:
+    """A URL with the password of its user:password part shown as ***."""
+    scheme, sep, rest = (url or "").partition("://")
+    userinfo, at, hostpart = rest.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return url or ""
+    return "%s://%s:***@%s" % (scheme, userinfo.split(":", 1)[0], hostpart)
+
+
 def redact(text: str) -> str:
     """Return text with every known secret and secret-looking token masked."""
     with _known_secrets_lock:
@@ -406,12 +415,43 @@ def read_json_file(path: str):
             raise ValueError("top level is not an object")
         return data, None
     except ValueError as exc:
-        backup = path + ".bak"
         try:
-            os.replace(path, backup)
+            backup = keep_backup(path)
         except OSError:
             backup = "(could not move it aside)"
         return {}, "%s is not valid JSON (%s); kept it as %s and used defaults" % (path, exc, backup)
+
+
+BACKUPS_KEPT = 5
+
+
+def keep_backup(path: str) -> str:
+    """Move path aside to path.bak, shifting older backups to .bak.1 ... (the oldest
+    dropped), so a second corruption never overwrites the first one's evidence."""
+    backups = [path + ".bak"] + ["%s.bak.%d" % (path, n) for n in range(1, BACKUPS_KEPT)]
+    for older, newer in reversed(list(zip(backups, backups[1:]))):
+        if os.path.exists(older):
+            os.replace(older, newer)
+    os.replace(path, backups[0])
+    return backups[0]
+
+
+def remove_stale_temp_files(path: str, older_than_s: float = 60.0) -> None:
+    """Delete <path>.*.tmp left by a crash during a write (a live write takes milliseconds)."""
+    directory, name = os.path.split(os.path.abspath(path))
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return
+    now = time.time()
+    for entry in entries:
+        if entry.startswith(name + ".") and entry.endswith(".tmp"):
+            full = os.path.join(directory, entry)
+            try:
+                if now - os.stat(full).st_mtime > older_than_s:
+                    os.unlink(full)
+            except OSError:
+                pass
 
 
 # -- Secrets at rest ----------------------------------------------------------------
@@ -494,7 +534,7 @@ def load_secret_key(path: str) -> bytes:
 # Which config fields hold secrets: top-level names, lists of secrets, and fields
 # inside each account.
 SECRET_FIELDS = ("api_key", "custom_api_key", "oauth_access_token", "oauth_refresh_token",
-                 "admin_password_hash")
+                 "admin_password_hash", "upstream_proxy")
 SECRET_LISTS = ("api_keys",)
 ACCOUNT_SECRET_FIELDS = ("api_key", "oauth_access_token", "oauth_refresh_token")
 
@@ -517,6 +557,9 @@ def map_secrets(data: dict, fn) -> dict:
                     entry["api_keys"] = [fn(v) if isinstance(v, str) and v else v for v in entry["api_keys"]]
                 if isinstance(entry.get("api_key"), str) and entry["api_key"]:
                     entry["api_key"] = fn(entry["api_key"])
+                if isinstance(entry.get("headers"), dict):  # often Authorization-like values
+                    entry["headers"] = {k: fn(v) if isinstance(v, str) and v else v
+                                        for k, v in entry["headers"].items()}
             providers[name] = entry
         out["providers"] = providers
     if isinstance(out.get("accounts"), list):
@@ -542,13 +585,18 @@ def _coerce(value, default):
             return False
         raise ValueError("expected true or false")
     if isinstance(default, int):
-        if isinstance(value, bool):
+        if isinstance(value, bool) or (isinstance(value, float) and not math.isfinite(value)):
             raise ValueError("expected an integer")
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError("expected a whole number")
         return int(value)
     if isinstance(default, float):
         if isinstance(value, bool):
             raise ValueError("expected a number")
-        return float(value)
+        number = float(value)
+        if not math.isfinite(number):
+            raise ValueError("expected a finite number")
+        return number
     if isinstance(default, dict):
         if isinstance(value, str):
             value = json.loads(value)
@@ -600,6 +648,77 @@ def resolve_config(file_data: dict, env: dict, cli: dict):
     return merged, warnings
 
 
+PROXY_SCHEMES = {"http": 80, "https": 443, "socks5": 1080, "socks5h": 1080}  # default ports
+_LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def is_proxy_url(url: str) -> bool:
+    parts = urllib.parse.urlsplit(url.strip())
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        return False
+    return parts.scheme.lower() in PROXY_SCHEMES and bool(parts.hostname)
+
+
+def is_safe_endpoint(url: str) -> bool:
+    """An https URL, or http to this machine: credentials are sent there."""
+    parts = urllib.parse.urlsplit(url.strip())
+    try:
+        parts.port  # noqa: B018
+    except ValueError:
+        return False
+    if not parts.hostname:
+        return False
+    return parts.scheme == "https" or (parts.scheme == "http" and parts.hostname in _LOOPBACK_NAMES)
+
+
+def validate_config_value(key: str, value):
+    """value converted to key's type and checked (ConfigError names the key, the value
+    and what is allowed); text anywhere in it must be encodable (no lone surrogates)."""
+    problem = _text_problem(value)
+    if problem:
+        raise ConfigError("%s: %s" % (key, problem))
+    if key not in DEFAULT_CONFIG:
+        return value
+    try:
+        coerced = _coerce(value, DEFAULT_CONFIG[key])
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ConfigError("%s=%s: %s" % (key, _shown(value), exc)) from None
+    problem = _out_of_range(key, coerced)
+    if problem:
+        raise ConfigError(problem)
+    return coerced
+
+
+def _text_problem(value, depth: int = 0):
+    """Why value cannot be stored as JSON text, or None."""
+    if depth > 20:
+        return "nested too deeply"
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "text with an invalid character (a lone surrogate)"
+        return None
+    if isinstance(value, dict):
+        items = list(value.keys()) + list(value.values())
+    elif isinstance(value, list):
+        items = value
+    else:
+        return None
+    for item in items:
+        problem = _text_problem(item, depth + 1)
+        if problem:
+            return problem
+    return None
+
+
+def _shown(value) -> str:
+    """A value for an error message: short, and never a secret-looking token."""
+    return redact(repr(value))[:80]
+
+
 def _names_to_names(value) -> bool:
     return all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
 
@@ -619,6 +738,19 @@ _RANGE_CHECKS = {
     "model_map": (_names_to_names, "an object of names to model names"),
     "model_routes": (_names_to_names, "an object of model names to providers"),
     "vision_fallback": (lambda v: v in ("route", "reject"), '"route" or "reject"'),
+    "theme_mode": (lambda v: v in ("system", "light", "dark"), '"system", "light" or "dark"'),
+    "language": (lambda v: v in ("zh", "en"), '"zh" or "en"'),
+    "close_action": (lambda v: v in ("minimize_to_tray", "quit"), '"minimize_to_tray" or "quit"'),
+    "log_level": (lambda v: v.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "DEBUG, INFO, WARNING or ERROR"),
+    "upstream_proxy": (lambda v: not v or is_proxy_url(v),
+                       "http://, https://, socks5:// or socks5h:// with a host, e.g. http://127.0.0.1:7890"),
+    "base_url": (lambda v: not v or is_safe_endpoint(v), "an https:// URL (http:// only for this machine)"),
+    "oauth_authorize_url": (is_safe_endpoint, "an https:// URL (http:// only for this machine)"),
+    "oauth_token_url": (is_safe_endpoint, "an https:// URL (http:// only for this machine)"),
+    "oauth_userinfo_url": (is_safe_endpoint, "an https:// URL (http:// only for this machine)"),
+    "oauth_callback_port": (lambda v: 0 <= v <= 65535, "a port from 0 to 65535"),
+    "cors_allow_origins": (lambda v: all(isinstance(o, str) for o in v), "a list of origins"),
+    "allowed_hosts": (lambda v: all(isinstance(h, str) for h in v), "a list of host names"),
 }
 
 
@@ -627,7 +759,7 @@ def _out_of_range(key, value):
     check = _RANGE_CHECKS.get(key)
     if check is None or check[0](value):
         return None
-    return "%s=%r: expected %s" % (key, value, check[1])
+    return "%s=%s: expected %s" % (key, _shown(value), check[1])
 
 
 class Config:
@@ -644,13 +776,19 @@ class Config:
         self.lock = threading.RLock()
         self.warnings = []
         self._box = None
+        self._stamp = None  # the file as we last read or wrote it: (mtime_ns, size)
         if data is None:
-            data, problem = read_json_file(self.path)
-            if problem:
-                self.warnings.append(problem)
-            data = map_secrets(data, self._open_secret)
+            remove_stale_temp_files(self.path)
+            data = self._read_file()
         self.file_data = data
         self._resolve()
+
+    def _read_file(self) -> dict:
+        data, problem = read_json_file(self.path)
+        if problem:
+            self.warnings.append(problem)
+        self._stamp = _file_stamp(self.path)
+        return map_secrets(data, self._open_secret)
 
     def _resolve(self):
         self.values, warnings = resolve_config(self.file_data, self.env, self.cli)
@@ -663,25 +801,29 @@ class Config:
         return self.values[key]
 
     def update(self, changes: dict, save: bool = True) -> None:
-        """Change keys in the file layer (validated: ConfigError), then write the file atomically."""
+        """Change keys in the file layer: all validated first (ConfigError, nothing
+        changed), then written and applied together or not at all. When another
+        process (the CLI, an editor) changed the file since we read it, the changes
+        go on top of its contents instead of undoing them."""
         with self.lock:
-            for key, value in changes.items():
-                if key in DEFAULT_CONFIG:
-                    try:
-                        problem = _out_of_range(key, _coerce(value, DEFAULT_CONFIG[key]))
-                    except (TypeError, ValueError) as exc:
-                        problem = "%s: %s" % (key, exc)
-                    if problem:
-                        raise ConfigError(problem)
-            self.file_data = dict(self.file_data, **changes)
-            self._resolve()
+            checked = {key: validate_config_value(key, value) for key, value in changes.items()}
+            base = self.file_data
+            if save and _file_stamp(self.path) != self._stamp:
+                base = self._read_file()
+            data = dict(base, **checked)
             if save:
-                self.save()
+                self._write(data)
+            self.file_data = data
+            self._resolve()
 
     def save(self) -> None:
         """Write the file layer with every secret sealed (plaintext from older files too)."""
         with self.lock:
-            write_json_atomic(self.path, map_secrets(self.file_data, self._seal_secret))
+            self._write(self.file_data)
+
+    def _write(self, data: dict) -> None:
+        write_json_atomic(self.path, map_secrets(data, self._seal_secret))
+        self._stamp = _file_stamp(self.path)
 
     def _secret_box(self, create: bool):
         if self._box is None and (create or os.path.exists(self.key_path)):
@@ -704,6 +846,14 @@ class Config:
         except SecretError as exc:
             self.warnings.append("%s; that secret is ignored (log in or set it again)" % exc)
             return value
+
+
+def _file_stamp(path: str):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size)
 
 
 def usable_secret(value) -> str:
@@ -3258,20 +3408,20 @@ class ProxySpec:
         return "%s://%s:%d" % (self.scheme, self.host, self.port)  # never the password
 
 
-_PROXY_PORTS = {"http": 80, "https": 443, "socks5": 1080, "socks5h": 1080}
+PROXY_SCHEMES = {"http": 80, "https": 443, "socks5": 1080, "socks5h": 1080}
 
 
 def parse_proxy(url: str) -> ProxySpec:
     """ProxySpec from http://, https://, socks5:// or socks5h:// URLs with optional user:password."""
     parts = urllib.parse.urlsplit((url or "").strip())
     scheme = parts.scheme.lower()
-    if scheme not in _PROXY_PORTS or not parts.hostname:
+    if scheme not in PROXY_SCHEMES or not parts.hostname:
         raise InvalidRequestError("upstream_proxy must look like http://host:port, https://host:port, "
                          "socks5://host:port or socks5h://host:port (got %r)" % redact(url or ""))
     username = urllib.parse.unquote(parts.username or "")
     password = urllib.parse.unquote(parts.password or "")
     register_secret(password)
-    return ProxySpec(scheme, parts.hostname, parts.port or _PROXY_PORTS[scheme], username, password)
+    return ProxySpec(scheme, parts.hostname, parts.port or PROXY_SCHEMES[scheme], username, password)
 
 
 def proxy_from_config(config) -> ProxySpec:
@@ -6457,6 +6607,20 @@ class AdminApi:
         return Response.json({"ok": True}, headers=[("set-cookie", "%s=; Path=/; HttpOnly; SameSite=Strict; "
                                                      "Max-Age=0" % SESSION_COOKIE)])
 
+    def _password_confirmed(self, req: Request, password) -> bool:
+        """Whether a re-entered admin password is right (rate limited like sign-in)."""
+        if not isinstance(password, str) or not password:
+            return False
+        client = req.client[0] if req.client else ""
+        wait = self.limiter.retry_after(client)
+        if wait > 0:
+            raise RateLimitError("too many wrong passwords; try again in %d s" % (wait + 1),
+                                 headers=[("retry-after", "%d" % (wait + 1))])
+        if not verify_password(password, self.service.config["admin_password_hash"]):
+            self.limiter.failed(client)
+            raise AuthenticationError("the admin password is wrong")
+        return True
+
     def change_password(self, req: Request) -> Response:
         client = req.client[0] if req.client else ""
         wait = self.limiter.retry_after(client)
@@ -6519,10 +6683,11 @@ class AdminApi:
         return Response.json({"config": self.service.config_get(), "editable": self.service.editable_keys()})
 
     def set_config(self, req: Request) -> Response:
-        changes = _object(req).get("changes")
+        body = _object(req)
+        changes = body.get("changes")
         if not isinstance(changes, dict):
             raise InvalidRequestError("changes: expected an object of config keys")
-        self.service.config_set_editable(changes)
+        self.service.config_set_editable(changes, self._password_confirmed(req, body.get("password")))
         return Response.json({"config": self.service.config_get()})
 
     def accounts(self, req: Request) -> Response:
@@ -6893,8 +7058,10 @@ class Service:
     # -- config --
 
     def config_get(self) -> dict:
-        """The effective config with every secret masked."""
-        return map_secrets(self.config.values, mask_secret)
+        """The effective config with every secret masked (a proxy URL keeps all but its password)."""
+        shown = map_secrets(self.config.values, mask_secret)
+        shown["upstream_proxy"] = mask_url_password(self.config["upstream_proxy"])
+        return shown
 
     def config_set(self, changes: dict) -> None:
         self.config.update(changes)
@@ -6904,10 +7071,21 @@ class Service:
         """Config keys the admin may change directly (secrets and lists with their own pages excluded)."""
         return sorted(k for k in DEFAULT_CONFIG if k not in _MANAGED_KEYS)
 
-    def config_set_editable(self, changes: dict) -> None:
+    def config_set_editable(self, changes: dict, may_redirect_credentials: bool = False) -> None:
+        """Change editable keys. Keys that decide where credentials are sent (OAuth and
+        iFlow URLs, the proxy) need may_redirect_credentials: the admin asks for the
+        password again, the CLI and the GUI are the user at their own machine. A value
+        sent back exactly as config_get() masked it is left as it is."""
+        shown = self.config_get()
+        changes = {k: v for k, v in changes.items() if not (k in shown and v == shown[k] and v != self.config.get(k))}
         refused = sorted(set(changes) - set(self.editable_keys()))
         if refused:
             raise InvalidRequestError("not editable here: %s" % ", ".join(refused))
+        guarded = sorted(set(changes) & CREDENTIAL_ROUTING_KEYS)
+        if guarded and not may_redirect_credentials:
+            raise Iflow2apiError("changing %s needs the admin password again (or the command line)"
+                                 % ", ".join(guarded), status=403, code="password_required",
+                                 openai_type="permission_error", anthropic_type="permission_error")
         self.config_set(changes)
 
     # -- client API keys ------------------------------------------------------------
@@ -7053,6 +7231,9 @@ class Service:
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,40}$")
 
 # Config keys with their own admin pages or too sensitive for a plain form.
+# Where credentials go: changing these could send tokens or keys to another host.
+CREDENTIAL_ROUTING_KEYS = {"base_url", "oauth_authorize_url", "oauth_token_url", "oauth_userinfo_url",
+                           "oauth_client_id", "upstream_proxy", "upstream_proxy_enabled"}
 _MANAGED_KEYS = {"api_key", "custom_api_key", "api_keys", "accounts", "providers", "instances",
                  "admin_password_hash", "oauth_client_secret"}
 

@@ -1168,12 +1168,22 @@
     try { changes = collectConfigChanges(); } catch (err) { return toast(err.message, 'error'); }
     if (!Object.keys(changes).length) return toast(t('cfg.nothing'), 'info');
     $('#config-save').disabled = true;
+    const confirm = $('#config-confirm');
+    const password = $('#config-password');
     try {
-      const data = await api('PUT', 'config', { changes: changes });
+      const body = { changes: changes };
+      if (!confirm.hidden && password.value) body.password = password.value;
+      const data = await api('PUT', 'config', body);
+      password.value = '';
+      confirm.hidden = true;
       state.config = { config: data.config, editable: (state.config && state.config.editable) || Object.keys(data.config || {}) };
       renderConfig(state.config);
       toast(t('cfg.savedKeys', { keys: Object.keys(changes).join(', ') }), 'ok');
     } catch (err) {
+      if (err.code === 'password_required') {
+        confirm.hidden = false;  // keys that redirect credentials: ask for the password, then Save again
+        password.focus();
+      }
       reportError(err);
     } finally {
       $('#config-save').disabled = false;

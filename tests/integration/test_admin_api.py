@@ -681,6 +681,33 @@ def test_config_get_masks_secrets_and_put_validates_and_persists(signed_in, serv
     assert leftovers == []
 
 
+def test_keys_that_redirect_credentials_need_the_password_again(signed_in, server):
+    on_disk = read_config_file(server)
+    for changes in ({"oauth_token_url": "https://elsewhere.example/token"},
+                    {"upstream_proxy": "http://127.0.0.1:3128", "upstream_proxy_enabled": True},
+                    {"base_url": "https://elsewhere.example/v1"}):
+        answer = signed_in.put("/admin/api/config", {"changes": changes})
+        assert answer.status == 403 and answer.json()["error"]["code"] == "password_required", answer
+        answer = signed_in.put("/admin/api/config", {"changes": changes, "password": "wrong password!"})
+        assert answer.status == 401
+    assert read_config_file(server) == on_disk
+    answer = signed_in.put("/admin/api/config", {"changes": {"oauth_token_url": "http://evil.example/t"},
+                                                 "password": PASSWORD})
+    assert answer.status == 400 and "https://" in answer.json()["error"]["message"]
+    answer = signed_in.put("/admin/api/config", {"changes": {"oauth_token_url": "https://elsewhere.example/t"},
+                                                 "password": PASSWORD})
+    assert answer.status == 200 and server.config["oauth_token_url"] == "https://elsewhere.example/t"
+
+
+def test_a_bad_value_never_poisons_later_saves(signed_in, server):
+    answer = signed_in.put("/admin/api/config", raw=b'{"changes": {"default_model": "glm\\ud800"}}')
+    assert answer.status == 400
+    assert signed_in.post("/admin/api/keys").status == 200
+    assert len(json.loads(read_config_file(server))["api_keys"]) == 1  # saved, not only in memory
+    answer = signed_in.post("/admin/api/password", {"current": PASSWORD, "new": "another password 123"})
+    assert answer.status == 200
+
+
 def test_config_get_does_not_send_the_password_hash(signed_in, server):
     stored = json.loads(read_config_file(server))["admin_password_hash"]
     plain = _open_hash(server, stored)

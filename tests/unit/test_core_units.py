@@ -215,6 +215,115 @@ def test_corrupt_config_is_kept_as_bak_and_reported(tmp_path):
     assert any("not valid JSON" in w for w in config.warnings)
 
 
+@pytest.mark.parametrize("key, value, says", [
+    ("default_model", "glm\ud800", "lone surrogate"),
+    ("model_map", {"opus": "x\udfff"}, "lone surrogate"),
+    ("upstream_connect_timeout_s", float("inf"), "finite"),
+    ("upstream_read_timeout_s", "nan", "finite"),
+    ("port", 1e300, "0 to 65535"),
+    ("port", 70000, "0 to 65535"),
+    ("concurrency", 2.5, "whole number"),
+    ("upstream_proxy", "notaurl", "socks5://"),
+    ("upstream_proxy", "ftp://127.0.0.1:21", "socks5://"),
+    ("upstream_proxy", "http://127.0.0.1:notaport", "socks5://"),
+    ("oauth_token_url", "http://evil.example/token", "https://"),
+    ("base_url", "http://10.0.0.1/v1", "https://"),
+    ("theme_mode", "purple", "dark"),
+    ("language", "fr", "en"),
+    ("close_action", "explode", "quit"),
+    ("log_level", "LOUD", "DEBUG")])
+def test_bad_values_are_refused_before_anything_changes(tmp_path, key, value, says):
+    path = tmp_path / "config.json"
+    config = I.Config(path=str(path), env={})
+    config.update({"port": 28001})
+    before = path.read_bytes()
+    with pytest.raises(I.ConfigError) as info:
+        config.update({"concurrency": 5, key: value})
+    assert says in str(info.value) and key in str(info.value)
+    assert path.read_bytes() == before and config["concurrency"] == 64  # nothing half-applied
+    config.update({"concurrency": 6})  # and later saves still work
+    assert json.loads(path.read_text())["concurrency"] == 6
+
+
+@pytest.mark.parametrize("key, value", [("oauth_token_url", "http://127.0.0.1:9/token"),
+                                        ("oauth_token_url", "https://login.example/token"),
+                                        ("upstream_proxy", "socks5h://u:p@127.0.0.1:1080"),
+                                        ("base_url", "http://localhost:8000/v1")])
+def test_good_urls_are_accepted(tmp_path, key, value):
+    config = I.Config(path=str(tmp_path / "config.json"), env={})
+    config.update({key: value})
+    assert config[key] == value
+
+
+def test_values_that_would_break_the_server_fall_back_when_read_from_the_file(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"upstream_proxy": "notaurl", "upstream_connect_timeout_s": 1e999}))
+    config = I.Config(path=str(path), env={})
+    assert config["upstream_proxy"] == "" and config["upstream_connect_timeout_s"] == 10.0
+    assert len(config.warnings) == 2
+
+
+def test_a_write_that_fails_changes_nothing_in_memory(tmp_path, monkeypatch):
+    config = I.Config(path=str(tmp_path / "config.json"), env={})
+    config.update({"concurrency": 5})
+
+    def disk_full(path, data):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(I, "write_json_atomic", disk_full)
+    with pytest.raises(OSError):
+        config.update({"concurrency": 9})
+    assert config["concurrency"] == 5
+
+
+def test_a_change_made_by_another_process_is_merged_not_undone(tmp_path):
+    path = tmp_path / "config.json"
+    server = I.Config(path=str(path), env={})
+    server.update({"concurrency": 5})
+    cli = I.Config(path=str(path), env={})  # `iflow2api config port 28005` while the server runs
+    cli.update({"port": 28005})
+    server.update({"default_model": "kimi-k2"})  # the server's next save (admin)
+    saved = json.loads(path.read_text())
+    assert saved == {"concurrency": 5, "port": 28005, "default_model": "kimi-k2"}
+    assert server["port"] == 28005
+
+
+def test_each_corruption_keeps_its_own_backup(tmp_path):
+    path = tmp_path / "config.json"
+    for n in range(I.BACKUPS_KEPT + 2):
+        path.write_text("{broken %d" % n)
+        I.Config(path=str(path), env={})
+    kept = sorted(p.name for p in tmp_path.iterdir() if ".bak" in p.name)
+    assert len(kept) == I.BACKUPS_KEPT
+    assert (tmp_path / "config.json.bak").read_text() == "{broken %d" % (I.BACKUPS_KEPT + 1)
+    assert (tmp_path / "config.json.bak.1").read_text() == "{broken %d" % I.BACKUPS_KEPT
+
+
+def test_stale_temp_files_are_removed_at_start_and_fresh_ones_kept(tmp_path):
+    stale = tmp_path / "config.json.123.456.tmp"
+    fresh = tmp_path / "config.json.789.1.tmp"
+    stale.write_text("{}")
+    fresh.write_text("{}")
+    os.utime(stale, (1, 1))
+    I.Config(path=str(tmp_path / "config.json"), env={})
+    assert not stale.exists() and fresh.exists()
+
+
+def test_proxy_password_and_provider_headers_are_sealed_at_rest_and_masked(tmp_path):
+    path = tmp_path / "config.json"
+    config = I.Config(path=str(path), env={})
+    config.update({"upstream_proxy": "http://user:proxy-pass-123456@127.0.0.1:3128",
+                   "providers": {"p": {"base_url": "https://p.example/v1",
+                                       "headers": {"X-Secret": "header-secret-123456"}}}})
+    raw = path.read_text()
+    assert "proxy-pass-123456" not in raw and "header-secret-123456" not in raw
+    again = I.Config(path=str(path), env={})
+    assert again["upstream_proxy"] == "http://user:proxy-pass-123456@127.0.0.1:3128"
+    assert again["providers"]["p"]["headers"]["X-Secret"] == "header-secret-123456"
+    shown = json.dumps(I.Service(again).config_get())
+    assert "proxy-pass-123456" not in shown and "header-secret-123456" not in shown
+    assert "http://user:***@127.0.0.1:3128" in shown
+
+
 def test_credentials_follow_settings_json_changes(tmp_path):
     settings = tmp_path / "settings.json"
     config = I.Config(path=str(tmp_path / "c.json"), env={})

@@ -40,6 +40,7 @@ import datetime
 import hashlib
 import hmac
 import http.client
+import ipaddress
 import json
 import logging
 import math
@@ -4218,6 +4219,141 @@ def split_provider(model: str, route_names) -> tuple:
         return prefix, rest
     return None, model
 
+# -- Remote images for providers that need them inline ----------------------------------
+
+class ImageFetcher:
+    """Fetches the remote images of one request (`inline_image_urls` quirk).
+
+    The URL comes from a client, so this is an SSRF surface (issue 10): the host is
+    resolved first and every address must be public (no loopback, private,
+    link-local, multicast, reserved or unspecified ones) unless the provider allows
+    local images; the connection goes to the address that was checked (no second
+    lookup a rebinding DNS could answer differently). Size, count, time and
+    redirects are capped, and every failure has the same text, so error messages
+    cannot be used to scan ports."""
+
+    MAX_BYTES = 10 * MIB
+    MAX_IMAGES = 8
+    MAX_REDIRECTS = 3
+    TIMEOUT_S = 15.0
+
+    def __init__(self, allow_local: bool = False, resolver=None, tls_context=None, address_allowed=None):
+        self.address_allowed = address_allowed or (lambda address: allow_local or is_public_address(address))
+        self.resolver = resolver or socket.getaddrinfo
+        self._tls_context = tls_context
+        self.fetched_count = 0
+
+    def fetch(self, url: str):
+        """(content type, bytes) of the image at url; InvalidRequestError otherwise."""
+        self.fetched_count += 1
+        if self.fetched_count > self.MAX_IMAGES:
+            raise InvalidRequestError("too many remote images in one request (at most %d); send them "
+                                      "as data: URLs" % self.MAX_IMAGES)
+        deadline = time.monotonic() + self.TIMEOUT_S
+        for _hop in range(self.MAX_REDIRECTS + 1):
+            status, headers, data = self._get(url, deadline)
+            if status in (301, 302, 303, 307, 308) and headers.get("location"):
+                url = urllib.parse.urljoin(url, headers.get("location"))
+                continue
+            content_type = (headers.get("content-type") or "").split(";")[0].strip().lower()
+            if status != 200 or not content_type.startswith("image/"):
+                break
+            return content_type, data
+        raise self._failed(url)
+
+    def _get(self, url: str, deadline: float):
+        parts = urllib.parse.urlsplit(url)
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:
+            raise self._failed(url) from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise self._failed(url)
+        address = self._checked_address(parts.hostname, port, url)
+        conn_class = _PinnedHTTPSConnection if parts.scheme == "https" else _PinnedHTTPConnection
+        conn = conn_class(parts.hostname, port, address, max(0.1, deadline - time.monotonic()),
+                          self._tls_context)
+        try:
+            target = parts.path or "/"
+            if parts.query:
+                target += "?" + parts.query
+            conn.request("GET", target, headers={"User-Agent": "iflow2api/" + __version__, "Accept": "image/*"})
+            resp = conn.getresponse()
+            data = _read_capped(resp, self.MAX_BYTES, deadline)
+            if data is None:
+                raise InvalidRequestError("the image at %s is larger than %d MiB" % (url[:200], self.MAX_BYTES // MIB))
+            return resp.status, resp.headers, data
+        except (OSError, http.client.HTTPException):
+            raise self._failed(url) from None
+        finally:
+            conn.close()
+
+    def _checked_address(self, host: str, port: int, url: str) -> str:
+        try:
+            infos = self.resolver(host, port, 0, socket.SOCK_STREAM)
+        except (OSError, UnicodeError):
+            raise self._failed(url) from None
+        addresses = [info[4][0] for info in infos]
+        if not addresses:
+            raise self._failed(url)
+        if not all(self.address_allowed(a) for a in addresses):
+            raise InvalidRequestError("image URL %s is not allowed: it points to a local or private address"
+                                      % url[:200])
+        return addresses[0]
+
+    @staticmethod
+    def _failed(url: str) -> InvalidRequestError:
+        return InvalidRequestError("could not fetch the image %s (not reachable, or not an image)" % url[:200])
+
+
+def is_public_address(address: str) -> bool:
+    """Whether an IP address is a public unicast one (what a client may make us fetch)."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if getattr(ip, "ipv4_mapped", None):
+        ip = ip.ipv4_mapped
+    return not (ip.is_loopback or ip.is_private or ip.is_link_local or ip.is_multicast
+                or ip.is_unspecified or ip.is_reserved) and ip.is_global
+
+
+def _read_capped(resp, max_bytes: int, deadline: float):
+    """The body, or None when it is larger than max_bytes (read no further)."""
+    parts, total = [], 0
+    while True:
+        if time.monotonic() > deadline:
+            raise socket.timeout("image download too slow")
+        piece = resp.read(65536)
+        if not piece:
+            return b"".join(parts)
+        total += len(piece)
+        if total > max_bytes:
+            return None
+        parts.append(piece)
+
+
+class _PinnedHTTPConnection(http.client.HTTPConnection):
+    """An HTTP connection to an address checked beforehand (the Host header keeps the name)."""
+
+    def __init__(self, host, port, address, timeout_s, _tls_context=None):
+        super().__init__(host, port, timeout=timeout_s)
+        self._address = address
+
+    def connect(self):
+        self.sock = socket.create_connection((self._address, self.port), self.timeout)
+
+
+class _PinnedHTTPSConnection(http.client.HTTPSConnection):
+    def __init__(self, host, port, address, timeout_s, tls_context=None):
+        super().__init__(host, port, timeout=timeout_s, context=tls_context or make_tls_context())
+        self._address = address
+
+    def connect(self):
+        sock = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+
+
 # == 6. Auth: client API keys, OAuth login, token refresh ========================
 # Which keys a client must present (Bearer or x-api-key; required on remote
 # binds), the iFlow OAuth login (browser and headless), saving logins like the
@@ -5731,6 +5867,7 @@ class Api:
         self.credentials = backend.credentials
         self.client_keys, self.adapter, self.clock = client_keys, adapter, clock
         self.started_at = clock()
+        self.image_resolver = None  # socket.getaddrinfo; tests inject one (no lookups leave the machine)
 
     def router(self) -> Router:
         r = Router()
@@ -5842,7 +5979,7 @@ class Api:
         req.log["model"] = _log_model(route, upstream_model)
         body["model"] = upstream_model
         if route.quirks.get("inline_image_urls"):
-            body = inline_image_urls(body, self._fetch_image)
+            body = inline_image_urls(body, self._image_fetcher(route).fetch)
         is_stream = bool(body.get("stream"))
         upstream, release = _watched(req, *self._open_upstream(body, route, req.log))
         if is_stream and "text/event-stream" in upstream.content_type:
@@ -5872,19 +6009,10 @@ class Api:
         log.info("request has images: %s -> %s", upstream_model, _log_model(vision_route, vision_model))
         return vision_route, vision_model
 
-    def _fetch_image(self, url: str):
-        """(content type, bytes) of a remote image, for providers that need images inline."""
-        resp = self.backend.pool.request("GET", url, {"User-Agent": "iflow2api/" + __version__,
-                                                      "Accept": "image/*"})
-        try:
-            data = resp.read()
-        finally:
-            resp.close()
-        content_type = (resp.headers.get("content-type") or "").split(";")[0].strip()
-        if resp.status != 200 or not content_type.startswith("image/") or len(data) > 20 * MIB:
-            raise InvalidRequestError("could not fetch the image %s (status %d, %s, %d bytes)"
-                                      % (url[:200], resp.status, content_type or "no type", len(data)))
-        return content_type, data
+    def _image_fetcher(self, route) -> ImageFetcher:
+        """A fetcher for one request's images (the cap on their count is per request)."""
+        return ImageFetcher(allow_local=bool(route.quirks.get("allow_local_image_urls")),
+                            resolver=self.image_resolver)
 
     def _open_upstream(self, body: dict, route, log_info: dict = None):
         """(upstream response with a 2xx status, function that ends the call once).
@@ -6026,7 +6154,7 @@ class Api:
         if ctx.flag("stream_usage"):
             openai_body["stream_options"] = {"include_usage": True}
         if ctx.route.quirks.get("inline_image_urls"):
-            openai_body = inline_image_urls(openai_body, self._fetch_image)
+            openai_body = inline_image_urls(openai_body, self._image_fetcher(ctx.route).fetch)
         upstream, release = _watched(req, *self._open_upstream(openai_body, ctx.route, req.log))
         stream = AnthropicStream(ctx)
 

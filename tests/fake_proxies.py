@@ -435,8 +435,9 @@ def tiny_png(width=2, height=1, rgb=(255, 0, 0)):
 class ImageServer:
     """Serves files {path: (content type, bytes)} over plain HTTP; records requested paths."""
 
-    def __init__(self, files):
-        self.files, self.requests = dict(files), []
+    def __init__(self, files, redirects=None, host="127.0.0.1"):
+        self.files, self.requests, self.host = dict(files), [], host
+        self.redirects = dict(redirects or {})  # path -> Location
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -447,6 +448,12 @@ class ImageServer:
 
             def do_GET(self):
                 server.requests.append(self.path)
+                if self.path in server.redirects:
+                    self.send_response(302)
+                    self.send_header("location", server.redirects[self.path])
+                    self.send_header("content-length", "0")
+                    self.end_headers()
+                    return
                 content_type, data = server.files.get(self.path, ("text/plain", None))
                 status = 200 if data is not None else 404
                 data = data if data is not None else b"not found"
@@ -456,7 +463,7 @@ class ImageServer:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = ThreadingHTTPServer((host, 0), Handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
@@ -464,7 +471,7 @@ class ImageServer:
         self.thread.start()
 
     def url(self, path):
-        return "http://127.0.0.1:%d%s" % (self.port, path)
+        return "http://%s:%d%s" % (self.host, self.port, path)
 
     def close(self):
         self.httpd.shutdown()

@@ -7,6 +7,7 @@ import base64
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -16,7 +17,7 @@ import openai
 import pytest
 
 import iflow2api as I
-from conftest import FAKE_KEY, ROOT, write_settings
+from conftest import FAKE_KEY, ROOT, free_port, write_settings
 from fake_proxies import HttpProxy, ImageServer, Socks5Proxy, TLSFront, client_tls_context, tiny_png
 from fakes import FakeUpstream, Reply, chunk, completion
 
@@ -725,7 +726,7 @@ def test_generic_text_only_models_go_to_the_configured_vision_model(routed, fake
 
 def test_remote_image_urls_are_inlined_for_providers_that_need_it(routed, closing, p1, p2):
     images = closing(ImageServer({"/cat.png": ("image/png", PNG)}))
-    providers = {"p1": p1_entry(p1, quirks={"inline_image_urls": True}), "p2": p2_entry(p2)}
+    providers = {"p1": p1_entry(p1, quirks={"inline_image_urls": True, "allow_local_image_urls": True}), "p2": p2_entry(p2)}
     server = routed(providers=providers)
     messages = image_message(images.url("/cat.png"))
     messages[0]["content"].append({"type": "image_url", "image_url": {"url": "data:image/gif;base64,R0lG"}})
@@ -749,10 +750,86 @@ def test_remote_image_urls_are_inlined_for_providers_that_need_it(routed, closin
 
 def test_unfetchable_image_is_a_clean_400(routed, closing, p1):
     images = closing(ImageServer({}))
-    server = routed(providers={"p1": p1_entry(p1, quirks={"inline_image_urls": True})})
+    server = routed(providers={"p1": p1_entry(p1, quirks={"inline_image_urls": True, "allow_local_image_urls": True})})
     status, body = chat(server, "p1/alpha-1", messages=image_message(images.url("/missing.png")))
     assert status == 400 and "missing.png" in body["error"]["message"]
     assert not p1.chat_requests()
+
+
+class FakeResolver:
+    """getaddrinfo for tests: names map to the addresses given; nothing is looked up."""
+
+    def __init__(self, names):
+        self.names, self.asked = names, []
+
+    def __call__(self, host, port, family=0, kind=0):
+        self.asked.append(host)
+        if host not in self.names:
+            raise OSError("unknown host")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port)) for a in self.names[host]]
+
+
+@pytest.mark.parametrize("url", ["http://2130706433:{port}/cat.png", "http://127.0.0.1:{port}/cat.png",
+                                 "http://[::1]:{port}/cat.png", "http://0x7f.1:{port}/cat.png",
+                                 "http://internal.test:{port}/cat.png", "http://mixed.test:{port}/cat.png"])
+def test_remote_images_on_local_or_private_addresses_are_refused(routed, closing, p1, url):
+    images = closing(ImageServer({"/cat.png": ("image/png", PNG)}))
+    server = routed(providers={"p1": p1_entry(p1, quirks={"inline_image_urls": True})})
+    server.api.image_resolver = FakeResolver({"internal.test": ["10.1.2.3"],
+                                              "mixed.test": ["93.184.216.34", "192.168.0.1"],
+                                              "2130706433": ["127.0.0.1"], "0x7f.1": ["127.0.0.1"],
+                                              "127.0.0.1": ["127.0.0.1"], "::1": ["127.0.0.1"]})
+    status, body = chat(server, "p1/alpha-1", messages=image_message(url.format(port=images.port)))
+    assert status == 400 and "local or private address" in body["error"]["message"]
+    assert images.requests == [] and not p1.chat_requests()
+
+
+def test_failed_image_fetches_all_read_the_same(routed, closing, p1):
+    images = closing(ImageServer({"/text.txt": ("text/plain", b"hello")}))
+    server = routed(providers={"p1": p1_entry(p1, quirks={"inline_image_urls": True,
+                                                          "allow_local_image_urls": True})})
+    closed_port = free_port()
+    answers = [chat(server, "p1/alpha-1", messages=image_message(u))[1]["error"]["message"]
+               for u in (images.url("/missing.png"), images.url("/text.txt"),
+                         "http://127.0.0.1:%d/x.png" % closed_port)]
+    assert [a.split(" (")[1] for a in answers] == ["not reachable, or not an image)"] * 3
+
+
+def test_remote_images_are_capped_in_count_and_size(routed, closing, p1):
+    big = b"\x89PNG" + b"0" * (I.ImageFetcher.MAX_BYTES + 10)
+    images = closing(ImageServer({"/cat.png": ("image/png", PNG), "/big.png": ("image/png", big)}))
+    server = routed(providers={"p1": p1_entry(p1, quirks={"inline_image_urls": True,
+                                                          "allow_local_image_urls": True})})
+    many = image_message(images.url("/cat.png"))
+    many[0]["content"] += [{"type": "image_url", "image_url": {"url": images.url("/cat.png")}}] * 10
+    status, body = chat(server, "p1/alpha-1", messages=many)
+    assert status == 400 and "too many remote images" in body["error"]["message"]
+    assert len(images.requests) == I.ImageFetcher.MAX_IMAGES
+    status, body = chat(server, "p1/alpha-1", messages=image_message(images.url("/big.png")))
+    assert status == 400 and "larger than" in body["error"]["message"]
+
+
+def test_image_redirects_are_checked_again(closing):
+    """127.0.0.2 stands in for a public address (the only one the policy allows); its redirect
+    to 127.0.0.1 must be refused on its own check."""
+    images = closing(ImageServer({"/cat.png": ("image/png", PNG)}))
+    redirect = closing(ImageServer({}, redirects={"/go": images.url("/cat.png")}, host="127.0.0.2"))
+    fetcher = I.ImageFetcher(address_allowed=lambda address: address == "127.0.0.2")
+    with pytest.raises(I.InvalidRequestError, match="local or private"):
+        fetcher.fetch(redirect.url("/go"))
+    assert redirect.requests == ["/go"] and images.requests == []
+    allowed = I.ImageFetcher(address_allowed=lambda address: address in ("127.0.0.1", "127.0.0.2"))
+    assert allowed.fetch(redirect.url("/go")) == ("image/png", PNG)
+
+
+@pytest.mark.parametrize("address, public", [("93.184.216.34", True), ("2606:4700::1111", True),
+                                             ("127.0.0.1", False), ("10.0.0.1", False), ("172.16.0.1", False),
+                                             ("192.168.1.1", False), ("169.254.169.254", False),
+                                             ("100.64.0.1", False), ("0.0.0.0", False), ("224.0.0.1", False),
+                                             ("::1", False), ("fe80::1", False), ("fc00::1", False),
+                                             ("::ffff:127.0.0.1", False), ("not an ip", False)])
+def test_which_addresses_count_as_public(address, public):
+    assert I.is_public_address(address) is public
 
 
 # -- the providers CLI --------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ import gc
 import getpass
 import base64
 import collections
+import contextlib
 import datetime
 import hashlib
 import hmac
@@ -117,6 +118,35 @@ def mask_secret(value: str) -> str:
     return value[:3] + "..." + value[-4:]
 
 
+_CONTROL_CHARS = re.compile("[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")
+
+
+def escape_controls(text: str) -> str:
+    """text with line breaks and other control characters escaped (\\n, \\x1b, ...): a
+    value a client chose (a model name, a path) can never start a log line of its own."""
+    if not _CONTROL_CHARS.search(text):
+        return text
+    return _CONTROL_CHARS.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+def find_lone_surrogate(value) -> bool:
+    """Whether any string in a JSON value holds a lone surrogate (it cannot be encoded)."""
+    todo = [value]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            todo.extend(item.keys())
+            todo.extend(item.values())
+        elif isinstance(item, list):
+            todo.extend(item)
+    return False
+
+
 def mask_url_password(url: str) -> str:
     """A URL with the password of its user:password part shown as ***."""
     scheme, sep, rest = (url or "").partition("://")
@@ -143,7 +173,7 @@ class _RedactingFilter(logging.Filter):
 
     def filter(self, record):
         message = record.getMessage()
-        cleaned = redact(message)
+        cleaned = escape_controls(redact(message))
         if cleaned != message or record.args:
             record.msg, record.args = cleaned, None
         return True
@@ -404,14 +434,15 @@ def read_json_file(path: str):
     """(data, problem): data is {} when the file is missing; a corrupt file is
     moved aside to <path>.bak and reported, never silently overwritten."""
     try:
-        with open(path, "r", encoding="utf-8") as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            raw = f.read()
     except FileNotFoundError:
         return {}, None
     except OSError as exc:
         return {}, "cannot read %s: %s" % (path, exc)
     try:
-        data = json.loads(text) if text.strip() else {}
+        text = raw.decode("utf-8-sig")
+        data = json.loads(text) if text.strip(" \t\r\n") else {}  # JSON's whitespace only
         if not isinstance(data, dict):
             raise ValueError("top level is not an object")
         return data, None
@@ -634,6 +665,9 @@ def resolve_config(file_data: dict, env: dict, cli: dict):
               ("command line", {k: v for k, v in cli.items() if v is not None})]
     for source, layer in layers:
         for key, value in layer.items():
+            if find_lone_surrogate(value):
+                warnings.append("%s: %s ignored (text with an invalid character)" % (source, key))
+                continue
             if key not in DEFAULT_CONFIG:
                 merged[key] = value
                 continue
@@ -677,9 +711,8 @@ def is_safe_endpoint(url: str) -> bool:
 def validate_config_value(key: str, value):
     """value converted to key's type and checked (ConfigError names the key, the value
     and what is allowed); text anywhere in it must be encodable (no lone surrogates)."""
-    problem = _text_problem(value)
-    if problem:
-        raise ConfigError("%s: %s" % (key, problem))
+    if find_lone_surrogate(value):
+        raise ConfigError("%s: text with an invalid character (a lone surrogate)" % key)
     if key not in DEFAULT_CONFIG:
         return value
     try:
@@ -690,29 +723,6 @@ def validate_config_value(key: str, value):
     if problem:
         raise ConfigError(problem)
     return coerced
-
-
-def _text_problem(value, depth: int = 0):
-    """Why value cannot be stored as JSON text, or None."""
-    if depth > 20:
-        return "nested too deeply"
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return "text with an invalid character (a lone surrogate)"
-        return None
-    if isinstance(value, dict):
-        items = list(value.keys()) + list(value.values())
-    elif isinstance(value, list):
-        items = value
-    else:
-        return None
-    for item in items:
-        problem = _text_problem(item, depth + 1)
-        if problem:
-            return problem
-    return None
 
 
 def _shown(value) -> str:
@@ -788,6 +798,9 @@ class Config:
         data, problem = read_json_file(self.path)
         if problem:
             self.warnings.append(problem)
+        for key in [k for k, v in data.items() if find_lone_surrogate(v)]:
+            self.warnings.append("%s: %s ignored (text with an invalid character)" % (self.path, key))
+            del data[key]  # it could never be written back
         self._stamp = _file_stamp(self.path)
         return map_secrets(data, self._open_secret)
 
@@ -1108,7 +1121,9 @@ def completion_to_chunks(resp: dict) -> list:
             "created": resp.get("created") or 0, "model": resp.get("model") or ""}
     chunks = []
     for choice in resp.get("choices") or []:
-        message = dict(choice.get("message") or {})
+        if not isinstance(choice, dict):
+            continue  # an upstream's malformed entry: nothing to replay
+        message = dict(choice["message"]) if isinstance(choice.get("message"), dict) else {}
         message.setdefault("role", "assistant")
         delta = {k: v for k, v in message.items() if v is not None}
         chunks.append(dict(base, choices=[{"index": choice.get("index", 0), "delta": delta,
@@ -1263,12 +1278,31 @@ def resolve_model(name, model_map, known_models, default_model) -> str:
 
 # -- 1. Request: Anthropic -> OpenAI --------------------------------------------------
 
+@contextlib.contextmanager
+def client_input_errors():
+    """Around code that reads a client's request: a field of a shape the validation
+    did not foresee (a number where a list belongs) is the client's mistake, a
+    TranslationError (400 in the route's dialect), never a 500."""
+    try:
+        yield
+    except Iflow2apiError:
+        raise
+    except (TypeError, AttributeError, KeyError, IndexError, ValueError, RecursionError) as exc:
+        raise TranslationError("the request has a field of an unexpected type or shape (%s: %s)"
+                               % (type(exc).__name__, str(exc)[:200])) from None
+
+
 def anthropic_to_openai_request(req, ctx) -> dict:
     """Translate an Anthropic Messages request into an OpenAI chat.completions body.
 
     Fills ctx (thinking_requested, tool_names, history_tool_ids, stop_sequences,
     estimated_input_tokens). Raises TranslationError for invalid input (1.3).
     """
+    with client_input_errors():
+        return _anthropic_to_openai_request(req, ctx)
+
+
+def _anthropic_to_openai_request(req, ctx) -> dict:
     if not isinstance(req, dict):
         raise TranslationError("request body must be a JSON object")
     raw_messages = _validated_messages(req)
@@ -1586,6 +1620,8 @@ def _image_part(block, ctx):
     if ctx.model_info.get("vision") is False:
         return _text_part("[image omitted: this model does not accept images]")
     source = block.get("source") or {}
+    if not isinstance(source, dict):
+        raise TranslationError("image source: expected an object with a type (base64 or url)")
     kind = source.get("type")
     if kind == "base64":
         media_type = source.get("media_type") or "image/png"
@@ -3036,7 +3072,7 @@ class SSEParser:
 
     def feed(self, chunk: bytes) -> list:
         """Events completed by chunk; ValueError when one event passes max_event_bytes."""
-        if b"\n" not in chunk and b"\r" not in chunk:
+        if b"\n" not in chunk and b"\r" not in chunk and not self._buf.endswith(b"\r"):
             # Part of a long line: keep the piece (joining every time would be quadratic).
             self._pending.append(chunk)
             self._pending_bytes += len(chunk)
@@ -3064,13 +3100,8 @@ class SSEParser:
 
     def flush(self) -> list:
         """Events completed by the end of the stream (a last event without a blank line)."""
-        out = []
-        if self._pending:
-            self._buf += b"".join(self._pending)
-            self._pending, self._pending_bytes = [], 0
-        if self._buf:
-            self._line(self._buf, out)
-            self._buf = b""
+        out = self.feed(b"\n") if self._buf or self._pending else []  # the end of input ends the last line
+        self._buf = b""
         self._line(b"", out)
         return out
 
@@ -3112,14 +3143,37 @@ def encode_sse_data(data: str) -> bytes:
     return b"data: " + data.encode("utf-8") + b"\n\n"
 
 
-def split_complete_events(buf: bytes):
-    """(complete events, remainder): cut after the last blank line in buf."""
-    i = buf.rfind(b"\n\n")
-    j = buf.rfind(b"\n\r\n")
-    end = max(i + 2 if i != -1 else -1, j + 3 if j != -1 else -1)
-    if end == -1:
-        return b"", buf
-    return buf[:end], buf[end:]
+class EventSplitter:
+    """Cuts a byte stream after its last complete SSE event (blank line), keeping the
+    rest for the next feed. Linear in the bytes fed (a huge event is searched once,
+    not once per read) and bounded: ValueError when one event passes max_event_bytes."""
+
+    def __init__(self, max_event_bytes: int = 16 * MIB):
+        self._pending = bytearray()
+        self._max_event_bytes = max_event_bytes
+
+    @property
+    def pending(self) -> bytes:
+        return bytes(self._pending)
+
+    def feed(self, data: bytes) -> bytes:
+        searched_from = max(0, len(self._pending) - 2)  # a boundary may straddle the reads
+        self._pending += data
+        end = _last_event_end(self._pending, searched_from)
+        if end == -1:
+            if len(self._pending) > self._max_event_bytes:
+                raise ValueError("an SSE event is larger than %d bytes" % self._max_event_bytes)
+            return b""
+        complete = bytes(self._pending[:end])
+        del self._pending[:end]
+        return complete
+
+
+def _last_event_end(buf, start: int) -> int:
+    """The end of the last blank line (\n\n or \n\r\n) at or after start, or -1."""
+    i = buf.rfind(b"\n\n", start)
+    j = buf.rfind(b"\n\r\n", start)
+    return max(i + 2 if i != -1 else -1, j + 3 if j != -1 else -1)
 
 
 def last_usage_in_stream(tail: bytes):
@@ -4200,11 +4254,13 @@ def provider_settings(name: str, entry: dict) -> dict:
               "headers": {}, "models": [], "discover_models": True, "aliases": {}, "enabled": True,
               "api_keys": [], "text_only_models": [], "vision_models": []}
     for key, value in entry.items():
-        if key == "quirks" and isinstance(value, dict):
+        if key == "api_key" or (key in merged and type(value) is not type(merged[key])):
+            continue  # a hand-edited value of the wrong type keeps the preset's value
+        if key == "quirks":
             merged["quirks"].update(value)
-        elif key != "api_key":
+        else:
             merged[key] = value
-    if entry.get("api_key"):  # the single-key form, used together with api_keys or alone
+    if isinstance(entry.get("api_key"), str) and entry["api_key"]:  # the single-key form
         merged["api_keys"] = [entry["api_key"]] + [k for k in merged["api_keys"] or [] if k != entry["api_key"]]
     return merged
 
@@ -4993,6 +5049,7 @@ class Headers:
 
 
 _UNSET = object()
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
 
 
 class Request:
@@ -5024,9 +5081,16 @@ class Request:
             if not self.body:
                 raise InvalidRequestError("request body is empty; expected a JSON object")
             try:
-                self._json = json.loads(self.body)
+                value = json.loads(self.body)
             except (ValueError, UnicodeDecodeError) as exc:
                 raise InvalidRequestError("request body is not valid JSON: %s" % exc) from None
+            except RecursionError:
+                raise InvalidRequestError("request body is nested too deeply") from None
+            # A lone surrogate (an escape like \ud800 with no partner) can be parsed but
+            # never encoded again; refuse it here, before it reaches an upstream or a log.
+            if _SURROGATE_ESCAPE.search(self.body) and find_lone_surrogate(value):
+                raise InvalidRequestError("request body contains an invalid \\u escape (a lone surrogate)")
+            self._json = value
         return self._json
 
     def watch_disconnect(self, callback):
@@ -5434,6 +5498,12 @@ class _ThreadingServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
             self.shutdown_request(request)
             return
         super().process_request(request, client_address)
+
+    def handle_error(self, request, client_address):
+        """A client that resets its connection is not an error worth a traceback."""
+        if isinstance(sys.exc_info()[1], OSError):
+            return
+        log.exception("connection from %s failed", client_address[0] if client_address else "?")
 
     def shutdown_request(self, request):
         with self._conn_lock:
@@ -5971,15 +6041,16 @@ class Api:
 
     def chat(self, req: Request, body) -> Response:
         """A chat completion for an already authorised caller (the admin playground too)."""
-        body = validate_chat_request(body)
-        if not body.get("model"):
-            body["model"] = (self.config.get("default_model") or self.credentials.model_name
-                             or DEFAULT_MODEL)
-        route, upstream_model = self._route(body["model"], openai_has_images(body))
-        req.log["model"] = _log_model(route, upstream_model)
-        body["model"] = upstream_model
-        if route.quirks.get("inline_image_urls"):
-            body = inline_image_urls(body, self._image_fetcher(route).fetch)
+        with client_input_errors():
+            body = validate_chat_request(body)
+            if not body.get("model"):
+                body["model"] = (self.config.get("default_model") or self.credentials.model_name
+                                 or DEFAULT_MODEL)
+            route, upstream_model = self._route(body["model"], openai_has_images(body))
+            req.log["model"] = _log_model(route, upstream_model)
+            body["model"] = upstream_model
+            if route.quirks.get("inline_image_urls"):
+                body = inline_image_urls(body, self._image_fetcher(route).fetch)
         is_stream = bool(body.get("stream"))
         upstream, release = _watched(req, *self._open_upstream(body, route, req.log))
         if is_stream and "text/event-stream" in upstream.content_type:
@@ -6093,10 +6164,12 @@ class Api:
         """Relay the upstream SSE stream; an error in the first event is still an HTTP error."""
         try:
             first = upstream.read_some()
-        except BaseException:
+            if not first:
+                raise UpstreamStreamError("the upstream closed the stream before sending anything")
+        except BaseException as exc:
             upstream.close()
             release()
-            raise
+            raise _before_first_byte(exc) from None
         if b'"choices"' not in first[:4096] and (b'"error"' in first or b'"msg"' in first):
             for _event, data in SSEParser().feed(first + b"\n\n"):
                 problem = _error_in_body(data)
@@ -6109,19 +6182,22 @@ class Api:
 
     def _relay(self, req, upstream, release, first: bytes, merger):
         """Forward upstream bytes as they arrive; only rewrite events that need it."""
-        parser = SSEParser()
-        pending, older, previous, data = b"", b"", b"", first
+        parser, splitter = SSEParser(), EventSplitter()
+        older, previous, data = b"", b"", first
         try:
             try:
                 while data:
-                    events, pending = split_complete_events(pending + data)
+                    try:
+                        events = splitter.feed(data)
+                    except ValueError as exc:
+                        raise UpstreamStreamError(str(exc)) from None
                     out = _rewrite_events(events, parser, merger) if merger.wants(events) else events
                     if out:
                         yield out
                     older, previous = previous, data
                     data = upstream.read_some()
-                if pending:
-                    yield _rewrite_events(pending + b"\n\n", parser, merger)
+                if splitter.pending:
+                    yield _rewrite_events(splitter.pending + b"\n\n", parser, merger)
             except (OSError, http.client.HTTPException) as exc:
                 message = "upstream stream failed: %s" % (exc or exc.__class__.__name__)
                 req.log["error"] = message
@@ -6143,18 +6219,16 @@ class Api:
         streaming and non-streaming clients share one state machine."""
         self.client_keys.check(req.headers)
         body = req.json()
-        ctx = self._anthropic_context(body)
-        try:
+        with client_input_errors():
+            ctx = self._anthropic_context(body)
             openai_body = anthropic_to_openai_request(body, ctx)
-        except TranslationError as exc:
-            raise InvalidRequestError(str(exc), status=exc.status, anthropic_type=exc.error_type) from None
+            if ctx.route.quirks.get("inline_image_urls"):
+                openai_body = inline_image_urls(openai_body, self._image_fetcher(ctx.route).fetch)
         req.log["model"] = _log_model(ctx.route, ctx.upstream_model)
         is_stream = body.get("stream") is True
         openai_body["stream"] = True
         if ctx.flag("stream_usage"):
             openai_body["stream_options"] = {"include_usage": True}
-        if ctx.route.quirks.get("inline_image_urls"):
-            openai_body = inline_image_urls(openai_body, self._image_fetcher(ctx.route).fetch)
         upstream, release = _watched(req, *self._open_upstream(openai_body, ctx.route, req.log))
         stream = AnthropicStream(ctx)
 
@@ -6175,16 +6249,9 @@ class Api:
             if not is_stream:
                 while reader is not None and not stream.state.done:
                     events += _feed_items(stream, reader.next(None))
-        except socket.timeout:
-            finish()
-            raise UpstreamTimeoutError("upstream timed out while answering") from None
-        except (OSError, http.client.HTTPException) as exc:
+        except BaseException as exc:
             finish()  # nothing was sent yet: an HTTP error, not an SSE one
-            raise UpstreamError(502, "api_error", "upstream stream failed: %s"
-                                % (exc or type(exc).__name__)) from None
-        except BaseException:
-            finish()
-            raise
+            raise _before_first_byte(exc) from None
         headers = [("request-id", req.id)]
         if is_stream:
             return Response(200, headers=headers + _SSE_HEADERS,
@@ -6224,7 +6291,8 @@ class Api:
         body = req.json()
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
             raise InvalidRequestError("messages: Field required")
-        return Response.json({"input_tokens": estimate_tokens_anthropic(body)})
+        with client_input_errors():
+            return Response.json({"input_tokens": estimate_tokens_anthropic(body)})
 
     def telemetry(self, req: Request) -> Response:
         """Claude Code's event logging: refused fast, never proxied (translation.md 6.2)."""
@@ -6263,6 +6331,10 @@ _SSE_HEADERS = [("content-type", "text/event-stream; charset=utf-8"), ("cache-co
                 ("x-accel-buffering", "no")]
 
 
+class UpstreamStreamError(http.client.HTTPException):
+    """The upstream's stream broke its framing (an oversized event, an early end)."""
+
+
 class ChunkReader:
     """Upstream SSE as a list of items per read: chunk dicts, DONE or EOF."""
 
@@ -6278,9 +6350,12 @@ class ChunkReader:
         data = self.upstream.read_some(timeout_s)
         if data is None:
             return None
-        if not data:
-            return self._items(self.parser.flush()) + [self.EOF]
-        return self._items(self.parser.feed(data))
+        try:
+            if not data:
+                return self._items(self.parser.flush()) + [self.EOF]
+            return self._items(self.parser.feed(data))
+        except ValueError as exc:  # an event over the size cap
+            raise UpstreamStreamError(str(exc)) from None
 
     def _items(self, events) -> list:
         items = []
@@ -6347,6 +6422,15 @@ def new_random_id(prefix: str) -> str:
         number, digit = divmod(number, 62)
         chars.append(_BASE62[digit])
     return prefix + "".join(chars)
+
+def _before_first_byte(exc: BaseException) -> BaseException:
+    """An upstream failure before anything reached the client, as an HTTP error (502/504)."""
+    if isinstance(exc, socket.timeout):
+        return UpstreamTimeoutError("upstream timed out while answering")
+    if isinstance(exc, (OSError, http.client.HTTPException)):
+        return UpstreamError(502, "api_error", "upstream stream failed: %s" % (exc or type(exc).__name__))
+    return exc
+
 
 def _rewrite_events(events: bytes, parser: SSEParser, merger: ReasoningMerger) -> bytes:
     return b"".join(encode_sse_data(merger.rewrite(data)) for _event, data in parser.feed(events))

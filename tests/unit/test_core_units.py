@@ -133,9 +133,29 @@ def test_sse_parser_property_any_split(datas, step):
     assert events == [(None, d) for d in datas]
 
 
-def test_split_complete_events_keeps_partial_tail():
-    done, rest = I.split_complete_events(b"data: a\n\ndata: b\r\n\r\ndata: c")
-    assert done == b"data: a\n\ndata: b\r\n\r\n" and rest == b"data: c"
+def test_event_splitter_keeps_partial_tail():
+    splitter = I.EventSplitter()
+    assert splitter.feed(b"data: a\n\ndata: b\r\n\r\ndata: c") == b"data: a\n\ndata: b\r\n\r\n"
+    assert splitter.pending == b"data: c"
+    assert splitter.feed(b"\n") == b"" and splitter.feed(b"\n") == b"data: c\n\n"
+
+
+@given(st.binary(max_size=300), st.integers(1, 40))
+def test_event_splitter_byte_at_a_time_cuts_where_all_at_once_does(data, step):
+    whole = I.EventSplitter()
+    at_once = whole.feed(data)
+    pieces = I.EventSplitter()
+    fed = b"".join(pieces.feed(data[i:i + step]) for i in range(0, len(data), step))
+    assert fed == at_once and pieces.pending == whole.pending
+
+
+def test_event_splitter_and_sse_parser_refuse_a_huge_event():
+    splitter, parser = I.EventSplitter(max_event_bytes=1000), I.SSEParser(max_event_bytes=1000)
+    with pytest.raises(ValueError):
+        for _ in range(20):
+            splitter.feed(b"x" * 100)
+    with pytest.raises(ValueError):
+        parser.feed(b"data: " + b"x" * 600 + b"\ndata: " + b"x" * 600 + b"\n")
 
 
 def test_last_usage_found_in_stream_tail():

@@ -6567,6 +6567,24 @@ def static_response(relpath: str) -> Response:
                                 ("x-content-type-options", "nosniff")])
 
 
+# The API docs viewers come from a CDN into the admin's origin: only these exact files
+# (static/docs-fallback.js pins the same URLs with their SRI hashes).
+DOCS_CDN_FILES = ("https://cdn.jsdelivr.net/npm/swagger-ui-dist@5.35.0/swagger-ui-bundle.js",
+                  "https://cdn.jsdelivr.net/npm/swagger-ui-dist@5.35.0/swagger-ui.css",
+                  "https://cdn.jsdelivr.net/npm/redoc@2.5.4/bundles/redoc.standalone.js")
+DOCS_CSP = ("default-src 'self'; script-src 'self' %s %s; style-src 'self' 'unsafe-inline' %s; "
+            "img-src 'self' data:; font-src 'self' data:; worker-src blob:; connect-src 'self'; "
+            "object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+            % (DOCS_CDN_FILES[0], DOCS_CDN_FILES[2], DOCS_CDN_FILES[1]))
+
+
+def docs_page(name: str) -> Response:
+    """/docs or /redoc: the page, with a policy that lets in only the pinned viewer files."""
+    resp = static_response(name)
+    resp.headers.append(("content-security-policy", DOCS_CSP))
+    return resp
+
+
 def _schema_ref(name: str) -> dict:
     return {"$ref": "#/components/schemas/%s" % name}
 
@@ -6700,8 +6718,8 @@ class AdminApi:
         r.add("GET", "/admin", self.page)
         r.add("GET", "/admin/", self.page)
         r.add("GET", "/static/{path:.+}", lambda req: static_response(req.params["path"]))
-        r.add("GET", "/docs", lambda req: static_response("docs.html"))
-        r.add("GET", "/redoc", lambda req: static_response("redoc.html"))
+        r.add("GET", "/docs", lambda req: docs_page("docs.html"))
+        r.add("GET", "/redoc", lambda req: docs_page("redoc.html"))
         r.add("GET", "/openapi.json", lambda req: Response.json(openapi_document()))
         r.add("GET", "/admin/api/session", self.session)
         r.add("POST", "/admin/api/setup", self.setup)

@@ -6,6 +6,13 @@
  * method with summary, parameters, request body schema and responses into #fallback,
  * and hides the empty viewer container. Everything from the spec is inserted as text
  * (textContent), never as HTML.
+ *
+ * These pages share the admin's origin, so the viewers are pinned: exact versions, each
+ * file with its Subresource Integrity hash (a changed file is refused by the browser),
+ * and the server's Content-Security-Policy for /docs and /redoc allows only these
+ * files. To update: `npm pack swagger-ui-dist@X redoc@Y`, then
+ * `openssl dgst -sha384 -binary FILE | base64` for each file, and change DOCS_CDN_FILES
+ * in iflow2api.py to the same URLs.
  */
 (function () {
   'use strict';
@@ -17,8 +24,10 @@
   const VIEWERS = {
     swagger: {
       name: 'Swagger UI',
-      css: 'https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui.css',
-      js: 'https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui-bundle.js',
+      css: 'https://cdn.jsdelivr.net/npm/swagger-ui-dist@5.35.0/swagger-ui.css',
+      cssIntegrity: 'sha384-WlYgdmXYOOBWL5apwjDEZwN+U3HmXSSu5R6V5aGxEcf7z+KuRNwBhoxKVN1i3D5I',
+      js: 'https://cdn.jsdelivr.net/npm/swagger-ui-dist@5.35.0/swagger-ui-bundle.js',
+      jsIntegrity: 'sha384-gjRm0bEPMeTmMh5jT2cHccIwCUZSTd8YC+j0d0sXw0MdGEfScduGpSyF3ZSSLkX9',
       global: 'SwaggerUIBundle',
       container: 'swagger-ui',
       start: function (container) {
@@ -34,7 +43,8 @@
     },
     redoc: {
       name: 'ReDoc',
-      js: 'https://cdn.jsdelivr.net/npm/redoc@2/bundles/redoc.standalone.js',
+      js: 'https://cdn.jsdelivr.net/npm/redoc@2.5.4/bundles/redoc.standalone.js',
+      jsIntegrity: 'sha384-w447zOpYfw/1Tv/5AK9NfHTlQIqE3RVR6KY62jCyy9zNDgO64cMwGGP1Fj0zJVf5',
       global: 'Redoc',
       container: 'redoc-container',
       start: function (container) {
@@ -70,10 +80,14 @@
     if (viewer.css) {
       const link = document.createElement('link');
       link.rel = 'stylesheet';
+      link.integrity = viewer.cssIntegrity;
+      link.crossOrigin = 'anonymous';
       link.href = viewer.css;
       document.head.appendChild(link);
     }
     const script = document.createElement('script');
+    script.integrity = viewer.jsIntegrity;
+    script.crossOrigin = 'anonymous';
     script.src = viewer.js;
     script.async = true;
     script.onload = function () {

@@ -459,3 +459,48 @@ def test_another_site_cannot_choose_the_admin_password(server, fake_upstream, pa
     status, body = http(server.url + "/admin/api/session")
     assert status == 200
     assert json.loads(body)["needs_setup"] is True, "another site set the admin password"
+
+
+# The pinned viewer files from npm (tests/run.py unpacks them here); the CDN itself is not reachable.
+VIEWERS_DIR = os.path.join(ROOT, ".cache", "docs-viewers")
+VIEWER_FILES = {
+    "swagger-ui-dist@5.35.0/swagger-ui-bundle.js": ("swagger-ui-dist-5.35.0/swagger-ui-bundle.js", "application/javascript"),
+    "swagger-ui-dist@5.35.0/swagger-ui.css": ("swagger-ui-dist-5.35.0/swagger-ui.css", "text/css"),
+    "redoc@2.5.4/bundles/redoc.standalone.js": ("redoc-2.5.4/bundles/redoc.standalone.js", "application/javascript"),
+}
+
+
+def _serve_viewers(page, tamper=False):
+    """Answer the CDN requests with the real npm files (or a changed copy), with CORS as jsDelivr does."""
+    def fulfil(route):
+        name = route.request.url.split("/npm/", 1)[1]
+        path, content_type = VIEWER_FILES[name]
+        with open(os.path.join(VIEWERS_DIR, path), "rb") as f:
+            data = f.read()
+        route.fulfill(status=200, body=data + (b"\n/* changed */" if tamper else b""),
+                      headers={"content-type": content_type, "access-control-allow-origin": "*"})
+    page.route("**/cdn.jsdelivr.net/npm/**", fulfil)
+
+
+def test_docs_viewers_are_pinned_by_integrity_and_policy(server, pages):
+    if not os.path.isdir(VIEWERS_DIR):
+        _unavailable("the docs viewer files from npm (tests/run.py fetches them)")
+    policy = urllib.request.urlopen(server.url + "/docs").headers["content-security-policy"]
+    for url in iflow2api.DOCS_CDN_FILES:
+        assert url in policy and url.split("/npm/", 1)[1] in VIEWER_FILES
+    page = pages.new()
+    _serve_viewers(page)
+    page.goto(server.url + "/docs")
+    expect(page.locator("#swagger-ui .opblock").first).to_be_visible(timeout=15000)
+    expect(page.locator("#fallback")).to_be_hidden()
+    page = pages.new()
+    _serve_viewers(page)
+    page.goto(server.url + "/redoc")
+    expect(page.locator("#redoc-container").get_by_text("/v1/chat/completions").first).to_be_attached(timeout=15000)
+    expect(page.locator("#fallback")).to_be_hidden()
+    screenshot(page, "redoc-pinned")
+    page = pages.new()  # a changed file (a compromised CDN) is refused: the fallback shows instead
+    _serve_viewers(page, tamper=True)
+    page.goto(server.url + "/docs")
+    expect(page.locator("#fallback")).to_have_attribute("data-state", "ready")
+    assert page.evaluate("typeof window.SwaggerUIBundle") == "undefined"

@@ -354,6 +354,7 @@ DEFAULT_CONFIG = {
     "header_timeout_s": 20.0,
     "idle_timeout_s": 75.0,
     "body_timeout_s": 300.0,
+    "shutdown_grace_s": 10.0,  # on SIGTERM/Ctrl-C: time for streams to finish before they are cut
     "max_connections": 1024,
     "upstream_connect_timeout_s": 10.0,
     "upstream_read_timeout_s": 600.0,
@@ -744,6 +745,7 @@ _RANGE_CHECKS = {
     "header_timeout_s": (lambda v: v > 0, "more than 0 seconds"),
     "idle_timeout_s": (lambda v: v > 0, "more than 0 seconds"),
     "body_timeout_s": (lambda v: v > 0, "more than 0 seconds"),
+    "shutdown_grace_s": (lambda v: 0 <= v <= 3600, "0 to 3600 seconds"),
     "upstream_connect_timeout_s": (lambda v: v > 0, "more than 0 seconds"),
     "upstream_read_timeout_s": (lambda v: v > 0, "more than 0 seconds"),
     "model_map": (_names_to_names, "an object of names to model names"),
@@ -3560,6 +3562,11 @@ class _SocksTLSConnection(_TLSConnection):
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
         _tune_socket(self.sock, self.read_timeout_s)
 
+class UpstreamStreamError(http.client.HTTPException):
+    """The upstream's stream ended badly: a framing problem (an oversized event), or
+    we cut it (the server is stopping); the message is fit for the client."""
+
+
 class UpstreamResponse:
     """An upstream HTTP response bound to its pooled connection.
 
@@ -3580,6 +3587,7 @@ class UpstreamResponse:
         self._complete = resp.chunked is False and resp.length == 0
         self._timeout = conn.read_timeout_s
         self._buffered = None  # bytes http.client read ahead, taken on the first read
+        self._abort_reason = ""  # why abort() cut the stream, when it says
 
     @property
     def content_type(self) -> str:
@@ -3601,10 +3609,17 @@ class UpstreamResponse:
             if self._buffered:
                 raw = self._buffered.pop(0)
             else:
-                raw = self._recv(timeout_s)
+                try:
+                    raw = self._recv(timeout_s)
+                except OSError:
+                    if self._abort_reason:
+                        raise UpstreamStreamError(self._abort_reason) from None
+                    raise
                 if raw is None:
                     return None
             if not raw:
+                if self._abort_reason:
+                    raise UpstreamStreamError(self._abort_reason)
                 if self._chunked is not None or self._left:
                     raise http.client.IncompleteRead(b"")
                 self._complete = True
@@ -3654,9 +3669,11 @@ class UpstreamResponse:
                 raise
             return None
 
-    def abort(self) -> None:
-        """Cut the connection now (the client left). A no-op once closed: by then
-        the connection may serve another request from the pool."""
+    def abort(self, reason: str = "") -> None:
+        """Cut the connection now (the client left; or the server stops, and reason
+        becomes the stream's error). A no-op once closed: by then the connection
+        may serve another request from the pool."""
+        self._abort_reason = reason
         with self._lock:
             sock = None if self._closed else self._sock
             if sock is not None:
@@ -5068,6 +5085,7 @@ class Request:
         self.dialect = "openai"
         self.id = "req_" + uuid.uuid4().hex[:24]
         self.log = {}  # model, tokens, ... for the access log line
+        self.abort_callbacks = []  # abort(reason) of the upstream calls serving it (a stopping server)
         self._watcher = watcher
         self._json = _UNSET
 
@@ -5198,6 +5216,22 @@ class App:
         self.stats = stats
         self.head_checks = list(head_checks)
         self.access_log = get_logger("access")
+        self.stopping = False  # set by a graceful stop: new requests get 503
+        self._active = {}  # request id -> Request, from handle() until its response closed
+        self._active_lock = threading.Lock()
+
+    @property
+    def active_count(self) -> int:
+        return len(self._active)
+
+    def abort_active(self, reason: str) -> None:
+        """Cut the upstream calls of every request still being answered; their streams
+        end with an error event that says reason."""
+        with self._active_lock:
+            requests = list(self._active.values())
+        for req in requests:
+            for abort in list(req.abort_callbacks):
+                abort(reason)
 
     def check_head(self, method: str, target: str, headers, has_body: bool) -> None:
         """Run the checks that must pass before a body is read (Host, client key,
@@ -5211,7 +5245,12 @@ class App:
     def handle(self, req: Request) -> Response:
         started = time.monotonic()
         dialect = dialect_for_path(req.path)
+        with self._active_lock:
+            self._active[req.id] = req
         try:
+            if self.stopping:
+                raise Iflow2apiError("the server is shutting down", status=503, code="shutting_down",
+                                     headers=[("connection", "close"), ("retry-after", "5")])
             if req.method == "OPTIONS" and req.headers.get("access-control-request-method"):
                 resp = Response(204)
             else:
@@ -5226,8 +5265,13 @@ class App:
             resp = error_response(Iflow2apiError("internal error; see the server log (%s)" % req.id),
                                   dialect, req.id)
         self._add_cors(req, resp)
-        resp.on_close(lambda: self._log(req, resp, started))
+        resp.on_close(lambda: self._finished(req, resp, started))
         return resp
+
+    def _finished(self, req: Request, resp: Response, started: float) -> None:
+        with self._active_lock:
+            self._active.pop(req.id, None)
+        self._log(req, resp, started)
 
     def _add_cors(self, req: Request, resp: Response) -> None:
         origin = req.headers.get("origin")
@@ -5786,6 +5830,15 @@ def _drain(sock, max_bytes: int = 256 * MIB, max_s: float = 5.0) -> None:
         pass
 
 
+def _wait_until(done, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def pick_http_adapter(env=None) -> str:
     """"h11" when h11 imports and IFLOW2API_HTTP does not ask for "stdlib"."""
     env = os.environ if env is None else env
@@ -5822,9 +5875,17 @@ class HTTPServer:
                                         name="iflow2api-http-%d" % self.port, daemon=True)
         self._thread.start()
 
-    def stop(self, timeout_s: float = 5.0) -> None:
+    def stop(self, timeout_s: float = 5.0, grace_s: float = 0.0) -> None:
+        """Stop accepting at once; let requests being answered finish for up to grace_s,
+        then cut their streams with an error event; close every connection."""
+        app = self._server.app
+        app.stopping = True
         self._server.shutdown()
         self._server.server_close()
+        _wait_until(lambda: app.active_count == 0, grace_s)
+        if app.active_count:
+            app.abort_active("the server is shutting down")
+            _wait_until(lambda: app.active_count == 0, 2.0)  # time to write the error events
         self._server.close_all_connections()
         self.watcher.close()
         if self._thread is not None:
@@ -6199,7 +6260,7 @@ class Api:
                 if splitter.pending:
                     yield _rewrite_events(splitter.pending + b"\n\n", parser, merger)
             except (OSError, http.client.HTTPException) as exc:
-                message = "upstream stream failed: %s" % (exc or exc.__class__.__name__)
+                message = stream_failure_message(exc)
                 req.log["error"] = message
                 yield encode_sse_data(json.dumps({"error": {"message": message, "type": "server_error",
                                                             "code": "upstream_error"}}))
@@ -6277,7 +6338,7 @@ class Api:
                         silent_s = 0.0
                         events = _feed_items(stream, items)
                 except (OSError, http.client.HTTPException) as exc:
-                    message = "upstream stream failed: %s" % (exc or type(exc).__name__)
+                    message = stream_failure_message(exc)
                     req.log["error"] = message
                     events = stream.fail("api_error", message)
                 if events:
@@ -6329,10 +6390,6 @@ ANTHROPIC_PING_S = 15.0  # ping while the upstream is silent (3.8)
 PING_EVENT = ("ping", {"type": "ping"})
 _SSE_HEADERS = [("content-type", "text/event-stream; charset=utf-8"), ("cache-control", "no-cache"),
                 ("x-accel-buffering", "no")]
-
-
-class UpstreamStreamError(http.client.HTTPException):
-    """The upstream's stream broke its framing (an oversized event, an early end)."""
 
 
 class ChunkReader:
@@ -6423,6 +6480,13 @@ def new_random_id(prefix: str) -> str:
         chars.append(_BASE62[digit])
     return prefix + "".join(chars)
 
+def stream_failure_message(exc: BaseException) -> str:
+    """What a client is told when a stream breaks after it started."""
+    if isinstance(exc, UpstreamStreamError):
+        return str(exc)
+    return "upstream stream failed: %s" % (exc or type(exc).__name__)
+
+
 def _before_first_byte(exc: BaseException) -> BaseException:
     """An upstream failure before anything reached the client, as an HTTP error (502/504)."""
     if isinstance(exc, socket.timeout):
@@ -6471,6 +6535,7 @@ def _watched(req: Request, upstream: UpstreamResponse, release):
     """(upstream, release): from now on the client leaving cuts the upstream at once
     (also before the first byte); releasing the call also ends the watch."""
     cancel = req.watch_disconnect(upstream.abort)
+    req.abort_callbacks.append(upstream.abort)
     return upstream, _once(lambda: (cancel(), release()))
 
 
@@ -7121,9 +7186,9 @@ class Instance:
             self.backend.refresher.start()
         return self
 
-    def stop(self, timeout_s: float = 5.0) -> None:
+    def stop(self, timeout_s: float = 5.0, grace_s: float = 0.0) -> None:
         if self.server is not None:
-            self.server.stop(timeout_s)
+            self.server.stop(timeout_s, grace_s)
             self.server = None
 
     def status(self) -> dict:
@@ -7170,14 +7235,17 @@ class Service:
                 self.instances[name] = instance
             return instance
 
-    def stop(self, name: str = None, timeout_s: float = 5.0) -> None:
-        """Stop one instance, or all (and the backend) when name is None."""
+    def stop(self, name: str = None, timeout_s: float = 5.0, grace_s: float = 0.0) -> None:
+        """Stop one instance, or all (and the backend) when name is None; requests being
+        answered get up to grace_s to finish (all instances drain at the same time)."""
         with self._lock:
             names = [name] if name else list(self.instances)
-            for n in names:
-                instance = self.instances.pop(n, None)
-                if instance is not None:
-                    instance.stop(timeout_s)
+            stopping = [self.instances.pop(n) for n in names if n in self.instances]
+            threads = [threading.Thread(target=i.stop, args=(timeout_s, grace_s), daemon=True) for i in stopping]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
         if name is None:
             self.backend.close()
             logging.getLogger("iflow2api").removeHandler(self.log_buffer)
@@ -7747,8 +7815,8 @@ def _cmd_serve(config: Config) -> int:
     release_free_memory()
     while not stop.wait(0.5):
         pass
-    log.info("shutting down")
-    service.stop()
+    log.info("shutting down (requests being answered get %.0f s to finish)", config["shutdown_grace_s"])
+    service.stop(grace_s=config["shutdown_grace_s"])
     return 0
 
 

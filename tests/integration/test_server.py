@@ -364,3 +364,82 @@ def test_nul_byte_in_the_path_is_400(server, path):
     sock.sendall(("GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % path).encode("latin-1"))
     status, _h, body = read_response(sock)
     assert status == 400 and "error" in json.loads(body)
+
+
+# == Graceful stop (issue 10) ===================================================================
+
+def _serve_process(tmp_path, fake_upstream, http_impl, grace_s):
+    write_settings(str(tmp_path), fake_upstream.url)
+    port = _free_port()
+    env = dict(os.environ, HOME=str(tmp_path), IFLOW2API_HOME=str(tmp_path / ".iflow2api"),
+               IFLOW2API_HTTP=http_impl, IFLOW2API_SHUTDOWN_GRACE_S=str(grace_s))
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "iflow2api.py"), "--port", str(port)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    for _ in range(200):
+        try:
+            urllib.request.urlopen("http://127.0.0.1:%d/health" % port, timeout=1).read()
+            return proc, port
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("server did not start: %s" % proc.communicate()[0].decode())
+
+
+def _start_stream(port):
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    body = json.dumps({"model": "glm-5", "stream": True, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    sock.sendall(raw_request("POST", "/v1/chat/completions", body, [("Content-Type", "application/json")]))
+    buf = b""
+    while b"data:" not in buf:  # the stream has begun
+        buf += sock.recv(65536)
+    return sock, buf
+
+
+def _read_until_closed(sock, buf=b""):
+    sock.settimeout(15)
+    while True:
+        piece = sock.recv(65536)
+        if not piece:
+            return buf
+        buf += piece
+
+
+@pytest.mark.parametrize("http_impl", ["h11", "stdlib"])
+def test_sigterm_lets_a_stream_finish_and_refuses_new_connections(tmp_path, fake_upstream, http_impl):
+    from fakes import Reply, text_stream
+    fake_upstream.script.append(Reply(stream=text_stream(["one ", "two ", "three ", "four"]), piece_delay_s=0.3))
+    proc, port = _serve_process(tmp_path, fake_upstream, http_impl, grace_s=10)
+    try:
+        sock, buf = _start_stream(port)
+        proc.terminate()
+        time.sleep(0.3)
+        with pytest.raises(OSError):  # no longer listening
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        text = _read_until_closed(sock, buf).decode()
+        assert "four" in text and "[DONE]" in text and "shutting down" not in text
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages"])
+def test_sigterm_cuts_a_long_stream_with_an_error_event_after_the_grace(tmp_path, fake_upstream, path):
+    from fakes import Reply, text_stream
+    fake_upstream.script.append(Reply(stream=text_stream(["word "] * 200), piece_delay_s=0.1))
+    proc, port = _serve_process(tmp_path, fake_upstream, "h11", grace_s=0.5)
+    try:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        body = {"model": "glm-5", "stream": True, "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}
+        sock.sendall(raw_request("POST", path, json.dumps(body).encode(), [("Content-Type", "application/json")]))
+        buf = b""
+        while b"word" not in buf:
+            buf += sock.recv(65536)
+        started = time.monotonic()
+        proc.terminate()
+        text = _read_until_closed(sock, buf).decode()
+        assert "the server is shutting down" in text and time.monotonic() - started < 8
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -1238,6 +1238,7 @@ _PROFILE_DEFAULTS = {
     "reasoning_split": False,
     "send_user": False,
     "refusal_as_end_turn": False,
+    "accepts_strict_tools": False,  # Responses route: keep a function tool's "strict"
 }
 
 
@@ -3052,6 +3053,1194 @@ def inline_image_urls(body: dict, fetch) -> dict:
         messages.append(message)
     return dict(body, messages=messages)
 
+# -- OpenAI Responses <-> OpenAI Chat Completions (issue 13) ------------------------------
+# The third client face over the one chat-completions upstream call: POST /v1/responses
+# (Codex CLI, `client.responses.*` of the openai SDKs). Sans-IO like the Anthropic face:
+# dicts in, dicts out; ids and the clock come through ctx, and what gets dropped is reported
+# in ctx.notes for the HTTP layer to log (translation does not log what it drops).
+# Reused from the Anthropic face: tool-name shortening, schema cleaning, the 1.3 ordering
+# rules, thinking quirks (1.6), reasoning replay (1.7), max_tokens clamping (1.8), <think>
+# parsing and tool-argument repair (3.6, 3.7). The bounded response store and
+# previous_response_id live in the HTTP layer (not sans-IO).
+# Tests: tests/unit/test_responses_translation.py.
+
+
+
+# Namespaced tools reach the upstream flattened as "<namespace>__<function>" (two
+# underscores: allowed by every upstream's name pattern, and rare inside a namespace name).
+# The flat name goes through shorten_tool_name like every tool name (1.4). Going back uses
+# ctx.tool_specs, the table built from the request's own tools, so a namespace or function
+# name that contains "__" itself, or a shortened name, still maps back exactly.
+NAMESPACE_SEPARATOR = "__"
+
+# What a flat upstream tool name stands for on the Responses side. kind: "function",
+# "custom" (freeform tool: one string argument "input"), or "local_shell".
+ResponsesTool = collections.namedtuple("ResponsesTool", "kind name namespace")
+
+
+class ResponsesContext(TranslationContext):
+    """TranslationContext of the Responses face.
+
+    Extra input: created_at (unix seconds, read from the HTTP layer's clock).
+    Filled by responses_to_openai_request: echo (the request fields a response object
+    repeats), tool_specs (upstream tool name -> ResponsesTool), namespaces (declared
+    namespace names), notes (what was dropped or ignored, one line each, for the caller
+    to log at debug level). Also the inherited thinking_requested, tool_names,
+    history_tool_ids and estimated_input_tokens.
+    """
+
+    def __init__(self, *args, created_at=0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.created_at = created_at
+        self.echo = {}
+        self.tool_specs = {}
+        self.namespaces = set()
+        self.notes = []
+
+    def note(self, message):
+        """Record something the translation dropped (once per distinct message)."""
+        if message not in self.notes:
+            self.notes.append(message)
+
+
+# -- Request: Responses -> chat completions ---------------------------------------------------
+
+def responses_to_openai_request(req, ctx) -> dict:
+    """Translate a Responses API request into an OpenAI chat.completions body.
+
+    `input` must already hold the earlier turns when previous_response_id was used (the
+    HTTP layer prepends the stored items). Fills ctx (echo, tool_specs, namespaces, notes,
+    thinking_requested, history_tool_ids, estimated_input_tokens). Raises TranslationError
+    for a request that cannot be translated, with a message fit for the client.
+    """
+    if not isinstance(req, dict):
+        raise TranslationError("request body must be a JSON object")
+    ctx.echo = responses_echo(req)
+    max_output_tokens = _validated_max_output_tokens(req.get("max_output_tokens"))
+    effort = _responses_effort(req.get("reasoning"))
+    ctx.thinking_requested = effort not in (None, "none")
+
+    tools = _responses_tools(req.get("tools"), ctx)
+    messages = _ResponsesConversation(ctx).translate(req.get("instructions"), req.get("input"))
+
+    body = {"model": ctx.upstream_model, "messages": messages}
+    if req.get("stream"):
+        body["stream"] = True
+        if ctx.flag("stream_usage"):
+            body["stream_options"] = {"include_usage": True}
+    _copy_sampling(req, body, ctx)
+    if tools:
+        body["tools"] = tools
+        _apply_responses_tool_choice(req.get("tool_choice"), body, ctx)
+        if req.get("parallel_tool_calls") is False and ctx.flag("parallel_tool_calls"):
+            body["parallel_tool_calls"] = False
+    _apply_text_format(req.get("text"), body)
+    _apply_thinking(_as_anthropic_thinking(effort), body, ctx)
+    _note_ignored_fields(req, ctx)
+
+    ctx.estimated_input_tokens = _estimate_openai_body(body)
+    max_tokens = _max_tokens({"max_tokens": max_output_tokens}, ctx)
+    if max_tokens is not None:
+        body[ctx.flag("max_tokens_field") or "max_tokens"] = max_tokens
+    return body
+
+
+def namespaced_tool_name(namespace, name) -> str:
+    """The upstream name of a tool: `<namespace>__<name>` inside a namespace, else the
+    name; shortened like every tool name (1.4). responses_tool_for() reverses it."""
+    name = name if isinstance(name, str) else ""
+    if isinstance(namespace, str) and namespace:
+        name = namespace + NAMESPACE_SEPARATOR + name
+    return shorten_tool_name(name)
+
+
+def responses_tool_for(upstream_name, ctx) -> ResponsesTool:
+    """What an upstream tool name stands for: the declared tool (kind, original name,
+    namespace) when the request declared it; else a plain function of that name, split
+    at the separator when its prefix is a declared namespace."""
+    name = _original_tool_name(upstream_name, ctx)  # "functions.X:0" -> "X"
+    spec = ctx.tool_specs.get(name) or ctx.tool_specs.get(shorten_tool_name(name or ""))
+    if spec is not None:
+        return spec
+    name = name or ""
+    prefixes = [ns for ns in ctx.namespaces if name.startswith(ns + NAMESPACE_SEPARATOR)]
+    if prefixes:
+        namespace = max(prefixes, key=len)  # "a__b" wins over "a" for "a__b__c"
+        rest = name[len(namespace) + len(NAMESPACE_SEPARATOR):]
+        if rest:
+            return ResponsesTool("function", rest, namespace)
+    return ResponsesTool("function", name, None)
+
+
+def responses_echo(req) -> dict:
+    """The request fields a response object repeats, with the API's defaults."""
+    reasoning = req.get("reasoning") if isinstance(req.get("reasoning"), dict) else {}
+    text = req.get("text") if isinstance(req.get("text"), dict) else {}
+    instructions = req.get("instructions")
+    tool_choice = req.get("tool_choice")
+    return {
+        "instructions": instructions if isinstance(instructions, (str, list)) else None,
+        "max_output_tokens": _echo_field(req, "max_output_tokens", int, None),
+        "metadata": _echo_field(req, "metadata", dict, {}),
+        "parallel_tool_calls": _echo_field(req, "parallel_tool_calls", bool, True),
+        "previous_response_id": _echo_field(req, "previous_response_id", str, None),
+        "reasoning": {"effort": reasoning.get("effort"), "summary": reasoning.get("summary")},
+        "store": _echo_field(req, "store", bool, True),
+        "temperature": _echo_field(req, "temperature", (int, float), 1.0),
+        "text": dict(text, format=text.get("format") if isinstance(text.get("format"), dict)
+                     else {"type": "text"}),
+        "tool_choice": tool_choice if isinstance(tool_choice, (str, dict)) else "auto",
+        "tools": _echo_field(req, "tools", list, []),
+        "top_p": _echo_field(req, "top_p", (int, float), 1.0),
+        "truncation": _echo_field(req, "truncation", str, "disabled"),
+        "user": _echo_field(req, "user", str, None),
+    }
+
+
+def _echo_field(req, key, kinds, default):
+    value = req.get(key)
+    if kinds is bool:
+        return value if isinstance(value, bool) else default
+    # bool is an int in Python, but `true` is no token count or temperature
+    return value if isinstance(value, kinds) and not isinstance(value, bool) else default
+
+
+def _validated_max_output_tokens(value):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise TranslationError("max_output_tokens: Input should be an integer of at least 1")
+    return value
+
+
+# Fields the chat upstream has no use for. store and previous_response_id are the HTTP
+# layer's (response store), so they are not reported as ignored.
+_RESPONSES_TRANSLATED_FIELDS = frozenset([
+    "model", "input", "instructions", "stream", "tools", "tool_choice", "parallel_tool_calls",
+    "max_output_tokens", "temperature", "top_p", "reasoning", "text", "store",
+    "previous_response_id"])
+
+
+def _note_ignored_fields(req, ctx):
+    ignored = sorted(key for key in req if key not in _RESPONSES_TRANSLATED_FIELDS)
+    if ignored:
+        ctx.note("ignored request fields: " + ", ".join(ignored))
+
+
+# -- Input items -> messages ----------------------------------------------------------------
+
+_RESPONSES_TOOL_OUTPUTS = ("function_call_output", "custom_tool_call_output",
+                           "local_shell_call_output")
+
+
+class _ResponsesConversation:
+    """Turns Responses input items into chat messages with the ordering rules of 1.3.
+
+    An assistant message stays open while assistant-side items follow each other
+    (output_text messages, function_call, custom_tool_call, local_shell_call, reasoning):
+    they become one assistant message with `content` and `tool_calls`. Tool outputs that
+    answer its calls become `tool` messages right after it; anything else (a user message,
+    the next assistant turn, the end) first closes the round: unanswered calls get the
+    interrupted stub, and orphan or repeated outputs and tool images follow as one user
+    message. System and developer messages before the first turn join `instructions` in
+    one leading system message; later ones become user text in place, because several
+    upstreams refuse a system message that is not first (and hoisting them would change
+    the prompt prefix the upstream caches).
+    """
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+        self.system_texts = []
+        self.messages = []
+        self.assistant = None  # the open assistant message, or None
+        self.pending_ids = []  # calls of the last assistant message, in order
+        self.answered = set()
+        self.moved_parts = []  # user parts waiting for the end of the tool round
+        self.reasoning = []  # reasoning summaries waiting for the next assistant message
+
+    def translate(self, instructions, raw_input) -> list:
+        if isinstance(instructions, str) and instructions.strip():
+            self.system_texts.append(instructions)
+        elif isinstance(instructions, list):  # instructions echoed as input items
+            for i, item in enumerate(instructions):
+                if isinstance(item, dict):
+                    self._add(item, "instructions[%d]" % i)
+        elif instructions is not None and not isinstance(instructions, str):
+            raise TranslationError("instructions: Input should be a valid string")
+        for i, item in enumerate(_input_items(raw_input)):
+            self._add(item, "input[%d]" % i)
+        self._close_round()
+        messages = _merge_same_role(self.messages)
+        if not messages:
+            raise TranslationError("input: there is no message to answer")
+        if self.ctx.flag("replay_reasoning"):
+            _add_reasoning_placeholders(messages, self.ctx.flag("reasoning_placeholder"))
+        if self.ctx.flag("needs_user_first") and messages[0]["role"] == "assistant":
+            messages.insert(0, {"role": "user", "content": "(continue)"})
+        if self.system_texts:
+            messages.insert(0, {"role": "system", "content": "\n\n".join(self.system_texts)})
+        return messages
+
+    # -- one item --
+
+    def _add(self, item, where):
+        kind = item.get("type") or ("message" if "role" in item else None)
+        if kind == "message":
+            self._add_message(item, where)
+        elif kind == "function_call":
+            arguments = item.get("arguments")
+            if not isinstance(arguments, str):
+                arguments = json.dumps(arguments if isinstance(arguments, dict) else {},
+                                       ensure_ascii=False)
+            self._add_call(item, namespaced_tool_name(item.get("namespace"), item.get("name")),
+                           arguments)
+        elif kind == "custom_tool_call":
+            tool_input = item.get("input") if isinstance(item.get("input"), str) else ""
+            self._add_call(item, namespaced_tool_name(item.get("namespace"), item.get("name")),
+                           json.dumps({"input": tool_input}, ensure_ascii=False))
+        elif kind == "local_shell_call":
+            self._add_call(item, LOCAL_SHELL_TOOL_NAME, _local_shell_arguments(item.get("action")))
+        elif kind in _RESPONSES_TOOL_OUTPUTS:
+            # local_shell_call_output names its call in `id` (the API spec) or `call_id`.
+            call_id = item.get("call_id") or item.get("id")
+            self._add_tool_output(call_id if isinstance(call_id, str) else "", item.get("output"),
+                                  where)
+        elif kind == "reasoning":
+            text = _reasoning_item_text(item)
+            if text:
+                self.reasoning.append(text)  # encrypted_content is never sent upstream
+        elif kind == "item_reference":
+            self.ctx.note("dropped input item_reference items (resolve them from the store "
+                          "before translating)")
+        else:
+            # web_search_call, file_search_call, computer_call(_output), mcp_*, compaction...:
+            # results of tools the proxy never ran, or opaque server state.
+            self.ctx.note("dropped input items of type %r" % kind)
+
+    def _add_message(self, item, where):
+        role = item.get("role")
+        content = item.get("content")
+        if not isinstance(content, (str, list)):
+            raise TranslationError("%s.content: Input should be a valid string or list of "
+                                   "content parts" % where)
+        if role == "assistant":
+            text = _assistant_text(content)
+            if text:
+                self._open_assistant()
+                current = self.assistant.get("content")
+                self.assistant["content"] = current + "\n" + text if current else text
+            return
+        if role not in ("user", "system", "developer"):
+            raise TranslationError('%s.role: Unexpected role "%s"; expected "user", "assistant", '
+                                   '"system" or "developer"' % (where, role))
+        parts = _responses_user_parts(content, self.ctx, where)
+        if role != "user" and not self.messages and self.assistant is None:
+            text = "\n".join(p["text"] for p in parts if p["type"] == "text")
+            if text.strip():
+                self.system_texts.append(text)
+            return
+        self._close_round()
+        self.reasoning = []  # reasoning of an unfinished turn never belongs to the next one
+        user_content = _user_content(parts)
+        if user_content is not None:
+            self.messages.append({"role": "user", "content": user_content})
+
+    def _add_call(self, item, upstream_name, arguments):
+        call_id = item.get("call_id") or item.get("id")
+        if not isinstance(call_id, str) or not call_id:
+            call_id = self.ctx.new_id("call_")
+        self.ctx.history_tool_ids.add(call_id)
+        self._open_assistant()
+        self.assistant.setdefault("tool_calls", []).append({
+            "id": call_id, "type": "function",
+            "function": {"name": upstream_name, "arguments": arguments}})
+        self.pending_ids.append(call_id)
+
+    def _add_tool_output(self, call_id, output, where):
+        text, images = _tool_output_content(output, self.ctx, where)
+        if call_id in self.pending_ids and call_id not in self.answered:
+            self.assistant = None  # the tool messages now follow it; new items open a new one
+            self.answered.add(call_id)
+            self.messages.append({"role": "tool", "tool_call_id": call_id, "content": text})
+            if images:
+                self.moved_parts.append(_text_part("Image output of tool call %s:" % call_id))
+                self.moved_parts += images
+        else:
+            # 1.3 steps 5 and 6: an orphan or repeated output becomes user text.
+            self.moved_parts.append(_text_part("Result of tool call %s:\n%s" % (call_id, text)))
+            self.moved_parts += images
+
+    # -- rounds --
+
+    def _open_assistant(self):
+        if self.assistant is None:
+            self._close_round()
+            self.assistant = {"role": "assistant", "content": None}
+            self.messages.append(self.assistant)
+        if self.reasoning:
+            if self.ctx.flag("replay_reasoning"):  # 1.7: Kimi / DeepSeek thinking models
+                previous = self.assistant.get("reasoning_content")
+                self.assistant["reasoning_content"] = "\n\n".join(
+                    ([previous] if previous else []) + self.reasoning)
+            self.reasoning = []
+
+    def _close_round(self):
+        self.messages += _interrupted_results([i for i in self.pending_ids
+                                               if i not in self.answered])
+        self.pending_ids, self.answered, self.assistant = [], set(), None
+        if self.moved_parts:
+            self.messages.append({"role": "user", "content": _user_content(self.moved_parts)})
+            self.moved_parts = []
+
+
+def _input_items(raw_input):
+    if isinstance(raw_input, str):
+        if not raw_input.strip():
+            raise TranslationError("input: must not be empty")
+        return [{"type": "message", "role": "user", "content": raw_input}]
+    if raw_input is None:
+        raise TranslationError("input: Field required")
+    if not isinstance(raw_input, list):
+        raise TranslationError("input: Input should be a valid string or list of items")
+    for i, item in enumerate(raw_input):
+        if not isinstance(item, dict):
+            raise TranslationError("input[%d]: Input should be an item object" % i)
+    return raw_input
+
+
+def _assistant_text(content):
+    if isinstance(content, str):
+        return content if content.strip() else ""
+    texts = []
+    for part in content:
+        if not isinstance(part, dict):
+            continue
+        text = part.get("refusal") if part.get("type") == "refusal" else part.get("text")
+        if isinstance(text, str) and text.strip():
+            texts.append(text)
+    return "\n".join(texts)
+
+
+def _responses_user_parts(content, ctx, where):
+    """Chat content parts for a user / system / developer message."""
+    if isinstance(content, str):
+        return [_text_part(content)] if content.strip() else []
+    parts = []
+    for j, part in enumerate(content):
+        if isinstance(part, str):
+            part = {"type": "input_text", "text": part}
+        if isinstance(part, dict):
+            parts += _responses_part(part, ctx, "%s.content[%d]" % (where, j))
+    return parts
+
+
+def _responses_part(part, ctx, where):
+    kind = part.get("type")
+    if kind in ("input_text", "output_text", "text"):
+        text = part.get("text")
+        return [_text_part(text)] if isinstance(text, str) and text.strip() else []
+    if kind == "refusal" and isinstance(part.get("refusal"), str):
+        return [_text_part(part["refusal"])]
+    if kind == "input_image":
+        return [_responses_image_part(part, ctx, where)]
+    if kind == "input_file":
+        return [_responses_file_part(part, ctx, where)]
+    if kind == "input_audio":
+        return [_text_part("[audio omitted: not supported through the proxy]")]
+    ctx.note("dropped content parts of type %r" % kind)
+    return []
+
+
+def _responses_image_part(part, ctx, where):
+    url = part.get("image_url")
+    if isinstance(url, dict):  # chat-completions habit: {"url": ...}
+        url = url.get("url")
+    if not isinstance(url, str) or not url:
+        if part.get("file_id"):
+            raise TranslationError(
+                "%s: input_image with a file_id is not supported (this proxy has no Files API); "
+                "send the image as image_url, a URL or a data: URL" % where)
+        raise TranslationError("%s.image_url: Field required" % where)
+    if ctx.model_info.get("vision") is False:
+        return _text_part("[image omitted: this model does not accept images]")
+    image = {"url": url}
+    if part.get("detail") in ("low", "high", "auto"):
+        image["detail"] = part["detail"]
+    return {"type": "image_url", "image_url": image}
+
+
+def _responses_file_part(part, ctx, where):
+    if part.get("file_id") and not part.get("file_data"):
+        raise TranslationError(
+            "%s: input_file with a file_id is not supported (this proxy has no Files API); "
+            "send the file inline as file_data" % where)
+    filename = part.get("filename") if isinstance(part.get("filename"), str) else "document.pdf"
+    data = part.get("file_data")
+    if isinstance(data, str) and data:
+        if not ctx.flag("supports_pdf"):
+            return _text_part("[file omitted: %s (files are not supported by this model)]" % filename)
+        if not data.startswith("data:"):
+            data = "data:application/pdf;base64," + data
+        return {"type": "file", "file": {"filename": filename, "file_data": data}}
+    if isinstance(part.get("file_url"), str):
+        return _text_part("File: " + part["file_url"])
+    raise TranslationError("%s: input_file needs file_data" % where)
+
+
+def _tool_output_content(output, ctx, where):
+    """(text for the tool message, image parts that must move to a user message)."""
+    if isinstance(output, dict):  # {"content": ..., "success": false} from older clients
+        output = output.get("content", "")
+    texts, moved = [], []
+    if isinstance(output, str):
+        texts.append(output)
+    elif isinstance(output, list):
+        for j, part in enumerate(output):
+            if not isinstance(part, dict):
+                continue
+            for converted in _responses_part(part, ctx, "%s.output[%d]" % (where, j)):
+                # Most upstreams take only a string in a tool message (1.3 step 2).
+                if converted["type"] == "text":
+                    texts.append(converted["text"])
+                else:
+                    moved.append(converted)
+    text = "\n".join(t for t in texts if t)
+    return (text if text.strip() else "(no output)"), moved
+
+
+def _reasoning_item_text(item):
+    """Summary texts of a reasoning item; its raw `content` texts when it has no summary."""
+    for key in ("summary", "content"):
+        parts = item.get(key)
+        if isinstance(parts, list):
+            text = "\n\n".join(p["text"] for p in parts if isinstance(p, dict)
+                               and isinstance(p.get("text"), str) and p["text"].strip())
+            if text:
+                return text
+    return ""
+
+
+# -- Tools ------------------------------------------------------------------------------------
+
+# local_shell (a built-in tool of the codex-mini models) becomes a function of this name;
+# its calls go back as local_shell_call items that Codex runs itself.
+LOCAL_SHELL_TOOL_NAME = "local_shell"
+_LOCAL_SHELL_PARAMETERS = {
+    "type": "object",
+    "properties": {
+        "command": {"type": "array", "items": {"type": "string"},
+                    "description": "The command and its arguments (argv)."},
+        "workdir": {"type": "string", "description": "Working directory."},
+        "timeout_ms": {"type": "integer", "description": "Timeout in milliseconds."},
+    },
+    "required": ["command"],
+}
+
+
+def _responses_tools(tools, ctx):
+    if tools is None:
+        return []
+    if not isinstance(tools, list):
+        raise TranslationError("tools: Input should be a valid list")
+    out = []
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict):
+            raise TranslationError("tools[%d]: Input should be a valid dictionary" % i)
+        kind = tool.get("type")
+        if kind == "namespace":
+            out += _namespace_tools(tool, ctx, "tools[%d]" % i)
+        elif kind in ("function", "custom"):
+            out.append(_function_tool(tool, None, ctx, "tools[%d]" % i))
+        elif kind == "local_shell":
+            out.append(_declare_tool(ctx, LOCAL_SHELL_TOOL_NAME,
+                                     ResponsesTool("local_shell", LOCAL_SHELL_TOOL_NAME, None),
+                                     "Run a shell command on the user's machine.",
+                                     _LOCAL_SHELL_PARAMETERS))
+        else:
+            # web_search, file_search, computer_use_preview, image_generation,
+            # code_interpreter, mcp, tool_search...: built-in tools the upstream cannot run.
+            ctx.note("dropped built-in tool of type %r (the upstream cannot run it)" % kind)
+    return out
+
+
+def _namespace_tools(tool, ctx, where):
+    namespace = tool.get("name")
+    if not isinstance(namespace, str) or not namespace:
+        raise TranslationError("%s.name: Field required" % where)
+    inner = tool.get("tools")
+    if not isinstance(inner, list):
+        raise TranslationError("%s.tools: Input should be a valid list" % where)
+    ctx.namespaces.add(namespace)
+    out = []
+    for j, member in enumerate(inner):
+        if isinstance(member, dict) and member.get("type", "function") in ("function", "custom"):
+            out.append(_function_tool(member, tool, ctx, "%s.tools[%d]" % (where, j)))
+        else:
+            ctx.note("dropped a tool of type %r inside namespace %r" % (
+                member.get("type") if isinstance(member, dict) else None, namespace))
+    return out
+
+
+def _function_tool(tool, namespace_tool, ctx, where):
+    """A function or custom tool (at the top level or inside a namespace) as an O function."""
+    name = tool.get("name")
+    if not isinstance(name, str) or not name:
+        raise TranslationError("%s.name: Field required" % where)
+    namespace = namespace_tool.get("name") if namespace_tool else None
+    description = tool.get("description") if isinstance(tool.get("description"), str) else ""
+    namespace_description = namespace_tool.get("description") if namespace_tool else None
+    if isinstance(namespace_description, str) and namespace_description.strip():
+        # The namespace's own description is all the model learns about the group.
+        description = (description + "\n\n" if description else "") + "(%s: %s)" % (
+            namespace, namespace_description.strip())
+    if tool.get("type") == "custom":
+        return _declare_tool(ctx, namespaced_tool_name(namespace, name),
+                             ResponsesTool("custom", name, namespace),
+                             description + _custom_format_hint(tool.get("format")),
+                             _CUSTOM_TOOL_PARAMETERS)
+    parameters = tool.get("parameters")
+    if parameters is None:
+        parameters = {"type": "object", "properties": {}}
+    if not isinstance(parameters, dict):
+        raise TranslationError("%s.parameters: Input should be a valid dictionary" % where)
+    keep_strict = tool.get("strict") is True and ctx.flag("accepts_strict_tools")
+    # A strict-mode schema needs additionalProperties, so the strict_schema cleaning that
+    # drops it only applies when `strict` is not sent.
+    parameters = _clean_schema(parameters, ctx.flag("strict_schema") and not keep_strict,
+                               top_level=True)
+    return _declare_tool(ctx, namespaced_tool_name(namespace, name),
+                         ResponsesTool("function", name, namespace), description, parameters,
+                         strict=keep_strict)
+
+
+# Custom (freeform) tools take one string. Codex's apply_patch is one: the grammar of its
+# input goes into the description, the only place a chat model can learn it.
+_CUSTOM_TOOL_PARAMETERS = {
+    "type": "object",
+    "properties": {"input": {"type": "string", "description": "The raw input for the tool."}},
+    "required": ["input"],
+}
+
+
+def _custom_format_hint(fmt):
+    if not isinstance(fmt, dict) or fmt.get("type") != "grammar":
+        return ""
+    definition = fmt.get("definition")
+    if not isinstance(definition, str) or not definition.strip():
+        return ""
+    syntax = fmt.get("syntax") if isinstance(fmt.get("syntax"), str) else "lark"
+    return "\n\nThe `input` string must follow this %s grammar:\n%s" % (syntax, definition)
+
+
+def _declare_tool(ctx, upstream_name, spec, description, parameters, strict=False):
+    if upstream_name in ctx.tool_specs:
+        ctx.note("two tools share the upstream name %r; the last one wins" % upstream_name)
+    ctx.tool_specs[upstream_name] = spec
+    ctx.tool_names[upstream_name] = upstream_name  # lets _original_tool_name undo "functions.X"
+    function = {"name": upstream_name, "description": description, "parameters": parameters}
+    if strict:
+        function["strict"] = True
+    return {"type": "function", "function": function}
+
+
+def _apply_responses_tool_choice(choice, body, ctx):
+    """Only called when tools are sent (no tools -> no tool_choice at all, 1.4)."""
+    value = None
+    if choice in ("auto", "none"):
+        value = choice
+    elif choice == "required":
+        value = ctx.flag("tool_choice_any") or "required"
+    elif isinstance(choice, dict):
+        kind = choice.get("type")
+        if kind in ("function", "custom"):
+            name = _declared_tool_name(choice, ctx)
+            value = {"type": "function", "function": {"name": name}} if name else "auto"
+        elif kind == "allowed_tools":
+            is_required = choice.get("mode") == "required"
+            value = (ctx.flag("tool_choice_any") or "required") if is_required else "auto"
+        else:
+            value = "auto"  # a built-in tool, dropped with the tools
+    if value is not None and not (ctx.flag("drop_tool_choice_when_thinking")
+                                  and ctx.thinking_requested):
+        body["tool_choice"] = value
+
+
+def _declared_tool_name(choice, ctx):
+    """The upstream name of the tool a tool_choice names, or None when it was not sent."""
+    name = namespaced_tool_name(choice.get("namespace"), choice.get("name"))
+    if name in ctx.tool_specs:
+        return name
+    for upstream_name, spec in ctx.tool_specs.items():  # a namespaced tool named bare
+        if spec.name == choice.get("name"):
+            return upstream_name
+    return None
+
+
+def _apply_text_format(text, body):
+    fmt = text.get("format") if isinstance(text, dict) else None
+    if not isinstance(fmt, dict):
+        return
+    kind = fmt.get("type")
+    if kind == "json_object":
+        body["response_format"] = {"type": "json_object"}
+    elif kind == "json_schema":
+        schema = fmt.get("schema")
+        if not isinstance(schema, dict):
+            raise TranslationError("text.format.schema: Field required")
+        spec = {"name": fmt.get("name") if isinstance(fmt.get("name"), str) else "response",
+                "schema": schema}
+        if isinstance(fmt.get("description"), str):
+            spec["description"] = fmt["description"]
+        if isinstance(fmt.get("strict"), bool):
+            spec["strict"] = fmt["strict"]
+        body["response_format"] = {"type": "json_schema", "json_schema": spec}
+
+
+# reasoning.effort -> the Anthropic route's `output_config.effort` values, so one function
+# (_apply_thinking) applies the provider's thinking switch for both faces (1.6).
+_RESPONSES_EFFORTS = {"minimal": "low", "low": "low", "medium": "medium", "high": "high",
+                      "xhigh": "max"}
+
+
+def _responses_effort(reasoning):
+    effort = reasoning.get("effort") if isinstance(reasoning, dict) else None
+    return effort if effort == "none" or effort in _RESPONSES_EFFORTS else None
+
+
+def _as_anthropic_thinking(effort):
+    if effort is None:
+        return {}
+    if effort == "none":
+        return {"thinking": {"type": "disabled"}}
+    return {"thinking": {"type": "adaptive"}, "output_config": {"effort": _RESPONSES_EFFORTS[effort]}}
+
+
+def _local_shell_arguments(action):
+    action = action if isinstance(action, dict) else {}
+    arguments = {"command": action.get("command") if isinstance(action.get("command"), list) else []}
+    if isinstance(action.get("working_directory"), str):
+        arguments["workdir"] = action["working_directory"]
+    if isinstance(action.get("timeout_ms"), int):
+        arguments["timeout_ms"] = action["timeout_ms"]
+    return json.dumps(arguments, ensure_ascii=False)
+
+
+# -- Response: chat completion -> Responses (non-streaming) ---------------------------------------
+
+def openai_to_responses_response(resp, ctx, req=None) -> dict:
+    """Translate a non-streaming chat.completions response into a Responses `response`.
+
+    Runs the completion through ResponsesStream as one chunk, so both paths share the
+    reasoning, think-tag, tool-repair and status rules. `req` (optional) refreshes the
+    echoed request fields; otherwise those recorded by responses_to_openai_request are
+    used. Raises UpstreamError for error bodies and bodies without choices.
+    """
+    if not isinstance(resp, dict):
+        raise UpstreamError(502, "api_error", "upstream returned an unparsable body",
+                            upstream_status=200)
+    choices = resp.get("choices")
+    if not isinstance(choices, list) or not choices:
+        if _is_error_body(resp):
+            raise upstream_error(200, resp)
+        raise UpstreamError(502, "api_error", "upstream returned no choices", upstream_status=200)
+    if req is not None:
+        ctx.echo = responses_echo(req)
+    choice = _first_choice(choices) or {}
+    message = choice.get("message") or choice.get("delta")
+    message = dict(message) if isinstance(message, dict) else {}
+    if isinstance(message.get("tool_calls"), list):
+        # Complete calls: number them so that two calls with the same id stay two calls.
+        message["tool_calls"] = [dict(call, index=i) for i, call in
+                                 enumerate(message["tool_calls"]) if isinstance(call, dict)]
+    stream = ResponsesStream(ctx)
+    stream.feed({"choices": [{"index": 0, "delta": message,
+                              "finish_reason": choice.get("finish_reason")}],
+                 "usage": resp.get("usage")})
+    return stream.close(done=True)[-1]["response"]
+
+
+# -- Streaming: chat chunks -> Responses events ------------------------------------------------
+
+# Text and reasoning deltas are nearly every event of a stream: formatted directly (the
+# same bytes as the generic path, checked by a test) like encode_anthropic_event does.
+_RESPONSES_DELTA_FORMATS = {
+    "response.output_text.delta": (
+        7, 'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
+           '"sequence_number":%d,"item_id":%s,"output_index":%d,"content_index":%d,"delta":%s,'
+           '"logprobs":[]}\n\n'),
+    "response.reasoning_summary_text.delta": (
+        6, 'event: response.reasoning_summary_text.delta\ndata: {"type":'
+           '"response.reasoning_summary_text.delta","sequence_number":%d,"item_id":%s,'
+           '"output_index":%d,"summary_index":%d,"delta":%s}\n\n'),
+}
+
+
+def encode_responses_event(event) -> bytes:
+    """Encode one Responses event dict as SSE bytes: `event: <type>` + `data: <json>`."""
+    fast = _RESPONSES_DELTA_FORMATS.get(event["type"])
+    if fast is not None and len(event) == fast[0]:
+        index = event.get("content_index", event.get("summary_index"))
+        return (fast[1] % (event["sequence_number"], json.encoder.encode_basestring(event["item_id"]),
+                           event["output_index"], index,
+                           json.encoder.encode_basestring(event["delta"]))).encode("utf-8")
+    return ("event: %s\ndata: %s\n\n" % (event["type"], _COMPACT_JSON.encode(event))).encode("utf-8")
+
+
+class ResponsesStreamState:
+    """Readable state of a ResponsesStream; tests and the HTTP layer look at it."""
+
+    def __init__(self):
+        self.started = False
+        self.done = False
+        self.failed = False
+        self.status = None  # "completed" | "incomplete" | "failed" once done
+        self.sequence_number = 0  # of the next event
+        self.output = []  # finished output items, in output_index order
+        self.open_item = None  # the reasoning or message item being streamed
+        self.open_texts = []  # its text so far, in pieces (joined once, at its end)
+        self.tools = {}  # key -> _ToolCall, emitted at finish_reason
+        self.finish_reason = None
+        self.usage = None
+
+
+# Theory of operation (ResponsesStream)
+#
+# One instance per request turns chat chunks into Responses events in the grammar clients
+# expect:  response.created response.in_progress item* (response.completed |
+# response.incomplete | response.failed), where every item is output_item.added, its inner
+# events, output_item.done. Every event carries sequence_number 0, 1, 2, ...
+#
+# Items:    at most one item is open at a time (state.open_item), so output_index is the
+#           item's position in state.output. Reasoning streams live as a reasoning item with
+#           one summary part (summary_part.added, summary_text.delta*, summary_text.done,
+#           summary_part.done); text streams live as a message item with one output_text
+#           part (content_part.added, output_text.delta*, output_text.done,
+#           content_part.done). A delta of the other kind closes the open item and opens a
+#           new one, so reasoning, text, reasoning yields three items.
+# Holding back: an item opens only once its text has a non-whitespace character; a leading
+#           <think>...</think> in the content is reasoning (3.7, shared parser).
+# Tools:    never streamed fragment by fragment: merged per chat index (3.5 step 4) and
+#           emitted whole at finish_reason (or at close when no finish came), each as
+#           added, one arguments delta, arguments done, item done. That is what makes
+#           interleaved parallel calls, ids and names that arrive late, cumulative
+#           snapshots and argument repair (3.6) work, as on the Anthropic route.
+#           Custom tools use custom_tool_call_input.delta/done; local_shell_call has none.
+# End:      close(done) flushes, adds the empty-answer fallback (the reasoning as the
+#           answer when a model answered only there and called no tool, 2.2 step 2), and
+#           emits response.completed, or response.incomplete for finish_reason length or
+#           content_filter. EOF without a finish chunk is a failure, never a silent end.
+# Errors:   an error chunk before the start raises UpstreamError (the HTTP layer can still
+#           answer with a status or retry); after the start, fail() closes the open item
+#           and emits response.failed. Nothing is emitted after the terminal event.
+
+class ResponsesStream:
+    """Sans-IO converter from chat-completion chunks (dicts) to Responses event dicts.
+
+    feed(chunk) -> events; start() forces response.created + response.in_progress (the
+    HTTP layer's start-after-silence); close(done=True, usage=None, finish_reason=None)
+    ends it (done=False: EOF without `[DONE]`); fail(message, code) -> response.failed.
+    Each event is a dict whose "type" is the SSE event name.
+    """
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+        self.state = ResponsesStreamState()
+        self.response_id = None
+        self.final_usage = None
+        self._think_parser = _ThinkTagParser()
+        self._pending = ""  # whitespace waiting for a first visible character
+        self._pending_kind = None
+        self._tool_order = 0
+        self._used_call_ids = set()
+        self._reasoning_texts = []  # for the empty-answer fallback
+        self._generated = []  # all generated text, for the output estimate without usage
+
+    # -- public surface --
+
+    def start(self) -> list:
+        """response.created + response.in_progress, once."""
+        st = self.state
+        if st.started or st.done:
+            return []
+        st.started = True
+        self.response_id = self.ctx.new_id("resp_")
+        snapshot = self._response("in_progress")
+        return [self._event("response.created", response=snapshot),
+                self._event("response.in_progress", response=snapshot)]
+
+    def feed(self, chunk) -> list:
+        """Process one upstream chunk. Raises UpstreamError for an error chunk that
+        arrives before the stream started."""
+        if self.state.done or not isinstance(chunk, dict):
+            return []
+        if _is_error_body(chunk):
+            err = upstream_error(200, chunk)
+            if not self.state.started:
+                self.state.done = True
+                raise err
+            return self.fail(err.message, responses_error_code(err))
+        out = self.start()
+        choice = _first_choice(chunk.get("choices"))
+        if choice is not None:
+            self._feed_choice(choice, out)
+        usage = chunk.get("usage")
+        if not isinstance(usage, dict) and choice is not None:
+            usage = choice.get("usage")
+        if isinstance(usage, dict):
+            self.state.usage = usage  # overwrite: some upstreams send cumulative usage
+        return out
+
+    def close(self, done=True, usage=None, finish_reason=None) -> list:
+        """End of the upstream stream: done=True for `[DONE]` (or a complete body), False
+        for EOF. usage / finish_reason, when given, override what the chunks said."""
+        st = self.state
+        if st.done:
+            return []
+        if isinstance(usage, dict):
+            st.usage = usage
+        if finish_reason:
+            st.finish_reason = finish_reason
+        if not done and st.finish_reason is None:
+            # Connection cut mid-answer: the client must retry, not keep a truncated answer.
+            if not st.started:
+                st.done = True
+                raise UpstreamError(502, "api_error", "upstream stream ended unexpectedly")
+            return self.fail("upstream stream ended unexpectedly", "server_error")
+        out = self.start()
+        self._finish_items(out)
+        if not any(item["type"] != "reasoning" for item in st.output):
+            fallback = "".join(self._reasoning_texts)
+            if fallback.strip():
+                self._open_item("message", out)
+                self._delta(fallback, out)
+                self._close_item(out)
+        status = "incomplete" if st.finish_reason in ("length", "content_filter") else "completed"
+        self.final_usage = self._final_usage()
+        response = self._response(status, usage=self.final_usage)
+        if status == "incomplete":
+            response["incomplete_details"] = {"reason": "content_filter" if st.finish_reason
+                                              == "content_filter" else "max_output_tokens"}
+        out.append(self._event("response." + status, response=response))
+        st.done, st.status = True, status
+        return out
+
+    def fail(self, message, code="server_error") -> list:
+        """response.failed with the error (after closing the open item). Before the start
+        nothing may be written (the HTTP layer answers with an HTTP error), so []."""
+        st = self.state
+        if st.done:
+            return []
+        st.done = st.failed = True
+        st.status = "failed"
+        if not st.started:
+            return []
+        out = []
+        self._close_item(out, "incomplete")
+        response = self._response("failed", usage=self._final_usage())
+        response["error"] = {"code": code or "server_error", "message": message}
+        out.append(self._event("response.failed", response=response))
+        return out
+
+    def usage_for_log(self):
+        """(input_tokens, output_tokens) as sent to the client, or the current estimate."""
+        usage = self.final_usage or self._final_usage()
+        return usage["input_tokens"], usage["output_tokens"]
+
+    # -- per chunk --
+
+    def _feed_choice(self, choice, out):
+        delta = choice.get("delta")
+        if not isinstance(delta, dict):
+            delta = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+        reasoning = _reasoning_text(delta)
+        if reasoning:
+            self._on_text("reasoning", reasoning, out)
+        content = _content_text(delta)
+        if content:
+            for kind, text in self._think_parser.feed(content):
+                self._on_text("reasoning" if kind == "reasoning" else "message", text, out)
+        tool_calls = delta.get("tool_calls")
+        if isinstance(tool_calls, list):
+            self._merge_tool_calls(tool_calls)
+        elif isinstance(delta.get("function_call"), dict):  # legacy single call
+            self._merge_tool_calls([dict(delta["function_call"], index=0, _legacy=True)])
+        if choice.get("finish_reason"):
+            self.state.finish_reason = choice["finish_reason"]
+            self._finish_items(out)
+
+    def _on_text(self, kind, text, out):
+        """Reasoning or answer text: opens the matching item once something is visible."""
+        self._generated.append(text)
+        if kind == "reasoning":
+            self._reasoning_texts.append(text)
+        open_item = self.state.open_item
+        if open_item is None or open_item["type"] != kind:
+            if self._pending_kind != kind:
+                self._pending, self._pending_kind = "", kind
+            self._pending += text
+            if not self._pending.strip():
+                return
+            text, self._pending, self._pending_kind = self._pending, "", None
+            self._open_item(kind, out)
+        self._delta(text, out)
+
+    # -- items --
+
+    def _open_item(self, kind, out):
+        st = self.state
+        self._close_item(out)
+        index = len(st.output)
+        if kind == "reasoning":
+            item = {"id": self.ctx.new_id("rs_"), "type": "reasoning", "summary": []}
+            out.append(self._event("response.output_item.added", output_index=index, item=item))
+            out.append(self._event("response.reasoning_summary_part.added", item_id=item["id"],
+                                   output_index=index, summary_index=0,
+                                   part={"type": "summary_text", "text": ""}))
+        else:
+            item = {"id": self.ctx.new_id("msg_"), "type": "message", "status": "in_progress",
+                    "role": "assistant", "content": []}
+            out.append(self._event("response.output_item.added", output_index=index, item=item))
+            out.append(self._event("response.content_part.added", item_id=item["id"],
+                                   output_index=index, content_index=0,
+                                   part={"type": "output_text", "text": "", "annotations": []}))
+        st.open_item, st.open_texts = item, []
+
+    def _delta(self, text, out):
+        # The hot path: one event per upstream chunk, built in one literal (the key order
+        # is the one encode_responses_event's fast path writes).
+        st = self.state
+        st.open_texts.append(text)
+        item = st.open_item
+        if item["type"] == "reasoning":
+            event = {"type": "response.reasoning_summary_text.delta",
+                     "sequence_number": st.sequence_number, "item_id": item["id"],
+                     "output_index": len(st.output), "summary_index": 0, "delta": text}
+        else:
+            event = {"type": "response.output_text.delta", "sequence_number": st.sequence_number,
+                     "item_id": item["id"], "output_index": len(st.output), "content_index": 0,
+                     "delta": text, "logprobs": []}
+        st.sequence_number += 1
+        out.append(event)
+
+    def _close_item(self, out, status="completed"):
+        st = self.state
+        item = st.open_item
+        if item is None:
+            return
+        index, text = len(st.output), "".join(st.open_texts)
+        if item["type"] == "reasoning":
+            part = {"type": "summary_text", "text": text}
+            out.append(self._event("response.reasoning_summary_text.done", item_id=item["id"],
+                                   output_index=index, summary_index=0, text=text))
+            out.append(self._event("response.reasoning_summary_part.done", item_id=item["id"],
+                                   output_index=index, summary_index=0, part=part))
+            done = dict(item, summary=[part])
+        else:
+            part = {"type": "output_text", "text": text, "annotations": []}
+            out.append(self._event("response.output_text.done", item_id=item["id"],
+                                   output_index=index, content_index=0, text=text, logprobs=[]))
+            out.append(self._event("response.content_part.done", item_id=item["id"],
+                                   output_index=index, content_index=0, part=part))
+            done = dict(item, status=status, content=[part])
+        out.append(self._event("response.output_item.done", output_index=index, item=done))
+        st.output.append(done)
+        st.open_item, st.open_texts = None, []
+
+    def _finish_items(self, out):
+        """At finish_reason or close: flush the think parser, close the open item, emit
+        the buffered tool calls."""
+        for kind, text in self._think_parser.flush():
+            self._on_text("reasoning" if kind == "reasoning" else "message", text, out)
+        self._close_item(out, "incomplete" if self.state.finish_reason == "length" else "completed")
+        self._pending, self._pending_kind = "", None
+        tools = sorted(self.state.tools.values(), key=lambda t: t.sort_key)
+        self.state.tools = {}
+        for tool in tools:
+            self._emit_tool(tool, out)
+
+    # -- tools --
+
+    def _merge_tool_calls(self, entries):
+        tools = self.state.tools
+        for position, entry in enumerate(entries):
+            if not isinstance(entry, dict):
+                continue
+            key = self._tool_key(entry, position, len(entries))
+            tool = tools.get(key)
+            if tool is None:
+                self._tool_order += 1
+                tool = tools[key] = _ToolCall(key, self._tool_order)
+            tool.merge(entry)
+
+    def _tool_key(self, entry, position, entry_count):
+        """By chat index; else by id; else by position in a chunk that lists several;
+        a lone fragment with neither continues the most recent call (3.5 step 4)."""
+        index = entry.get("index")
+        if isinstance(index, int) and not isinstance(index, bool):
+            return index
+        known = list(self.state.tools.values())
+        call_id = entry.get("id")
+        if isinstance(call_id, str) and call_id:
+            for tool in known:
+                if tool.id == call_id:
+                    return tool.key
+            return ("id", call_id)
+        if entry_count > 1:
+            return ("pos", position)
+        return max(known, key=lambda t: t.order).key if known else ("pos", 0)
+
+    def _emit_tool(self, tool, out):
+        spec = responses_tool_for(tool.name, self.ctx)
+        if not spec.name:
+            self.ctx.note("dropped an upstream tool call without a name")
+            return
+        # A custom tool's input may be plain text: it is read raw, never "repaired" to {}.
+        arguments = _custom_tool_input(tool) if spec.kind == "custom" else tool.input_json()
+        self._generated.append(arguments)
+        index = len(self.state.output)
+        call_id = self._client_call_id(tool.id)
+        if spec.kind == "custom":
+            tool_input = arguments
+            item = {"id": self.ctx.new_id("ctc_"), "type": "custom_tool_call", "call_id": call_id,
+                    "name": spec.name, "input": ""}
+            inner = [("response.custom_tool_call_input.delta", {"delta": tool_input}),
+                     ("response.custom_tool_call_input.done", {"input": tool_input})]
+            done = dict(item, input=tool_input)
+        elif spec.kind == "local_shell":
+            item = {"id": self.ctx.new_id("lsh_"), "type": "local_shell_call", "call_id": call_id,
+                    "status": "in_progress", "action": _local_shell_action(arguments)}
+            inner = []
+            done = dict(item, status="completed")
+        else:
+            item = {"id": self.ctx.new_id("fc_"), "type": "function_call", "status": "in_progress",
+                    "arguments": "", "call_id": call_id, "name": spec.name}
+            inner = [("response.function_call_arguments.delta", {"delta": arguments}),
+                     ("response.function_call_arguments.done", {"name": spec.name,
+                                                                "arguments": arguments})]
+            done = dict(item, status="completed", arguments=arguments)
+        if spec.namespace:
+            item["namespace"] = done["namespace"] = spec.namespace
+        out.append(self._event("response.output_item.added", output_index=index, item=item))
+        for name, fields in inner:
+            if fields.get("delta") != "":  # no empty deltas
+                out.append(self._event(name, item_id=item["id"], output_index=index, **fields))
+        out.append(self._event("response.output_item.done", output_index=index, item=done))
+        self.state.output.append(done)
+
+    def _client_call_id(self, upstream_id):
+        """Keep the upstream id unless it is missing, repeated or already in the history
+        (models that number calls call_0, call_1... on every turn)."""
+        ok = (isinstance(upstream_id, str) and upstream_id.strip() == upstream_id and upstream_id
+              and upstream_id not in self._used_call_ids
+              and upstream_id not in self.ctx.history_tool_ids)
+        call_id = upstream_id if ok else self.ctx.new_id("call_")
+        self._used_call_ids.add(call_id)
+        return call_id
+
+    # -- events and the response object --
+
+    def _event(self, event_type, **fields):
+        event = {"type": event_type, "sequence_number": self.state.sequence_number}
+        event.update(fields)
+        self.state.sequence_number += 1
+        return event
+
+    def _response(self, status, usage=None):
+        output = list(self.state.output)
+        response = {"id": self.response_id, "object": "response",
+                    "created_at": self.ctx.created_at, "status": status, "error": None,
+                    "incomplete_details": None, "model": self.ctx.client_model,
+                    "output": output, "usage": usage}
+        response.update(getattr(self.ctx, "echo", None) or responses_echo({}))
+        if status != "in_progress":
+            # Not an API field (the SDKs compute it); plain-HTTP clients read it.
+            response["output_text"] = "".join(part["text"] for item in output
+                                               if item["type"] == "message"
+                                               for part in item["content"])
+        return response
+
+    def _final_usage(self):
+        usage = _responses_usage(self.state.usage)
+        if usage is None:
+            input_tokens = self.ctx.estimated_input_tokens
+            output_tokens = estimate_text_tokens("".join(self._generated))
+            usage = {"input_tokens": input_tokens,
+                     "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+                     "output_tokens": output_tokens,
+                     "output_tokens_details": {"reasoning_tokens": 0},
+                     "total_tokens": input_tokens + output_tokens}
+        return usage
+
+
+def responses_error_code(err) -> str:
+    """The `response.failed` error code for an UpstreamError, in the words Codex acts on:
+    context_length_exceeded and invalid_prompt end the turn, insufficient_quota and
+    rate_limit_exceeded are reported as such, server_is_overloaded and the rest retry."""
+    if getattr(err, "openai_code", None) == "context_length_exceeded":
+        return "context_length_exceeded"
+    return _RESPONSES_ERROR_CODES.get(getattr(err, "anthropic_type", None), "server_error")
+
+
+_RESPONSES_ERROR_CODES = {"rate_limit_error": "rate_limit_exceeded",
+                          "billing_error": "insufficient_quota",
+                          "overloaded_error": "server_is_overloaded",
+                          "invalid_request_error": "invalid_prompt"}
+
+
+def _responses_usage(usage):
+    """Chat usage -> Responses usage (input_tokens include the cached ones); None if absent."""
+    counts = _anthropic_usage(usage)  # one place knows where upstreams put cached tokens
+    if counts is None:
+        return None
+    input_tokens = counts["input_tokens"] + counts["cache_read_input_tokens"]
+    details = usage.get("completion_tokens_details")
+    reasoning = details.get("reasoning_tokens") if isinstance(details, dict) else None
+    if reasoning is None:
+        reasoning = usage.get("reasoning_tokens")
+    return {"input_tokens": input_tokens,
+            "input_tokens_details": {"cached_tokens": counts["cache_read_input_tokens"],
+                                     "cache_write_tokens": 0},
+            "output_tokens": counts["output_tokens"],
+            "output_tokens_details": {"reasoning_tokens": _int(reasoning)},
+            "total_tokens": input_tokens + counts["output_tokens"]}
+
+
+def _custom_tool_input(tool):
+    """The string a custom tool gets: the `input` argument. A model that ignored the schema
+    and sent another single string, a JSON string or plain text is taken at its word."""
+    raw = tool.arguments
+    if not raw and tool.arguments_object is not None:
+        raw = json.dumps(tool.arguments_object, ensure_ascii=False)
+    parsed = _loads_or_none(raw)
+    if isinstance(parsed, str):
+        return parsed
+    if not isinstance(parsed, dict):
+        if not raw.lstrip().startswith("{"):
+            return raw
+        parsed = _loads_or_none(tool.input_json()) or {}  # cumulative or truncated JSON (3.6)
+    value = parsed.get("input")
+    if value is None and len(parsed) == 1:
+        value = next(iter(parsed.values()))
+    if value is None:
+        return "" if not parsed else json.dumps(parsed, ensure_ascii=False)
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def _local_shell_action(arguments):
+    try:
+        parsed = json.loads(arguments)
+    except ValueError:
+        parsed = {}
+    parsed = parsed if isinstance(parsed, dict) else {}
+    command = parsed.get("command")
+    if isinstance(command, str):
+        command = ["bash", "-lc", command]  # a model that sent one command line
+    if not isinstance(command, list):
+        command = []
+    timeout = parsed.get("timeout_ms")
+    return {"type": "exec", "command": [str(c) for c in command],
+            "timeout_ms": timeout if isinstance(timeout, int) and not isinstance(timeout, bool) else None,
+            "working_directory": parsed.get("workdir") if isinstance(parsed.get("workdir"), str) else None,
+            "env": {}, "user": None}
+
 # == 4. SSE codec (sans-IO) =====================================================
 # Incremental text/event-stream parser and encoder. Pure: bytes in, events out.
 # Tests: tests/unit/test_sse.py (including byte-at-a-time feeding).
@@ -4156,7 +5345,7 @@ OPENAI_CHAT_FIELDS = frozenset([
     "max_completion_tokens", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs",
     "top_logprobs", "user", "tools", "tool_choice", "parallel_tool_calls", "response_format", "seed",
     "reasoning_effort", "modalities", "audio", "prediction", "store", "metadata", "service_tier"])
-_TOOL_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
+_SAFE_TOOL_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
 
 
 def apply_request_quirks(body: dict, quirks: dict) -> dict:
@@ -4192,7 +5381,7 @@ def _safe_tool_ids(message):
 
 def safe_tool_id(value) -> str:
     value = str(value or "")
-    if _TOOL_ID_RE.match(value):
+    if _SAFE_TOOL_ID_RE.match(value):
         return value
     return "call_" + hashlib.sha256(value.encode("utf-8")).hexdigest()[:24]
 
@@ -4259,7 +5448,7 @@ _TRANSLATION_FLAGS = ("max_tokens_field", "stream_usage", "accepts_top_k", "tool
                       "parallel_tool_calls", "thinking_style", "replay_reasoning", "reasoning_placeholder",
                       "needs_user_first", "inline_think_tags", "supports_pdf",
                       "drop_tool_choice_when_thinking", "drop_sampling_params", "strict_schema",
-                      "reasoning_split")
+                      "reasoning_split", "accepts_strict_tools")
 
 
 def provider_settings(name: str, entry: dict) -> dict:
@@ -5999,6 +7188,7 @@ class Api:
         self.client_keys, self.adapter, self.clock = client_keys, adapter, clock
         self.started_at = clock()
         self.image_resolver = None  # socket.getaddrinfo; tests inject one (no lookups leave the machine)
+        self.stored_responses = ResponseStore()
 
     def router(self) -> Router:
         r = Router()
@@ -6019,6 +7209,11 @@ class Api:
         for path in ("/", "/v1", "/v1/"):
             r.add("POST", path, self.root_post)
         r.add("POST", "/api/event_logging/batch", self.telemetry, "anthropic")
+        for prefix in ("/v1", ""):
+            r.add("POST", prefix + "/responses", self.responses)
+            r.add("GET", prefix + "/responses/{response_id}", self.get_response)
+            r.add("DELETE", prefix + "/responses/{response_id}", self.delete_response)
+            r.add("GET", prefix + "/responses/{response_id}/input_items", self.response_input_items)
         return r
 
     def head_check(self, method: str, path: str, headers, has_body: bool) -> None:
@@ -6346,6 +7541,128 @@ class Api:
         finally:
             finish()
 
+    # -- OpenAI Responses (Codex CLI) ---------------------------------------------
+
+    def responses(self, req: Request) -> Response:
+        """POST /v1/responses: the Responses API over the upstream's chat completions.
+
+        Like /v1/messages, the upstream is always asked to stream, and one state machine
+        serves streaming and non-streaming clients. store (the API's default) keeps the
+        answer for GET and for a later previous_response_id."""
+        self.client_keys.check(req.headers)
+        body = req.json()
+        with client_input_errors():
+            if not isinstance(body, dict):
+                raise InvalidRequestError("request body must be a JSON object")
+            history = self.stored_responses.history(body.get("previous_response_id"))
+            ctx = self._responses_context(body)
+            openai_body = responses_to_openai_request(_with_history(body, history), ctx)
+            if ctx.route.quirks.get("inline_image_urls"):
+                openai_body = inline_image_urls(openai_body, self._image_fetcher(ctx.route).fetch)
+        for note in ctx.notes:
+            log.debug("%s: %s", req.id, note)
+        req.log["model"] = _log_model(ctx.route, ctx.upstream_model)
+        is_stream = body.get("stream") is True
+        openai_body["stream"] = True
+        if ctx.flag("stream_usage"):
+            openai_body["stream_options"] = {"include_usage": True}
+        upstream, release = _watched(req, *self._open_upstream(openai_body, ctx.route, req.log))
+        stream = ResponsesStream(ctx)
+        keep = _stored_input(body, history) if body.get("store", True) is not False else None
+
+        def finish():
+            upstream.close()
+            release()
+            _log_stream_usage(req, stream)
+
+        reader = None
+        try:
+            if "text/event-stream" in upstream.content_type:
+                reader = ChunkReader(upstream)
+                events = _until_started(reader, stream, ANTHROPIC_START_AFTER_S if is_stream else None,
+                                        self.clock)
+            else:  # one JSON body: replay it through the same state machine
+                events = _feed_items(stream, completion_to_chunks(_parse_completion(_read_all(upstream)))
+                                     + [ChunkReader.DONE])
+            if not is_stream:
+                while reader is not None and not stream.state.done:
+                    events += _feed_items(stream, reader.next(None))
+        except BaseException as exc:
+            finish()
+            raise _before_first_byte(exc) from None
+        if is_stream:
+            return Response(200, headers=list(_SSE_HEADERS),
+                            stream=self._responses_events(req, reader, stream, events, finish, keep))
+        finish()
+        final = final_response(events)
+        if final.get("status") == "failed":
+            error = final.get("error") or {}
+            raise UpstreamError(502, "api_error", error.get("message") or "the upstream failed",
+                                openai_code=error.get("code"))
+        if keep is not None:
+            self.stored_responses.put(final, keep)
+        return Response.json(final)
+
+    def _responses_events(self, req, reader, stream, events, finish, keep):
+        """The SSE body of a streaming /v1/responses answer; a comment line keeps a silent
+        connection open; an upstream failure becomes response.failed, never a silent end."""
+        silent_s = 0.0
+        sent = list(events)
+        try:
+            if events:
+                yield b"".join(encode_responses_event(e) for e in events)
+            while reader is not None and not stream.state.done:
+                try:
+                    items = reader.next(ANTHROPIC_PING_S)
+                    if items is None:
+                        silent_s += ANTHROPIC_PING_S
+                        if silent_s >= self.config["upstream_read_timeout_s"]:
+                            raise socket.timeout("no data for %.0f s" % silent_s)
+                        yield b": keep-alive\n\n"
+                        continue
+                    silent_s = 0.0
+                    events = _feed_items(stream, items)
+                except (OSError, http.client.HTTPException) as exc:
+                    message = stream_failure_message(exc)
+                    req.log["error"] = message
+                    events = stream.fail(message)
+                sent += events
+                if events:
+                    yield b"".join(encode_responses_event(e) for e in events)
+            if keep is not None:
+                self.stored_responses.put(final_response(sent), keep)
+        finally:
+            finish()
+
+    def _responses_context(self, body: dict) -> TranslationContext:
+        model = body.get("model")
+        if model is not None and not isinstance(model, str):
+            raise InvalidRequestError("model: expected a string")
+        name = model or self.config.get("default_model") or self.credentials.model_name or DEFAULT_MODEL
+        route, upstream_model = self._route(name, responses_has_images(body))
+        ctx = ResponsesContext(client_model=name, upstream_model=upstream_model, new_id=new_random_id,
+                               profile=route.profile(upstream_model), model_info=route.model_info(upstream_model),
+                               preserve_reasoning=self.config["preserve_reasoning_content"],
+                               created_at=int(time.time()))
+        ctx.route = route
+        return ctx
+
+    def get_response(self, req: Request) -> Response:
+        self.client_keys.check(req.headers)
+        return Response.json(self.stored_responses.get(req.params["response_id"])[0])
+
+    def response_input_items(self, req: Request) -> Response:
+        self.client_keys.check(req.headers)
+        items = self.stored_responses.get(req.params["response_id"])[1]
+        return Response.json({"object": "list", "data": items, "has_more": False,
+                              "first_id": None, "last_id": None})
+
+    def delete_response(self, req: Request) -> Response:
+        self.client_keys.check(req.headers)
+        response_id = req.params["response_id"]
+        self.stored_responses.delete(response_id)
+        return Response.json({"id": response_id, "object": "response.deleted", "deleted": True})
+
     def count_tokens(self, req: Request) -> Response:
         """POST /v1/messages/count_tokens: a local estimate, never an upstream call."""
         self.client_keys.check(req.headers)
@@ -6382,6 +7699,106 @@ class Api:
                                  preserve_reasoning=self.config["preserve_reasoning_content"])
         ctx.route = route
         return ctx
+
+# -- Responses: stored answers ------------------------------------------------------
+
+class ResponseStore:
+    """Responses kept for GET /v1/responses/{id} and previous_response_id: in memory,
+    bounded in count, bytes and age (the oldest go first). Each entry is the response
+    object and the input items that led to it, so a follow-up can replay the turns."""
+
+    def __init__(self, max_count: int = 256, max_bytes: int = 64 * MIB, ttl_s: float = 3600.0,
+                 clock=time.monotonic):
+        self.max_count, self.max_bytes, self.ttl_s, self.clock = max_count, max_bytes, ttl_s, clock
+        self._entries = collections.OrderedDict()  # id -> (stored at, size, response, input items)
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def put(self, response: dict, input_items: list) -> None:
+        response_id = response.get("id")
+        if not response_id:
+            return
+        size = len(_COMPACT_JSON.encode(response)) + len(_COMPACT_JSON.encode(input_items))
+        if size > self.max_bytes:
+            return  # larger than the whole store: not kept
+        with self._lock:
+            self._drop(response_id)
+            self._entries[response_id] = (self.clock(), size, response, input_items)
+            self._bytes += size
+            while len(self._entries) > self.max_count or self._bytes > self.max_bytes:
+                self._drop(next(iter(self._entries)))
+
+    def get(self, response_id: str):
+        """(response, input items); NotFoundError when unknown, deleted or expired."""
+        with self._lock:
+            self._expire()
+            entry = self._entries.get(response_id)
+        if entry is None:
+            raise NotFoundError("no stored response %r (responses are kept in memory for %d minutes, and "
+                                "only when the request had store: true)" % (str(response_id)[:100],
+                                                                             self.ttl_s // 60),
+                                code="response_not_found")
+        return entry[2], entry[3]
+
+    def history(self, response_id) -> list:
+        """The input and output items of a stored response, for previous_response_id ([] for None)."""
+        if response_id is None:
+            return []
+        if not isinstance(response_id, str):
+            raise InvalidRequestError("previous_response_id: expected a string")
+        response, input_items = self.get(response_id)
+        return list(input_items) + list(response.get("output") or [])
+
+    def delete(self, response_id: str) -> None:
+        self.get(response_id)  # 404 when unknown
+        with self._lock:
+            self._drop(response_id)
+
+    def _expire(self) -> None:
+        cutoff = self.clock() - self.ttl_s
+        while self._entries and next(iter(self._entries.values()))[0] < cutoff:
+            self._drop(next(iter(self._entries)))
+
+    def _drop(self, response_id) -> None:
+        entry = self._entries.pop(response_id, None)
+        if entry is not None:
+            self._bytes -= entry[1]
+
+
+def _input_as_items(value) -> list:
+    """A request's `input` as a list of items (a string is one user message)."""
+    if isinstance(value, str):
+        return [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": value}]}]
+    return list(value) if isinstance(value, list) else []
+
+
+def _with_history(body: dict, history: list) -> dict:
+    """The request with the turns of previous_response_id in front of its input."""
+    if not history:
+        return body
+    return dict(body, input=history + _input_as_items(body.get("input")))
+
+
+def _stored_input(body: dict, history: list) -> list:
+    """The input items a stored response keeps (earlier turns included)."""
+    return history + _input_as_items(body.get("input"))
+
+
+def final_response(events: list) -> dict:
+    """The response object of the terminal event (completed, incomplete or failed)."""
+    for event in reversed(events):
+        if event.get("type") in ("response.completed", "response.incomplete", "response.failed"):
+            return event["response"]
+    raise UpstreamError(502, "api_error", "the upstream stream ended without an answer")
+
+
+def responses_has_images(body: dict) -> bool:
+    """Whether a Responses request carries an input_image part (for vision routing)."""
+    for item in body.get("input") if isinstance(body.get("input"), list) else []:
+        if isinstance(item, dict) and isinstance(item.get("content"), list):
+            if any(isinstance(p, dict) and p.get("type") == "input_image" for p in item["content"]):
+                return True
+    return False
 
 # -- Anthropic streaming glue -----------------------------------------------------
 
@@ -6707,6 +8124,25 @@ def openapi_document() -> dict:
             "stop_reason": {"type": "string", "nullable": True},
             "stop_sequence": {"type": "string", "nullable": True}, "usage": obj}},
         "TokenCount": {"type": "object", "properties": {"input_tokens": {"type": "integer"}}},
+        "ResponsesRequest": {"type": "object", "required": ["model", "input"], "properties": {
+            "model": {"type": "string", "example": "glm-5"},
+            "input": {"oneOf": [{"type": "string"}, {"type": "array", "items": obj}]},
+            "instructions": {"type": "string"}, "stream": {"type": "boolean"},
+            "tools": {"type": "array", "items": obj}, "tool_choice": {}, "parallel_tool_calls": {"type": "boolean"},
+            "reasoning": obj, "text": obj, "max_output_tokens": {"type": "integer"},
+            "temperature": {"type": "number"}, "top_p": {"type": "number"},
+            "store": {"type": "boolean", "description": "keep the answer in memory (GET, previous_response_id)"},
+            "previous_response_id": {"type": "string"}}},
+        "Response": {"type": "object", "properties": {
+            "id": {"type": "string"}, "object": {"type": "string", "enum": ["response"]},
+            "created_at": {"type": "integer"}, "model": {"type": "string"},
+            "status": {"type": "string", "enum": ["completed", "incomplete", "failed", "in_progress"]},
+            "output": {"type": "array", "items": obj}, "output_text": {"type": "string"},
+            "incomplete_details": {"type": "object", "nullable": True}, "usage": obj}},
+        "ResponseDeleted": {"type": "object", "properties": {
+            "id": {"type": "string"}, "object": {"type": "string"}, "deleted": {"type": "boolean"}}},
+        "ResponseItemList": {"type": "object", "properties": {
+            "object": {"type": "string"}, "data": {"type": "array", "items": obj}}},
         "Model": {"type": "object", "properties": {
             "id": {"type": "string"}, "object": {"type": "string"}, "created": {"type": "integer"},
             "owned_by": {"type": "string"}, "type": {"type": "string"}, "display_name": {"type": "string"},
@@ -6734,6 +8170,7 @@ def openapi_document() -> dict:
         return op
 
     model_param = [{"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}]
+    response_param = [{"name": "response_id", "in": "path", "required": True, "schema": {"type": "string"}}]
     return {
         "openapi": "3.0.3",
         "info": {"title": "iflow2api", "version": __version__,
@@ -6753,6 +8190,15 @@ def openapi_document() -> dict:
                                                "MessagesRequest", "Message", True)},
             "/v1/messages/count_tokens": {"post": operation("Count input tokens (local estimate)",
                                                             "Anthropic", "MessagesRequest", "TokenCount")},
+            "/v1/responses": {"post": operation("Create a response (OpenAI Responses API, as Codex CLI uses)",
+                                                "OpenAI", "ResponsesRequest", "Response", True)},
+            "/v1/responses/{response_id}": {
+                "get": operation("Get a stored response", "OpenAI", ok="Response", params=response_param),
+                "delete": operation("Delete a stored response", "OpenAI", ok="ResponseDeleted",
+                                    params=response_param)},
+            "/v1/responses/{response_id}/input_items": {
+                "get": operation("The input items of a stored response", "OpenAI", ok="ResponseItemList",
+                                 params=response_param)},
             "/health": {"get": operation("Server health", "Service", ok="Health")},
         },
         "components": {"schemas": schemas, "securitySchemes": {

@@ -8701,6 +8701,24 @@ class Service:
                 "instances": [i.status() for i in self.instances.values()],
                 "accounts": self.accounts()}
 
+    def has_credentials(self) -> bool:
+        """Whether some enabled provider has a usable key (an iFlow login, an account or a
+        provider key): the GUI shows its sign-in call to action when not."""
+        return self.backend.has_credentials()
+
+    def models(self) -> list:
+        """[{"id", "name", "provider"}] of every model clients can send ("provider/model"
+        for other than the default provider). May ask the upstreams (cached for
+        models_cache_s): call it off a UI thread."""
+        return [{"id": model_id, "name": display, "provider": owner}
+                for model_id, display, owner in self.backend.public_model_ids()]
+
+    def config_keys_set(self) -> list:
+        """The keys the config file holds (chosen by the user), as opposed to defaults: the
+        GUI follows the OS language until the user picked one."""
+        with self.config.lock:
+            return sorted(self.config.file_data)
+
     def recent_logs(self, count: int = 100) -> list:
         return self.log_buffer.lines(count)
 
@@ -9009,12 +9027,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="iflow2api",
         description="Local OpenAI-compatible API bridge to the iFlow API.",
-        epilog="commands: serve (default), version, models, config, login, logout, accounts, providers. "
+        epilog="commands: serve (default), gui, version, models, config, login, logout, accounts, providers. "
                "Run 'iflow2api COMMAND --help' for details.")
     _common_options(parser)
     parser.add_argument("--version", action="version", version="iflow2api " + __version__)
     sub = parser.add_subparsers(dest="command")
     serve = sub.add_parser("serve", help="run the server (default)")
+    sub.add_parser("gui", help="open the desktop window (tkinter; 'gui --help' for its options)")
     _common_options(serve)
     version = sub.add_parser("version", help="print the version")
     version.add_argument("--verbose", action="store_true", help="also list optional packages in use")
@@ -9060,6 +9079,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """Entry point of the console script and of `python iflow2api.py`."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["gui"]:  # its options are the window's own
+        return _cmd_gui(argv[1:])
     if not any(a in COMMANDS for a in argv[:1]) and not any(a in ("-h", "--help", "--version") for a in argv):
         argv = ["serve"] + argv
     args = build_parser().parse_args(argv)
@@ -9093,6 +9114,17 @@ def main(argv=None) -> int:
             raise
         log.exception("internal error")
         return 1
+
+
+def _cmd_gui(argv: list) -> int:
+    """The desktop window (iflow2api_gui.py beside this file, or in the same zip)."""
+    try:
+        import iflow2api_gui
+    except ImportError:
+        print("iflow2api: the desktop window (iflow2api_gui.py) is not installed next to iflow2api; "
+              "run the server with `iflow2api` and use the web admin at /admin", file=sys.stderr)
+        return 2
+    return iflow2api_gui.main(argv)
 
 
 def _cmd_version(args) -> int:

@@ -4,7 +4,8 @@
 Sets up what the tests need, then runs pytest:
 - a virtual environment .venv-test with tests/requirements.txt (pip, PyPI only);
 - the Claude Code CLI from npm (pinned, in .cache/claude-code) and, under CI,
-  Debian's chromium for the browser tests.
+  Debian's chromium for the browser tests and xvfb, xdotool, fonts-wqy-microhei and
+  desktop-file-utils for the desktop app tests.
 Under CI (CI=true) a missing tool fails the tests instead of skipping them.
 """
 import os
@@ -77,10 +78,22 @@ def ensure_chromium():
     return os.path.exists("/usr/bin/chromium")
 
 
+def ensure_gui_tools() -> None:
+    """Debian's Xvfb, xdotool, a CJK font and desktop-file-validate for the desktop app tests."""
+    wanted = {"xvfb": shutil.which("Xvfb"), "xdotool": shutil.which("xdotool"),
+              "desktop-file-utils": shutil.which("desktop-file-validate"),
+              "fonts-wqy-microhei": os.path.exists("/usr/share/fonts/truetype/wqy/wqy-microhei.ttc")}
+    missing = [package for package, present in wanted.items() if not present]
+    if missing and in_ci():
+        print("tests/run.py: installing %s" % " ".join(missing), flush=True)
+        apt_install(*missing)
+
+
 def main(argv) -> int:
     python = ensure_venv()
     install_claude_code()
     ensure_chromium()
+    ensure_gui_tools()
     env = dict(os.environ)
     env["PATH"] = os.path.dirname(python) + os.pathsep + env.get("PATH", "")
     args = argv or ["tests"]

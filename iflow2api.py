@@ -40,6 +40,7 @@ import contextlib
 import datetime
 import hashlib
 import hmac
+import shutil
 import http.client
 import ipaddress
 import json
@@ -53,6 +54,7 @@ import socket
 import socketserver
 import ssl
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -9034,6 +9036,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     serve = sub.add_parser("serve", help="run the server (default)")
     sub.add_parser("gui", help="open the desktop window (tkinter; 'gui --help' for its options)")
+    for client, name in (("claude", "Claude Code"), ("codex", "Codex CLI")):
+        launch = sub.add_parser(client, help="run %s through this server: iflow2api %s [--model "
+                                "provider/model] [ARGS...]" % (name, client))
+        launch.add_argument("--model", help="the model %s uses (default: default_model)" % name)
+        launch.add_argument("args", nargs=argparse.REMAINDER, help="passed on to %s" % client)
     _common_options(serve)
     version = sub.add_parser("version", help="print the version")
     version.add_argument("--verbose", action="store_true", help="also list optional packages in use")
@@ -9081,6 +9088,8 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["gui"]:  # its options are the window's own
         return _cmd_gui(argv[1:])
+    if argv[:1] in (["claude"], ["codex"]) and not argv[1:2] in (["-h"], ["--help"]):
+        return _cmd_launch(argv[0], argv[1:])
     if not any(a in COMMANDS for a in argv[:1]) and not any(a in ("-h", "--help", "--version") for a in argv):
         argv = ["serve"] + argv
     args = build_parser().parse_args(argv)
@@ -9125,6 +9134,92 @@ def _cmd_gui(argv: list) -> int:
               "run the server with `iflow2api` and use the web admin at /admin", file=sys.stderr)
         return 2
     return iflow2api_gui.main(argv)
+
+
+# -- Launchers: `iflow2api claude` and `iflow2api codex` ---------------------------------
+
+LAUNCHED_CLIENTS = {
+    "claude": ("Claude Code", "npm install -g @anthropic-ai/claude-code"),
+    "codex": ("Codex CLI", "npm install -g @openai/codex"),
+}
+
+
+def _cmd_launch(client: str, argv: list) -> int:
+    """Run Claude Code or Codex against this server: the one already running on the
+    configured port when /health says it is ours, else one started here on a free
+    loopback port (stopped when the client exits). The terminal, the arguments and
+    the exit code pass through; nothing is written to the client's own config."""
+    model, rest = _split_model_option(argv)
+    name, install = LAUNCHED_CLIENTS[client]
+    binary = shutil.which(client)
+    if binary is None:
+        print("iflow2api: %s (%s) is not installed; install it with: %s" % (name, client, install),
+              file=sys.stderr)
+        return 127
+    config = Config()
+    setup_logging("WARNING")  # the client owns the terminal
+    url, service = _running_server_url(config), None
+    if url is None:
+        service = Service(Config(cli={"host": "127.0.0.1", "port": 0}))
+        url = service.start().url
+    key = next((usable_secret(k) for k in config.get("api_keys") or [] if usable_secret(k)), "iflow2api")
+    model = model or config.get("default_model") or DEFAULT_MODEL
+    command, env = launch_command(client, binary, url, key, model, rest, os.environ)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the client's to handle
+    try:
+        return subprocess.call(command, env=env)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if service is not None:
+            service.stop()
+
+
+def launch_command(client: str, binary: str, url: str, key: str, model: str, args: list, environ) -> tuple:
+    """(argv, environment) that point Claude Code or Codex at url with key and model."""
+    env = dict(environ)
+    if client == "claude":
+        env.update(ANTHROPIC_BASE_URL=url, ANTHROPIC_API_KEY=key, ANTHROPIC_MODEL=model,
+                   CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1")
+        env.pop("ANTHROPIC_AUTH_TOKEN", None)  # it would be sent instead of the key
+        return [binary] + list(args), env
+    env["IFLOW2API_CODEX_KEY"] = key
+    overrides = {"model": model, "model_provider": "iflow2api",
+                 "model_providers.iflow2api.name": "iflow2api",
+                 "model_providers.iflow2api.base_url": url + "/v1",
+                 "model_providers.iflow2api.env_key": "IFLOW2API_CODEX_KEY",
+                 "model_providers.iflow2api.wire_api": "responses"}
+    flags = [part for key_, value in overrides.items() for part in ("-c", "%s=%s" % (key_, json.dumps(value)))]
+    return [binary] + flags + list(args), env
+
+
+def _split_model_option(argv: list) -> tuple:
+    """(model, the other arguments): our own leading --model VALUE / --model=VALUE."""
+    model, rest = None, list(argv)
+    while rest and rest[0].startswith("--model"):
+        if rest[0].startswith("--model="):
+            model = rest.pop(0).split("=", 1)[1]
+        elif rest[0] == "--model" and len(rest) > 1:
+            rest.pop(0)
+            model = rest.pop(0)
+        else:
+            break
+    return model, rest
+
+
+def _running_server_url(config: Config):
+    """The URL of an iflow2api already serving on the configured port, or None."""
+    host = config["host"] if config["host"] in LOOPBACK_HOSTS else "127.0.0.1"
+    url = "http://%s:%d" % ("[%s]" % host if ":" in host else host, config["port"])
+    conn = http.client.HTTPConnection(host, config["port"], timeout=2)
+    try:
+        conn.request("GET", "/health")
+        resp = conn.getresponse()
+        body = json.loads(resp.read(65536) or b"{}")
+    except (OSError, ValueError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
+    return url if isinstance(body, dict) and "http_adapter" in body and "version" in body else None
 
 
 def _cmd_version(args) -> int:

@@ -4,10 +4,11 @@ tool loop where Claude Code runs Bash and the answer comes after the tool result
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 
-from conftest import in_ci
+from conftest import ROOT, free_port, in_ci, port_open, write_settings
 from fakes import Reply, text_stream, tool_call_stream
 from run import CLAUDE_CODE_VERSION, install_claude_code
 
@@ -94,3 +95,51 @@ def test_claude_code_runs_a_tool_and_answers_after_the_result(claude, server, fa
     tool_message = messages[messages.index(calls[-1]) + 1]
     assert tool_message["role"] == "tool" and tool_message["tool_call_id"] == "call_bash_1"
     assert "iflow2api-e2e-42" in tool_message["content"]
+
+
+# -- `iflow2api claude` -------------------------------------------------------------------
+
+def run_launcher(claude, home, workdir, port, *args):
+    """`iflow2api claude ARGS` with claude on PATH and HOME set up like run_claude's."""
+    with open(os.path.join(home, ".claude.json"), "w") as f:
+        json.dump({"hasCompletedOnboarding": True, "lastOnboardingVersion": CLAUDE_CODE_VERSION,
+                   "numStartups": 5, "customApiKeyResponses": {"approved": ["iflow2api"], "rejected": []},
+                   "projects": {workdir: {"hasTrustDialogAccepted": True, "allowedTools": []}}}, f)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "CLAUDE", "IFLOW2API_"))}
+    env.update(HOME=home, IFLOW2API_HOME=os.path.join(home, ".iflow2api"), IFLOW2API_PORT=str(port),
+               PATH=os.path.dirname(claude) + os.pathsep + env.get("PATH", ""), DISABLE_AUTOUPDATER="1",
+               DISABLE_TELEMETRY="1", DISABLE_ERROR_REPORTING="1", CI="1", NO_COLOR="1")
+    return subprocess.run([sys.executable, os.path.join(ROOT, "iflow2api.py"), "claude"] + list(args),
+                          cwd=workdir, env=env, capture_output=True, text=True, timeout=180)
+
+
+def test_iflow2api_claude_starts_a_server_runs_claude_and_passes_the_exit_code(claude, fake_upstream, home,
+                                                                               workdir):
+    write_settings(str(home), fake_upstream.url)
+    fake_upstream.default_reply = lambda request: Reply(stream=text_stream(["Launched ", "fine."]))
+    port = free_port()  # nothing listens there: the launcher starts its own server
+    result = run_launcher(claude, str(home), workdir, port, "--model", "upstream-only-model", "-p", "Say hello.")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Launched fine." in result.stdout
+    assert {json.loads(r.body)["model"] for r in fake_upstream.chat_requests()} == {"upstream-only-model"}
+    assert not port_open(port)
+    bad = run_launcher(claude, str(home), workdir, port, "--no-such-option")
+    assert bad.returncode != 0  # claude's own exit code
+
+
+@pytest.mark.parametrize("adapter", ["h11"], indirect=True)
+def test_iflow2api_claude_uses_the_server_already_running(claude, server, fake_upstream, home, workdir):
+    fake_upstream.default_reply = lambda request: Reply(stream=text_stream(["From the running server."]))
+    result = run_launcher(claude, str(home), workdir, server.port, "-p", "Say hello.")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "From the running server." in result.stdout
+    assert server.stats.snapshot()["requests"] >= 1
+
+
+def test_a_missing_client_is_one_line_and_exit_127(tmp_path):
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable), HOME=str(tmp_path))
+    for client, install in (("claude", "@anthropic-ai/claude-code"), ("codex", "@openai/codex")):
+        result = subprocess.run([sys.executable, os.path.join(ROOT, "iflow2api.py"), client, "-p", "x"],
+                                env=env, capture_output=True, text=True, timeout=30)
+        assert result.returncode == 127 and install in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1

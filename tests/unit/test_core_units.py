@@ -373,3 +373,32 @@ def test_secrets_never_reach_log_handlers(caplog):
 def test_mask_secret_shows_only_ends():
     assert I.mask_secret("sk-1234567890abcdef") == "sk-...cdef"
     assert I.mask_secret("short") == "***"
+
+
+# -- launchers ------------------------------------------------------------------------------
+
+def test_claude_launch_environment_points_at_the_server():
+    argv, env = I.launch_command("claude", "/bin/claude", "http://127.0.0.1:5", "k-1", "p/m", ["-p", "hi"],
+                                 {"ANTHROPIC_AUTH_TOKEN": "old", "KEEP": "1"})
+    assert argv == ["/bin/claude", "-p", "hi"]
+    assert env["ANTHROPIC_BASE_URL"] == "http://127.0.0.1:5" and env["ANTHROPIC_API_KEY"] == "k-1"
+    assert env["ANTHROPIC_MODEL"] == "p/m" and env["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"] == "1"
+    assert "ANTHROPIC_AUTH_TOKEN" not in env and env["KEEP"] == "1"
+
+
+def test_codex_launch_uses_overrides_not_the_users_config():
+    argv, env = I.launch_command("codex", "/bin/codex", "http://127.0.0.1:5", "k-1", "glm-5", ["exec", "hi"], {})
+    assert argv[0] == "/bin/codex" and argv[-2:] == ["exec", "hi"]
+    pairs = dict(argv[i + 1].split("=", 1) for i in range(1, len(argv) - 2, 2))
+    assert all(argv[i] == "-c" for i in range(1, len(argv) - 2, 2))
+    assert pairs["model_providers.iflow2api.base_url"] == '"http://127.0.0.1:5/v1"'
+    assert pairs["model_providers.iflow2api.wire_api"] == '"responses"'
+    assert pairs["model"] == '"glm-5"' and pairs["model_provider"] == '"iflow2api"'
+    assert env["IFLOW2API_CODEX_KEY"] == "k-1"
+
+
+@pytest.mark.parametrize("argv, model, rest", [
+    (["--model", "p/m", "-p", "x"], "p/m", ["-p", "x"]), (["--model=p/m", "exec"], "p/m", ["exec"]),
+    (["exec", "--model", "x"], None, ["exec", "--model", "x"]), ([], None, [])])
+def test_launcher_takes_only_a_leading_model_option(argv, model, rest):
+    assert I._split_model_option(argv) == (model, rest)

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import venv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,6 +79,34 @@ def ensure_chromium():
     return os.path.exists("/usr/bin/chromium")
 
 
+# The API docs viewers pinned in static/docs-fallback.js, for the browser test that
+# checks their integrity hashes (the CDN is not reachable; npm is).
+DOCS_VIEWERS = ("swagger-ui-dist@5.35.0", "redoc@2.5.4")
+DOCS_VIEWERS_DIR = os.path.join(ROOT, ".cache", "docs-viewers")
+
+
+def fetch_docs_viewers() -> None:
+    """Unpack the pinned viewer packages from npm into .cache/docs-viewers/<name>-<version>."""
+    npm = shutil.which("npm")
+    if npm is None:
+        return
+    os.makedirs(DOCS_VIEWERS_DIR, exist_ok=True)
+    for spec in DOCS_VIEWERS:
+        target = os.path.join(DOCS_VIEWERS_DIR, spec.replace("@", "-"))
+        if os.path.isdir(target):
+            continue
+        print("tests/run.py: fetching %s" % spec, flush=True)
+        tarball = subprocess.run([npm, "pack", spec, "--silent"], cwd=DOCS_VIEWERS_DIR, capture_output=True,
+                                 text=True).stdout.strip().splitlines()
+        if not tarball:
+            continue
+        path = os.path.join(DOCS_VIEWERS_DIR, tarball[-1])
+        with tarfile.open(path) as archive:
+            archive.extractall(DOCS_VIEWERS_DIR)
+        os.rename(os.path.join(DOCS_VIEWERS_DIR, "package"), target)
+        os.unlink(path)
+
+
 def ensure_gui_tools() -> None:
     """Debian's Xvfb, xdotool, a CJK font and desktop-file-validate for the desktop app tests."""
     wanted = {"xvfb": shutil.which("Xvfb"), "xdotool": shutil.which("xdotool"),
@@ -94,6 +123,7 @@ def main(argv) -> int:
     install_claude_code()
     ensure_chromium()
     ensure_gui_tools()
+    fetch_docs_viewers()
     env = dict(os.environ)
     env["PATH"] = os.path.dirname(python) + os.pathsep + env.get("PATH", "")
     args = argv or ["tests"]

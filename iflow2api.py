@@ -71,7 +71,7 @@ except ImportError:  # the stdlib HTTP adapter is used instead
 # its import costs ~30 ms of start-up that plain-http setups never need.
 
 __all__ = [
-    "__version__", "main", "Service", "Instance", "Config", "Iflow2apiError",
+    "__version__", "main", "Service", "Instance", "Config", "Iflow2apiError", "add_web_admin",
     "SSEParser", "normalize_reasoning_message", "ReasoningMerger",
     "iflow_signature", "iflow_model_tweaks", "write_json_atomic", "redact",
     "pick_http_adapter",
@@ -8210,7 +8210,426 @@ def openapi_document() -> dict:
         "security": [{}, {"bearer": []}, {"apiKey": []}],
     }
 
-# -- Admin JSON API (/admin/api/...) ------------------------------------------------------
+# == 9. Service: instances, status, logs =========================================
+# The object the CLI, the admin API and the GUI drive: start/stop server
+# instances, status snapshot, recent log lines, config. Tests: tests/integration.
+
+class Instance:
+    """One listening server with its own limiter and counters over a shared Backend."""
+
+    def __init__(self, config: Config, name: str = "default", host: str = None, port: int = None,
+                 adapter: str = None, backend: Backend = None, route_sets=()):
+        self.name, self.config = name, config
+        self.host = host or config["host"]
+        self.port = config["port"] if port is None else port
+        self.adapter = adapter or pick_http_adapter(config.env)
+        self.backend = backend or Backend(config)
+        self.accounts = self.backend.accounts
+        self.credentials = self.backend.credentials
+        self.limiter = ConcurrencyLimiter(config["concurrency"], config["queue_timeout_s"])
+        self.stats = Stats()
+        self.generated_key = ""  # a client key made for this start (remote bind), shown once
+        self.api = Api(config, self.backend, self.limiter, self.stats, ClientKeys(config, self.host),
+                       self.adapter)
+        router = self.api.router()
+        head_checks = [self.api.head_check]
+        for route_set in route_sets:  # more routes over the same server (the web admin)
+            route_set.register(router)
+            head_checks.append(route_set.head_check)
+        self.app = App(router, config["cors_allow_origins"], self.stats, head_checks)
+        self.server = None
+
+    @property
+    def url(self) -> str:
+        return self.server.url if self.server else ""
+
+    @property
+    def running(self) -> bool:
+        return self.server is not None
+
+    def start(self) -> "Instance":
+        if self.server is None:
+            self.server = HTTPServer(self.app, self.host, self.port, Limits.from_config(self.config),
+                                     self.adapter)
+            self.port = self.server.port
+            self.server.start()
+            self.backend.refresher.start()
+        return self
+
+    def stop(self, timeout_s: float = 5.0, grace_s: float = 0.0) -> None:
+        if self.server is not None:
+            self.server.stop(timeout_s, grace_s)
+            self.server = None
+
+    def status(self) -> dict:
+        stats = self.stats.snapshot()
+        return {"name": self.name, "running": self.running, "url": self.url, "host": self.host,
+                "port": self.port, "http_adapter": self.adapter,
+                "credentials": self.backend.has_credentials(), "in_flight": self.limiter.in_flight,
+                "requests": stats["requests"], "errors": stats["errors"],
+                "input_tokens": stats["input_tokens"], "output_tokens": stats["output_tokens"]}
+
+
+class Service:
+    """Server instances, accounts, login, config and recent logs: the one object
+    the CLI, the GUI and the admin API drive."""
+
+    def __init__(self, config: Config = None):
+        self.config = config or Config()
+        self.backend = Backend(self.config)
+        self.instances = {}
+        self.log_buffer = RecentLogHandler()
+        logging.getLogger("iflow2api").addHandler(self.log_buffer)
+        self._lock = threading.RLock()
+        self.started_at = time.time()
+        # Objects with register(router) and head_check(...) whose routes every instance
+        # started from now on serves too (add_web_admin puts the web admin here).
+        self.route_sets = []
+
+    @classmethod
+    def from_config(cls, overrides: dict = None, path: str = None, env=None) -> "Service":
+        """A service whose config takes `overrides` as its command-line layer."""
+        return cls(Config(path=path, env=env, cli=overrides))
+
+    # -- instances --
+
+    def start(self, name: str = "default", host: str = None, port: int = None) -> Instance:
+        """Start (or return the running) instance `name`; OSError when the port is taken.
+
+        A remote bind without client keys first gets one generated (instance.generated_key)."""
+        with self._lock:
+            instance = self.instances.get(name)
+            if instance is None or not instance.running:
+                generated = ensure_client_key(self.config, host or self.config["host"])
+                instance = Instance(self.config, name, host, port, backend=self.backend,
+                                    route_sets=self.route_sets)
+                instance.generated_key = generated
+                instance.start()
+                self.instances[name] = instance
+            return instance
+
+    def stop(self, name: str = None, timeout_s: float = 5.0, grace_s: float = 0.0) -> None:
+        """Stop one instance, or all (and the backend) when name is None; requests being
+        answered get up to grace_s to finish (all instances drain at the same time)."""
+        with self._lock:
+            names = [name] if name else list(self.instances)
+            stopping = [self.instances.pop(n) for n in names if n in self.instances]
+            threads = [threading.Thread(target=i.stop, args=(timeout_s, grace_s), daemon=True) for i in stopping]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        if name is None:
+            self.backend.close()
+            logging.getLogger("iflow2api").removeHandler(self.log_buffer)
+
+    def status(self) -> dict:
+        return {"version": __version__, "config_path": self.config.path,
+                "instances": [i.status() for i in self.instances.values()],
+                "accounts": self.accounts()}
+
+    def has_credentials(self) -> bool:
+        """Whether some enabled provider has a usable key (an iFlow login, an account or a
+        provider key): the GUI shows its sign-in call to action when not."""
+        return self.backend.has_credentials()
+
+    def models(self) -> list:
+        """[{"id", "name", "provider"}] of every model clients can send ("provider/model"
+        for other than the default provider). May ask the upstreams (cached for
+        models_cache_s): call it off a UI thread."""
+        return [{"id": model_id, "name": display, "provider": owner}
+                for model_id, display, owner in self.backend.public_model_ids()]
+
+    def config_keys_set(self) -> list:
+        """The keys the config file holds (chosen by the user), as opposed to defaults: the
+        GUI follows the OS language until the user picked one."""
+        with self.config.lock:
+            return sorted(self.config.file_data)
+
+    def recent_logs(self, count: int = 100) -> list:
+        return self.log_buffer.lines(count)
+
+    def dashboard(self) -> dict:
+        """Totals over every instance, latency, per model/provider/account counters, and lists."""
+        totals = {"requests": 0, "errors": 0, "input_tokens": 0, "output_tokens": 0}
+        counters = {"by_model": collections.Counter(), "by_provider": collections.Counter(),
+                    "by_account": collections.Counter()}
+        latencies = []
+        for instance in list(self.instances.values()):
+            stats = instance.stats.snapshot()
+            for key in totals:
+                totals[key] += stats[key]
+            for key, counter in counters.items():
+                counter.update(stats[key])
+            latencies += stats["latencies_ms"]
+        out = {"version": __version__, "uptime_s": round(time.time() - self.started_at, 1),
+               "keys_required": ClientKeys(self.config).required,
+               "latency_ms": latency_summary(latencies), "instances": self.instance_list(),
+               "accounts": self.accounts(), "providers": self.providers()}
+        out.update(totals)
+        out.update({k: dict(v) for k, v in counters.items()})
+        return out
+
+    # -- instances defined in config ---------------------------------------------
+
+    def instance_list(self) -> list:
+        """Running instances and the configured ones that are stopped."""
+        listed = [i.status() for i in self.instances.values()]
+        names = {i["name"] for i in listed}
+        for entry in self.config.get("instances") or []:
+            if isinstance(entry, dict) and entry.get("name") not in names:
+                listed.append({"name": entry["name"], "running": False, "url": "",
+                               "host": entry.get("host") or self.config["host"], "port": entry.get("port"),
+                               "requests": 0, "errors": 0, "in_flight": 0})
+        return listed
+
+    def add_instance(self, name: str, host: str = None, port=None) -> dict:
+        """Define, save and start one more server instance (another port)."""
+        if not _NAME_RE.match(name) or name == "default":
+            raise InvalidRequestError("name: 1-40 letters, digits, '_', '-' or '.' (not 'default')")
+        if any(isinstance(e, dict) and e.get("name") == name for e in self.config.get("instances") or []):
+            raise InvalidRequestError("an instance named %r exists" % name)
+        if isinstance(port, str) and port.isdigit():
+            port = int(port)
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            raise InvalidRequestError("port: a number from 1 to 65535")
+        entry = {"name": name, "host": host or self.config["host"], "port": port}
+        instance = self._start_entry(entry)
+        self.config.update({"instances": list(self.config.get("instances") or []) + [entry]})
+        status = instance.status()
+        if instance.generated_key:  # a remote bind made the first client key: show it once
+            status["generated_key"] = instance.generated_key
+        return status
+
+    def start_instance(self, name: str) -> dict:
+        if name in self.instances:
+            return self.instances[name].status()
+        if name == "default":
+            return self.start().status()
+        entry = next((e for e in self.config.get("instances") or [] if isinstance(e, dict) and e.get("name") == name),
+                     None)
+        if entry is None:
+            raise NotFoundError("no instance %r" % name)
+        return self._start_entry(entry).status()
+
+    def stop_instance(self, name: str) -> None:
+        if name not in self.instances:
+            raise NotFoundError("instance %r is not running" % name)
+        threading.Thread(target=self.stop, args=(name,), daemon=True).start()  # may be the one serving us
+
+    def remove_instance(self, name: str) -> None:
+        entries = self.config.get("instances") or []
+        kept = [e for e in entries if not (isinstance(e, dict) and e.get("name") == name)]
+        if len(kept) == len(entries):
+            raise NotFoundError("no configured instance %r" % name)
+        self.config.update({"instances": kept})
+        if name in self.instances:
+            self.stop_instance(name)
+
+    def start_configured(self) -> list:
+        """Start every instance saved in config (serve does this after the default one)."""
+        started = []
+        for entry in self.config.get("instances") or []:
+            if isinstance(entry, dict) and entry.get("name") not in self.instances:
+                try:
+                    started.append(self._start_entry(entry))
+                except (OSError, Iflow2apiError) as exc:
+                    log.warning("instance %s not started: %s", entry.get("name"), exc)
+        return started
+
+    def _start_entry(self, entry: dict) -> Instance:
+        try:
+            return self.start(str(entry["name"]), entry.get("host"), entry.get("port"))
+        except OSError as exc:
+            raise InvalidRequestError("cannot listen on %s:%s (%s)" % (entry.get("host") or self.config["host"],
+                                                                     entry.get("port"), exc.strerror or exc))
+
+    # -- config --
+
+    def config_get(self) -> dict:
+        """The effective config with every secret masked (a proxy URL keeps all but its password)."""
+        shown = map_secrets(self.config.values, mask_secret)
+        shown["upstream_proxy"] = mask_url_password(self.config["upstream_proxy"])
+        return shown
+
+    def config_set(self, changes: dict) -> None:
+        self.config.update(changes)
+        self.backend.reload()
+
+    def editable_keys(self) -> list:
+        """Config keys the admin may change directly (secrets and lists with their own pages excluded)."""
+        return sorted(k for k in DEFAULT_CONFIG if k not in _MANAGED_KEYS)
+
+    def config_set_editable(self, changes: dict, may_redirect_credentials: bool = False) -> None:
+        """Change editable keys. Keys that decide where credentials are sent (OAuth and
+        iFlow URLs, the proxy) need may_redirect_credentials: the admin asks for the
+        password again, the CLI and the GUI are the user at their own machine. A value
+        sent back exactly as config_get() masked it is left as it is."""
+        shown = self.config_get()
+        changes = {k: v for k, v in changes.items() if not (k in shown and v == shown[k] and v != self.config.get(k))}
+        refused = sorted(set(changes) - set(self.editable_keys()))
+        if refused:
+            raise InvalidRequestError("not editable here: %s" % ", ".join(refused))
+        guarded = sorted(set(changes) & CREDENTIAL_ROUTING_KEYS)
+        if guarded and not may_redirect_credentials:
+            raise Iflow2apiError("changing %s needs the admin password again (or the command line)"
+                                 % ", ".join(guarded), status=403, code="password_required",
+                                 openai_type="permission_error", anthropic_type="permission_error")
+        self.config_set(changes)
+
+    # -- client API keys ------------------------------------------------------------
+
+    def client_keys(self) -> list:
+        """[{id, masked}] of the configured client keys (the full key is never shown again)."""
+        return [{"id": _key_id(k), "masked": mask_secret(k)}
+                for k in self.config.get("api_keys") or [] if usable_secret(k)]
+
+    def create_client_key(self) -> dict:
+        key = new_client_key()
+        register_secret(key)
+        self.config.update({"api_keys": list(self.config.get("api_keys") or []) + [key]})
+        return {"id": _key_id(key), "key": key}
+
+    def revoke_client_key(self, key_id: str) -> bool:
+        keys = list(self.config.get("api_keys") or [])
+        kept = [k for k in keys if not (usable_secret(k) and _key_id(k) == key_id)]
+        if len(kept) == len(keys):
+            return False
+        exposed = self._network_binds()
+        if exposed and not any(usable_secret(k) for k in kept):
+            raise InvalidRequestError("this is the last client key and the server listens on %s; create "
+                                      "another key first (or set allow_remote_without_key)" % exposed[0],
+                                      code="last_key")
+        self.config.update({"api_keys": kept})
+        return True
+
+    def _network_binds(self) -> list:
+        """Configured or running bind addresses that require client keys."""
+        hosts = [self.config["host"]] + [i.host for i in self.instances.values()]
+        hosts += [e.get("host") for e in self.config.get("instances") or [] if isinstance(e, dict)]
+        return [h for h in hosts if h and needs_client_key(self.config, h)]
+
+    # -- accounts and login --
+
+    def accounts(self) -> list:
+        """Every account with masked key, expiry, status and counters."""
+        now = time.time()
+        return [a.snapshot(now) for a in self.backend.accounts.accounts()]
+
+    def login_start(self, headless: bool = False) -> LoginSession:
+        """Begin an OAuth login: open session.url, then call login_finish()."""
+        return LoginSession(self.backend.oauth, headless, self.config["oauth_callback_port"])
+
+    def login_finish(self, session: LoginSession, pasted: str = None, timeout_s: float = 300.0,
+                     add: bool = False) -> str:
+        """Finish a login (browser: wait for the redirect; headless: the pasted URL or
+        code), store it like the iFlow CLI (or as an extra account) and return its id."""
+        code = session.finish(pasted) if pasted is not None else session.wait(timeout_s)
+        session.close()
+        result = complete_login(self.backend.oauth, code, session.redirect_uri, time.time())
+        account_id = save_login(self.backend.accounts, result, add)
+        log.info("logged in%s as account %s", " (%s)" % result["user"] if result["user"] else "", account_id)
+        return account_id
+
+    def login_api_key(self, api_key: str, add: bool = False, base_url: str = None) -> str:
+        """Use a pasted iFlow API key instead of OAuth; returns the account id."""
+        api_key = (api_key or "").strip()
+        if not api_key or any(c.isspace() for c in api_key):
+            raise InvalidRequestError("that does not look like an API key")
+        register_secret(api_key)
+        return save_login(self.backend.accounts, {"api_key": api_key, "base_url": base_url}, add)
+
+    def logout(self, account_id: str = Account.PRIMARY) -> bool:
+        """Remove an account's credentials; False when there was no such account."""
+        return self.backend.accounts.remove(account_id)
+
+    # -- providers --
+
+    def providers(self) -> list:
+        """Presets and configured providers: name, base URL, key status (masked), models, notes."""
+        configured = self.config.get("providers") or {}
+        routes = self.backend.routes
+        out = []
+        for name in ["iflow"] + sorted(set(PROVIDER_PRESETS) | set(configured)):
+            if name == "iflow":
+                settings = {"base_url": self.backend.credentials.base_url, "key_env": "",
+                            "notes": "iFlow API with the iFlow CLI's login (iflow2api login)"}
+            else:
+                settings = provider_settings(name, configured.get(name) or {})
+                settings["notes"] = PROVIDER_PRESETS.get(settings.get("preset") or name, {}).get("notes", "")
+            route = routes.get(name)
+            keys = [a.api_key for a in route.accounts.accounts()] if route else []
+            out.append({"name": name, "configured": name == "iflow" or name in configured,
+                        "enabled": route is not None, "default": name == self.config["default_provider"],
+                        "base_url": settings["base_url"], "key_env": settings.get("key_env") or "",
+                        "keys": [mask_secret(k) if k else "(none needed)" for k in keys],
+                        "notes": settings["notes"]})
+        return out
+
+    def provider_add(self, name: str, preset: str = None, api_key: str = None, base_url: str = None,
+                     models=None, make_default: bool = False) -> dict:
+        """Create (or update) a provider profile; unknown names need a base URL."""
+        if not _NAME_RE.match(name or "") or name == "iflow":
+            raise InvalidRequestError("provider names are 1-40 letters, digits, '_', '-' or '.' (not 'iflow')")
+        if (preset or name) not in PROVIDER_PRESETS and not base_url and name not in (
+                self.config.get("providers") or {}):
+            raise InvalidRequestError("%r is not a preset (%s): give --base-url"
+                                      % (preset or name, ", ".join(sorted(PROVIDER_PRESETS))))
+        if preset and preset not in PROVIDER_PRESETS:
+            raise InvalidRequestError("unknown preset %r; presets: %s" % (preset, ", ".join(sorted(PROVIDER_PRESETS))))
+        providers = dict(self.config.get("providers") or {})
+        entry = dict(providers.get(name) or {})
+        if preset:
+            entry["preset"] = preset
+        if base_url:
+            entry["base_url"] = base_url.rstrip("/")
+        if api_key:
+            register_secret(api_key)
+            entry["api_keys"] = [k for k in entry.get("api_keys") or [] if k != api_key] + [api_key]
+        if models:
+            entry["models"] = list(models)
+        providers[name] = entry
+        changes = {"providers": providers}
+        if make_default:
+            changes["default_provider"] = name
+        self.config.update(changes)
+        self.backend.reload()
+        return next(p for p in self.providers() if p["name"] == name)
+
+    def provider_remove(self, name: str) -> bool:
+        providers = dict(self.config.get("providers") or {})
+        if name not in providers:
+            return False
+        del providers[name]
+        changes = {"providers": providers}
+        if self.config["default_provider"] == name:
+            changes["default_provider"] = "iflow"
+        self.config.update(changes)
+        self.backend.reload()
+        return True
+
+
+# Names of instances and providers (they appear in URLs and in "provider/model").
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,40}$")
+
+# Config keys with their own admin pages or too sensitive for a plain form.
+# Where credentials go: changing these could send tokens or keys to another host.
+CREDENTIAL_ROUTING_KEYS = {"base_url", "oauth_authorize_url", "oauth_token_url", "oauth_userinfo_url",
+                           "oauth_client_id", "upstream_proxy", "upstream_proxy_enabled"}
+_MANAGED_KEYS = {"api_key", "custom_api_key", "api_keys", "accounts", "providers", "instances",
+                 "admin_password_hash", "oauth_client_secret"}
+
+
+def _key_id(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:10]
+
+
+# == 10. Admin API: the web admin's JSON API over Service =========================
+# An HTTP face over the Service of section 9 (it only calls Service methods), with
+# the static pages and API docs; add_web_admin() attaches it to a Service, and every
+# server instance then serves it. Tests: tests/integration/test_admin_api.py,
+# tests/e2e/test_admin_browser.py.
+
 # Drives the same Service as the CLI and the GUI. Signed-in browsers hold an HttpOnly,
 # SameSite=Strict session cookie; every change also needs the X-CSRF-Token header.
 # Before an admin password exists, only this machine may set one; nobody else gets in.
@@ -8525,7 +8944,11 @@ class AdminApi:
         return Response.json({"models": [m for m, _d, _o in self.service.backend.public_model_ids()]})
 
     def playground(self, req: Request) -> Response:
-        return self.service.playground(req)
+        """A chat completion for a signed-in admin (no client key needed), on the first instance."""
+        instance = next(iter(self.service.instances.values()), None)
+        if instance is None:
+            raise Iflow2apiError("no server instance is running", status=503, code="unavailable")
+        return instance.api.chat(req, req.json())
 
 
 def _cookie(req: Request, name: str) -> str:
@@ -8588,425 +9011,15 @@ def _int_param(req: Request, name: str, default: int) -> int:
     except ValueError:
         return default
 
-# == 9. Service: instances, status, logs =========================================
-# The object the CLI, the admin API and the GUI drive: start/stop server
-# instances, status snapshot, recent log lines, config. Tests: tests/integration.
 
-class Instance:
-    """One listening server with its own limiter and counters over a shared Backend."""
-
-    def __init__(self, config: Config, name: str = "default", host: str = None, port: int = None,
-                 adapter: str = None, backend: Backend = None, admin: AdminApi = None):
-        self.name, self.config = name, config
-        self.host = host or config["host"]
-        self.port = config["port"] if port is None else port
-        self.adapter = adapter or pick_http_adapter(config.env)
-        self.backend = backend or Backend(config)
-        self.accounts = self.backend.accounts
-        self.credentials = self.backend.credentials
-        self.limiter = ConcurrencyLimiter(config["concurrency"], config["queue_timeout_s"])
-        self.stats = Stats()
-        self.generated_key = ""  # a client key made for this start (remote bind), shown once
-        self.api = Api(config, self.backend, self.limiter, self.stats, ClientKeys(config, self.host),
-                       self.adapter)
-        router = self.api.router()
-        head_checks = [self.api.head_check]
-        if admin is not None:
-            admin.register(router)
-            head_checks.append(admin.head_check)
-        self.app = App(router, config["cors_allow_origins"], self.stats, head_checks)
-        self.server = None
-
-    @property
-    def url(self) -> str:
-        return self.server.url if self.server else ""
-
-    @property
-    def running(self) -> bool:
-        return self.server is not None
-
-    def start(self) -> "Instance":
-        if self.server is None:
-            self.server = HTTPServer(self.app, self.host, self.port, Limits.from_config(self.config),
-                                     self.adapter)
-            self.port = self.server.port
-            self.server.start()
-            self.backend.refresher.start()
-        return self
-
-    def stop(self, timeout_s: float = 5.0, grace_s: float = 0.0) -> None:
-        if self.server is not None:
-            self.server.stop(timeout_s, grace_s)
-            self.server = None
-
-    def status(self) -> dict:
-        stats = self.stats.snapshot()
-        return {"name": self.name, "running": self.running, "url": self.url, "host": self.host,
-                "port": self.port, "http_adapter": self.adapter,
-                "credentials": self.backend.has_credentials(), "in_flight": self.limiter.in_flight,
-                "requests": stats["requests"], "errors": stats["errors"],
-                "input_tokens": stats["input_tokens"], "output_tokens": stats["output_tokens"]}
+def add_web_admin(service):
+    """service, with the web admin, the API docs and the static files on every instance it
+    starts from now on (the CLI's serve, the desktop app and the tests call this)."""
+    service.route_sets.append(AdminApi(service, AdminSessions(), LoginLimiter()))
+    return service
 
 
-class Service:
-    """Server instances, accounts, login, config and recent logs: the one object
-    the CLI, the GUI and the admin API drive."""
-
-    def __init__(self, config: Config = None):
-        self.config = config or Config()
-        self.backend = Backend(self.config)
-        self.instances = {}
-        self.log_buffer = RecentLogHandler()
-        logging.getLogger("iflow2api").addHandler(self.log_buffer)
-        self._lock = threading.RLock()
-        self.started_at = time.time()
-        self.admin = AdminApi(self, AdminSessions(), LoginLimiter())
-
-    @classmethod
-    def from_config(cls, overrides: dict = None, path: str = None, env=None) -> "Service":
-        """A service whose config takes `overrides` as its command-line layer."""
-        return cls(Config(path=path, env=env, cli=overrides))
-
-    # -- instances --
-
-    def start(self, name: str = "default", host: str = None, port: int = None) -> Instance:
-        """Start (or return the running) instance `name`; OSError when the port is taken.
-
-        A remote bind without client keys first gets one generated (instance.generated_key)."""
-        with self._lock:
-            instance = self.instances.get(name)
-            if instance is None or not instance.running:
-                generated = ensure_client_key(self.config, host or self.config["host"])
-                instance = Instance(self.config, name, host, port, backend=self.backend, admin=self.admin)
-                instance.generated_key = generated
-                instance.start()
-                self.instances[name] = instance
-            return instance
-
-    def stop(self, name: str = None, timeout_s: float = 5.0, grace_s: float = 0.0) -> None:
-        """Stop one instance, or all (and the backend) when name is None; requests being
-        answered get up to grace_s to finish (all instances drain at the same time)."""
-        with self._lock:
-            names = [name] if name else list(self.instances)
-            stopping = [self.instances.pop(n) for n in names if n in self.instances]
-            threads = [threading.Thread(target=i.stop, args=(timeout_s, grace_s), daemon=True) for i in stopping]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-        if name is None:
-            self.backend.close()
-            logging.getLogger("iflow2api").removeHandler(self.log_buffer)
-
-    def status(self) -> dict:
-        return {"version": __version__, "config_path": self.config.path,
-                "instances": [i.status() for i in self.instances.values()],
-                "accounts": self.accounts()}
-
-    def has_credentials(self) -> bool:
-        """Whether some enabled provider has a usable key (an iFlow login, an account or a
-        provider key): the GUI shows its sign-in call to action when not."""
-        return self.backend.has_credentials()
-
-    def models(self) -> list:
-        """[{"id", "name", "provider"}] of every model clients can send ("provider/model"
-        for other than the default provider). May ask the upstreams (cached for
-        models_cache_s): call it off a UI thread."""
-        return [{"id": model_id, "name": display, "provider": owner}
-                for model_id, display, owner in self.backend.public_model_ids()]
-
-    def config_keys_set(self) -> list:
-        """The keys the config file holds (chosen by the user), as opposed to defaults: the
-        GUI follows the OS language until the user picked one."""
-        with self.config.lock:
-            return sorted(self.config.file_data)
-
-    def recent_logs(self, count: int = 100) -> list:
-        return self.log_buffer.lines(count)
-
-    def dashboard(self) -> dict:
-        """Totals over every instance, latency, per model/provider/account counters, and lists."""
-        totals = {"requests": 0, "errors": 0, "input_tokens": 0, "output_tokens": 0}
-        counters = {"by_model": collections.Counter(), "by_provider": collections.Counter(),
-                    "by_account": collections.Counter()}
-        latencies = []
-        for instance in list(self.instances.values()):
-            stats = instance.stats.snapshot()
-            for key in totals:
-                totals[key] += stats[key]
-            for key, counter in counters.items():
-                counter.update(stats[key])
-            latencies += stats["latencies_ms"]
-        out = {"version": __version__, "uptime_s": round(time.time() - self.started_at, 1),
-               "keys_required": ClientKeys(self.config).required,
-               "latency_ms": latency_summary(latencies), "instances": self.instance_list(),
-               "accounts": self.accounts(), "providers": self.providers()}
-        out.update(totals)
-        out.update({k: dict(v) for k, v in counters.items()})
-        return out
-
-    # -- instances defined in config ---------------------------------------------
-
-    def instance_list(self) -> list:
-        """Running instances and the configured ones that are stopped."""
-        listed = [i.status() for i in self.instances.values()]
-        names = {i["name"] for i in listed}
-        for entry in self.config.get("instances") or []:
-            if isinstance(entry, dict) and entry.get("name") not in names:
-                listed.append({"name": entry["name"], "running": False, "url": "",
-                               "host": entry.get("host") or self.config["host"], "port": entry.get("port"),
-                               "requests": 0, "errors": 0, "in_flight": 0})
-        return listed
-
-    def add_instance(self, name: str, host: str = None, port=None) -> dict:
-        """Define, save and start one more server instance (another port)."""
-        if not _NAME_RE.match(name) or name == "default":
-            raise InvalidRequestError("name: 1-40 letters, digits, '_', '-' or '.' (not 'default')")
-        if any(isinstance(e, dict) and e.get("name") == name for e in self.config.get("instances") or []):
-            raise InvalidRequestError("an instance named %r exists" % name)
-        if isinstance(port, str) and port.isdigit():
-            port = int(port)
-        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
-            raise InvalidRequestError("port: a number from 1 to 65535")
-        entry = {"name": name, "host": host or self.config["host"], "port": port}
-        instance = self._start_entry(entry)
-        self.config.update({"instances": list(self.config.get("instances") or []) + [entry]})
-        status = instance.status()
-        if instance.generated_key:  # a remote bind made the first client key: show it once
-            status["generated_key"] = instance.generated_key
-        return status
-
-    def start_instance(self, name: str) -> dict:
-        if name in self.instances:
-            return self.instances[name].status()
-        if name == "default":
-            return self.start().status()
-        entry = next((e for e in self.config.get("instances") or [] if isinstance(e, dict) and e.get("name") == name),
-                     None)
-        if entry is None:
-            raise NotFoundError("no instance %r" % name)
-        return self._start_entry(entry).status()
-
-    def stop_instance(self, name: str) -> None:
-        if name not in self.instances:
-            raise NotFoundError("instance %r is not running" % name)
-        threading.Thread(target=self.stop, args=(name,), daemon=True).start()  # may be the one serving us
-
-    def remove_instance(self, name: str) -> None:
-        entries = self.config.get("instances") or []
-        kept = [e for e in entries if not (isinstance(e, dict) and e.get("name") == name)]
-        if len(kept) == len(entries):
-            raise NotFoundError("no configured instance %r" % name)
-        self.config.update({"instances": kept})
-        if name in self.instances:
-            self.stop_instance(name)
-
-    def start_configured(self) -> list:
-        """Start every instance saved in config (serve does this after the default one)."""
-        started = []
-        for entry in self.config.get("instances") or []:
-            if isinstance(entry, dict) and entry.get("name") not in self.instances:
-                try:
-                    started.append(self._start_entry(entry))
-                except (OSError, Iflow2apiError) as exc:
-                    log.warning("instance %s not started: %s", entry.get("name"), exc)
-        return started
-
-    def _start_entry(self, entry: dict) -> Instance:
-        try:
-            return self.start(str(entry["name"]), entry.get("host"), entry.get("port"))
-        except OSError as exc:
-            raise InvalidRequestError("cannot listen on %s:%s (%s)" % (entry.get("host") or self.config["host"],
-                                                                     entry.get("port"), exc.strerror or exc))
-
-    # -- config --
-
-    def config_get(self) -> dict:
-        """The effective config with every secret masked (a proxy URL keeps all but its password)."""
-        shown = map_secrets(self.config.values, mask_secret)
-        shown["upstream_proxy"] = mask_url_password(self.config["upstream_proxy"])
-        return shown
-
-    def config_set(self, changes: dict) -> None:
-        self.config.update(changes)
-        self.backend.reload()
-
-    def editable_keys(self) -> list:
-        """Config keys the admin may change directly (secrets and lists with their own pages excluded)."""
-        return sorted(k for k in DEFAULT_CONFIG if k not in _MANAGED_KEYS)
-
-    def config_set_editable(self, changes: dict, may_redirect_credentials: bool = False) -> None:
-        """Change editable keys. Keys that decide where credentials are sent (OAuth and
-        iFlow URLs, the proxy) need may_redirect_credentials: the admin asks for the
-        password again, the CLI and the GUI are the user at their own machine. A value
-        sent back exactly as config_get() masked it is left as it is."""
-        shown = self.config_get()
-        changes = {k: v for k, v in changes.items() if not (k in shown and v == shown[k] and v != self.config.get(k))}
-        refused = sorted(set(changes) - set(self.editable_keys()))
-        if refused:
-            raise InvalidRequestError("not editable here: %s" % ", ".join(refused))
-        guarded = sorted(set(changes) & CREDENTIAL_ROUTING_KEYS)
-        if guarded and not may_redirect_credentials:
-            raise Iflow2apiError("changing %s needs the admin password again (or the command line)"
-                                 % ", ".join(guarded), status=403, code="password_required",
-                                 openai_type="permission_error", anthropic_type="permission_error")
-        self.config_set(changes)
-
-    # -- client API keys ------------------------------------------------------------
-
-    def client_keys(self) -> list:
-        """[{id, masked}] of the configured client keys (the full key is never shown again)."""
-        return [{"id": _key_id(k), "masked": mask_secret(k)}
-                for k in self.config.get("api_keys") or [] if usable_secret(k)]
-
-    def create_client_key(self) -> dict:
-        key = new_client_key()
-        register_secret(key)
-        self.config.update({"api_keys": list(self.config.get("api_keys") or []) + [key]})
-        return {"id": _key_id(key), "key": key}
-
-    def revoke_client_key(self, key_id: str) -> bool:
-        keys = list(self.config.get("api_keys") or [])
-        kept = [k for k in keys if not (usable_secret(k) and _key_id(k) == key_id)]
-        if len(kept) == len(keys):
-            return False
-        exposed = self._network_binds()
-        if exposed and not any(usable_secret(k) for k in kept):
-            raise InvalidRequestError("this is the last client key and the server listens on %s; create "
-                                      "another key first (or set allow_remote_without_key)" % exposed[0],
-                                      code="last_key")
-        self.config.update({"api_keys": kept})
-        return True
-
-    def _network_binds(self) -> list:
-        """Configured or running bind addresses that require client keys."""
-        hosts = [self.config["host"]] + [i.host for i in self.instances.values()]
-        hosts += [e.get("host") for e in self.config.get("instances") or [] if isinstance(e, dict)]
-        return [h for h in hosts if h and needs_client_key(self.config, h)]
-
-    def playground(self, req: Request) -> Response:
-        """A chat completion for a signed-in admin (no client key needed)."""
-        instance = next(iter(self.instances.values()), None)
-        if instance is None:
-            raise Iflow2apiError("no server instance is running", status=503, code="unavailable")
-        return instance.api.chat(req, req.json())
-
-    # -- accounts and login --
-
-    def accounts(self) -> list:
-        """Every account with masked key, expiry, status and counters."""
-        now = time.time()
-        return [a.snapshot(now) for a in self.backend.accounts.accounts()]
-
-    def login_start(self, headless: bool = False) -> LoginSession:
-        """Begin an OAuth login: open session.url, then call login_finish()."""
-        return LoginSession(self.backend.oauth, headless, self.config["oauth_callback_port"])
-
-    def login_finish(self, session: LoginSession, pasted: str = None, timeout_s: float = 300.0,
-                     add: bool = False) -> str:
-        """Finish a login (browser: wait for the redirect; headless: the pasted URL or
-        code), store it like the iFlow CLI (or as an extra account) and return its id."""
-        code = session.finish(pasted) if pasted is not None else session.wait(timeout_s)
-        session.close()
-        result = complete_login(self.backend.oauth, code, session.redirect_uri, time.time())
-        account_id = save_login(self.backend.accounts, result, add)
-        log.info("logged in%s as account %s", " (%s)" % result["user"] if result["user"] else "", account_id)
-        return account_id
-
-    def login_api_key(self, api_key: str, add: bool = False, base_url: str = None) -> str:
-        """Use a pasted iFlow API key instead of OAuth; returns the account id."""
-        api_key = (api_key or "").strip()
-        if not api_key or any(c.isspace() for c in api_key):
-            raise InvalidRequestError("that does not look like an API key")
-        register_secret(api_key)
-        return save_login(self.backend.accounts, {"api_key": api_key, "base_url": base_url}, add)
-
-    def logout(self, account_id: str = Account.PRIMARY) -> bool:
-        """Remove an account's credentials; False when there was no such account."""
-        return self.backend.accounts.remove(account_id)
-
-    # -- providers --
-
-    def providers(self) -> list:
-        """Presets and configured providers: name, base URL, key status (masked), models, notes."""
-        configured = self.config.get("providers") or {}
-        routes = self.backend.routes
-        out = []
-        for name in ["iflow"] + sorted(set(PROVIDER_PRESETS) | set(configured)):
-            if name == "iflow":
-                settings = {"base_url": self.backend.credentials.base_url, "key_env": "",
-                            "notes": "iFlow API with the iFlow CLI's login (iflow2api login)"}
-            else:
-                settings = provider_settings(name, configured.get(name) or {})
-                settings["notes"] = PROVIDER_PRESETS.get(settings.get("preset") or name, {}).get("notes", "")
-            route = routes.get(name)
-            keys = [a.api_key for a in route.accounts.accounts()] if route else []
-            out.append({"name": name, "configured": name == "iflow" or name in configured,
-                        "enabled": route is not None, "default": name == self.config["default_provider"],
-                        "base_url": settings["base_url"], "key_env": settings.get("key_env") or "",
-                        "keys": [mask_secret(k) if k else "(none needed)" for k in keys],
-                        "notes": settings["notes"]})
-        return out
-
-    def provider_add(self, name: str, preset: str = None, api_key: str = None, base_url: str = None,
-                     models=None, make_default: bool = False) -> dict:
-        """Create (or update) a provider profile; unknown names need a base URL."""
-        if not _NAME_RE.match(name or "") or name == "iflow":
-            raise InvalidRequestError("provider names are 1-40 letters, digits, '_', '-' or '.' (not 'iflow')")
-        if (preset or name) not in PROVIDER_PRESETS and not base_url and name not in (
-                self.config.get("providers") or {}):
-            raise InvalidRequestError("%r is not a preset (%s): give --base-url"
-                                      % (preset or name, ", ".join(sorted(PROVIDER_PRESETS))))
-        if preset and preset not in PROVIDER_PRESETS:
-            raise InvalidRequestError("unknown preset %r; presets: %s" % (preset, ", ".join(sorted(PROVIDER_PRESETS))))
-        providers = dict(self.config.get("providers") or {})
-        entry = dict(providers.get(name) or {})
-        if preset:
-            entry["preset"] = preset
-        if base_url:
-            entry["base_url"] = base_url.rstrip("/")
-        if api_key:
-            register_secret(api_key)
-            entry["api_keys"] = [k for k in entry.get("api_keys") or [] if k != api_key] + [api_key]
-        if models:
-            entry["models"] = list(models)
-        providers[name] = entry
-        changes = {"providers": providers}
-        if make_default:
-            changes["default_provider"] = name
-        self.config.update(changes)
-        self.backend.reload()
-        return next(p for p in self.providers() if p["name"] == name)
-
-    def provider_remove(self, name: str) -> bool:
-        providers = dict(self.config.get("providers") or {})
-        if name not in providers:
-            return False
-        del providers[name]
-        changes = {"providers": providers}
-        if self.config["default_provider"] == name:
-            changes["default_provider"] = "iflow"
-        self.config.update(changes)
-        self.backend.reload()
-        return True
-
-
-# Names of instances and providers (they appear in URLs and in "provider/model").
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,40}$")
-
-# Config keys with their own admin pages or too sensitive for a plain form.
-# Where credentials go: changing these could send tokens or keys to another host.
-CREDENTIAL_ROUTING_KEYS = {"base_url", "oauth_authorize_url", "oauth_token_url", "oauth_userinfo_url",
-                           "oauth_client_id", "upstream_proxy", "upstream_proxy_enabled"}
-_MANAGED_KEYS = {"api_key", "custom_api_key", "api_keys", "accounts", "providers", "instances",
-                 "admin_password_hash", "oauth_client_secret"}
-
-
-def _key_id(key: str) -> str:
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:10]
-
-
-# == 10. CLI ====================================================================
+# == 11. CLI ====================================================================
 # `iflow2api [serve] [--host H] [--port P] [--config FILE] [--log-level L]`,
 # `iflow2api version [--verbose]`, `iflow2api models`, `iflow2api config [KEY [VALUE]]`,
 # `iflow2api login [--headless | --api-key [KEY]] [--add]`, `iflow2api logout [ID]`,
@@ -9360,7 +9373,7 @@ def _cmd_serve(config: Config) -> int:
             signal.signal(sig, on_signal)
         except (ValueError, OSError):  # pragma: no cover - not the main thread
             pass
-    service = Service(config)
+    service = add_web_admin(Service(config))
     try:
         instance = service.start()
     except OSError as exc:

@@ -2675,7 +2675,7 @@ def main(argv=None) -> int:
         return 2
     if sys.platform == "win32":
         _enable_dpi_awareness()
-    service = iflow2api.Service.from_config(path=args.config)
+    service = iflow2api.add_web_admin(iflow2api.Service.from_config(path=args.config))
     inbox = queue.Queue()
     config_dir = os.path.dirname(os.path.abspath(service.status()["config_path"]))
     single = SingleInstance(config_dir, lambda: inbox.put(("show", ())))

@@ -121,7 +121,7 @@ def start_service(home, adapter):
         overrides.setdefault("port", 0)
         overrides.setdefault("host", "127.0.0.1")
         env = dict(os.environ, IFLOW2API_HTTP=adapter)
-        service = iflow2api.Service(iflow2api.Config(env=env, cli=overrides))
+        service = iflow2api.add_web_admin(iflow2api.Service(iflow2api.Config(env=env, cli=overrides)))
         services.append(service)
         service.start()
         return service

@@ -9200,7 +9200,12 @@ def launch_command(client: str, binary: str, url: str, key: str, model: str, arg
                  "model_providers.iflow2api.name": "iflow2api",
                  "model_providers.iflow2api.base_url": url + "/v1",
                  "model_providers.iflow2api.env_key": "IFLOW2API_CODEX_KEY",
-                 "model_providers.iflow2api.wire_api": "responses"}
+                 "model_providers.iflow2api.wire_api": "responses",
+                 # What Codex would otherwise reach out for on its own (update check,
+                 # analytics, feedback, plugin sync): a session through us stays local.
+                 "check_for_update_on_startup": False, "analytics.enabled": False,
+                 "feedback.enabled": False, "features.plugins": False,
+                 "features.remote_plugin": False, "features.apps": False}
     flags = [part for key_, value in overrides.items() for part in ("-c", "%s=%s" % (key_, json.dumps(value)))]
     return [binary] + flags + list(args), env
 

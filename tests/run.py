@@ -3,7 +3,7 @@
 
 Sets up what the tests need, then runs pytest:
 - a virtual environment .venv-test with tests/requirements.txt (pip, PyPI only);
-- the Claude Code CLI from npm (pinned, in .cache/claude-code) and, under CI,
+- the Claude Code and Codex CLIs from npm (pinned, in .cache/claude-code and .cache/codex) and, under CI,
   Debian's chromium for the browser tests and xvfb, xdotool, fonts-wqy-microhei and
   desktop-file-utils for the desktop app tests.
 Under CI (CI=true) a missing tool fails the tests instead of skipping them.
@@ -14,6 +14,8 @@ import subprocess
 import sys
 import tarfile
 import venv
+
+from codex_setup import install_codex
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV = os.path.join(ROOT, ".venv-test")
@@ -121,6 +123,7 @@ def ensure_gui_tools() -> None:
 def main(argv) -> int:
     python = ensure_venv()
     install_claude_code()
+    install_codex()
     ensure_chromium()
     ensure_gui_tools()
     fetch_docs_viewers()

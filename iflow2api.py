@@ -1143,7 +1143,6 @@ def completion_to_chunks(resp: dict) -> list:
 # As specified rule by rule in shared/docs/translation.md (section numbers below
 # refer to it). Tests: tests/unit/test_anthropic_translation.py.
 
-_log = get_logger("translate")
 
 # -- Error bodies and upstream errors ---------------------------------------------------------------------
 
@@ -1209,6 +1208,18 @@ class TranslationContext:
         self.history_tool_ids = set()
         self.stop_sequences = []
         self.estimated_input_tokens = 0
+        # What the translation dropped or worked around, for the HTTP layer to log with
+        # the request id (translation itself never logs): notes are routine, warnings odd.
+        self.notes = []
+        self.warnings = []
+
+    def note(self, message):
+        if message not in self.notes:
+            self.notes.append(message)
+
+    def warn(self, message):
+        if message not in self.warnings:
+            self.warnings.append(message)
 
     def flag(self, name):
         """Value of a profile flag; absent or None -> the documented default."""
@@ -1441,7 +1452,7 @@ def _copy_stop_sequences(req, body, ctx):
     stops = [s for s in stops if isinstance(s, str) and s]
     ctx.stop_sequences = list(stops)
     if len(stops) > 4:
-        _log_once("stop4", "OpenAI accepts at most 4 stop sequences; sending the first 4")
+        ctx.note("OpenAI accepts at most 4 stop sequences; sent the first 4")
         stops = stops[:4]
     if stops:
         body["stop"] = stops
@@ -1766,8 +1777,7 @@ def _translate_tools(tools, ctx):
         kind = tool.get("type")
         if kind not in (None, "custom"):
             # Server tools (web_search_*, bash_*, MCP toolsets...): the upstream cannot run them.
-            _log_once("tool:%s" % kind, "dropping server tool of type %r (not supported "
-                      "through the proxy)" % kind)
+            ctx.note("dropped server tool of type %r (not supported through the proxy)" % kind)
             continue
         name = tool.get("name")
         if not isinstance(name, str) or not name:
@@ -2078,7 +2088,7 @@ class AnthropicStream:
             return self.fail("api_error", "upstream stream ended unexpectedly")
         out = self.start()
         if not self._saw_data:
-            _log.warning("upstream stream ended without any data; sending an empty message")
+            self.ctx.warn("upstream stream ended without any data; sending an empty message")
         self._finish_blocks(out)
         if st.next_index == 0 and st.hidden_reasoning.strip():
             # Empty-answer fallback (2.2 step 2): some models put the answer in reasoning.
@@ -2237,9 +2247,9 @@ class AnthropicStream:
         st = self.state
         name = _original_tool_name(tool.name, self.ctx)
         if not name:
-            _log.warning("dropping an upstream tool call without a name (id %r)", tool.id)
+            self.ctx.warn("dropped an upstream tool call without a name (id %r)" % tool.id)
             return
-        arguments = tool.input_json()
+        arguments = tool.input_json(self.ctx.warn)
         self._generated.append(arguments)
         tool_id = self._client_tool_id(tool.id)
         self._open_block("tool_use", out, {"type": "tool_use", "id": tool_id, "name": name,
@@ -2282,7 +2292,7 @@ class AnthropicStream:
     def _final_usage(self):
         usage = _anthropic_usage(self.state.usage)
         if usage is None:
-            _log.info("upstream sent no usage; token counts are estimated")
+            self.ctx.note("upstream sent no usage; token counts are estimated")
             usage = {"input_tokens": self.ctx.estimated_input_tokens,
                      "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
                      "output_tokens": estimate_text_tokens("".join(self._generated))}
@@ -2337,8 +2347,9 @@ class _ToolCall:
                 self.snapshot = fragment if fragment.startswith(self.snapshot) else None
             self.arguments += fragment
 
-    def input_json(self):
-        """The argument JSON to send: as received when valid, else repaired (2.2, 3.6)."""
+    def input_json(self, warn=None):
+        """The argument JSON to send: as received when valid, else repaired (2.2, 3.6);
+        warn(message) hears about arguments that could not be repaired."""
         if self.arguments_object is not None and not self.arguments:
             return json.dumps(self.arguments_object, ensure_ascii=False)
         if not self.arguments.strip():
@@ -2352,8 +2363,9 @@ class _ToolCall:
         text = self.snapshot if self.snapshot and self.snapshot != self.arguments else self.arguments
         parsed = _parse_tool_arguments(text)
         if parsed is None:
-            _log.warning("tool %r: arguments are not a JSON object even after repair; "
-                         "sending {}: %s", self.name, _shorten(text, 200))
+            if warn is not None:
+                warn("tool %r: arguments are not a JSON object even after repair; sent {}: %s"
+                     % (self.name, _shorten(text, 200)))
             return "{}"
         return json.dumps(parsed, ensure_ascii=False)
 
@@ -2987,15 +2999,6 @@ def _jpeg_size(head):
 
 # -- small helpers -------------------------------------------------------------------------
 
-_logged_once = set()
-
-
-def _log_once(key, message):
-    if key not in _logged_once:
-        _logged_once.add(key)
-        _log.info(message)
-
-
 _BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
 
@@ -3097,12 +3100,6 @@ class ResponsesContext(TranslationContext):
         self.echo = {}
         self.tool_specs = {}
         self.namespaces = set()
-        self.notes = []
-
-    def note(self, message):
-        """Record something the translation dropped (once per distinct message)."""
-        if message not in self.notes:
-            self.notes.append(message)
 
 
 # -- Request: Responses -> chat completions ---------------------------------------------------
@@ -4092,10 +4089,10 @@ class ResponsesStream:
     def _emit_tool(self, tool, out):
         spec = responses_tool_for(tool.name, self.ctx)
         if not spec.name:
-            self.ctx.note("dropped an upstream tool call without a name")
+            self.ctx.warn("dropped an upstream tool call without a name")
             return
         # A custom tool's input may be plain text: it is read raw, never "repaired" to {}.
-        arguments = _custom_tool_input(tool) if spec.kind == "custom" else tool.input_json()
+        arguments = _custom_tool_input(tool) if spec.kind == "custom" else tool.input_json(self.ctx.warn)
         self._generated.append(arguments)
         index = len(self.state.output)
         call_id = self._client_call_id(tool.id)
@@ -7494,6 +7491,7 @@ class Api:
             upstream.close()
             release()
             _log_stream_usage(req, stream)
+            _log_translation_notes(req, ctx)
 
         reader = None
         try:
@@ -7561,8 +7559,6 @@ class Api:
             openai_body = responses_to_openai_request(_with_history(body, history), ctx)
             if ctx.route.quirks.get("inline_image_urls"):
                 openai_body = inline_image_urls(openai_body, self._image_fetcher(ctx.route).fetch)
-        for note in ctx.notes:
-            log.debug("%s: %s", req.id, note)
         req.log["model"] = _log_model(ctx.route, ctx.upstream_model)
         is_stream = body.get("stream") is True
         openai_body["stream"] = True
@@ -7576,6 +7572,7 @@ class Api:
             upstream.close()
             release()
             _log_stream_usage(req, stream)
+            _log_translation_notes(req, ctx)
 
         reader = None
         try:
@@ -7874,6 +7871,15 @@ def _until_started(reader: ChunkReader, stream: AnthropicStream, start_after_s, 
 
 def _encode_events(events) -> bytes:
     return b"".join(encode_anthropic_event(event) for event in events)
+
+
+def _log_translation_notes(req: Request, ctx: TranslationContext) -> None:
+    """What the translation of one request dropped or worked around, with its request id."""
+    for message in ctx.notes:
+        log.debug("%s: %s", req.id, message)
+    for message in ctx.warnings:
+        log.warning("%s: %s", req.id, message)
+    ctx.notes, ctx.warnings = [], []  # logged once, also when finish() runs twice
 
 
 def _log_stream_usage(req: Request, stream: AnthropicStream) -> None:

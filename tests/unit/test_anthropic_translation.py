@@ -1673,3 +1673,35 @@ def test_names_and_ids_with_trailing_newline_are_not_accepted_as_valid():  # 1.4
     resp = response({"tool_calls": [{"id": "call_1\n", "type": "function",
                                      "function": {"name": "Bash", "arguments": "{}"}}]})
     assert non_stream(resp)["content"][0]["id"].startswith("toolu_")
+
+
+# -- notes instead of log lines (translation never logs) -----------------------------------------
+
+def test_dropped_server_tools_and_extra_stop_sequences_are_noted_on_the_context(caplog):
+    ctx = make_ctx()
+    req = {"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}],
+           "stop_sequences": ["a", "b", "c", "d", "e"],
+           "tools": [{"type": "web_search_20250305", "name": "web_search"},
+                     {"name": "Bash", "input_schema": {"type": "object"}}]}
+    with caplog.at_level("DEBUG", logger="iflow2api"):
+        body = T.anthropic_to_openai_request(req, ctx)
+    assert [t["function"]["name"] for t in body["tools"]] == ["Bash"] and len(body["stop"]) == 4
+    assert any("web_search_20250305" in n for n in ctx.notes)
+    assert any("4 stop sequences" in n for n in ctx.notes)
+    assert ctx.warnings == [] and caplog.records == []
+    T.anthropic_to_openai_request(req, ctx)  # the same request again: each note once
+    assert len(ctx.notes) == 2
+
+
+def test_stream_anomalies_are_warnings_on_the_context(caplog):
+    ctx = make_ctx()
+    stream = T.AnthropicStream(ctx)
+    with caplog.at_level("DEBUG", logger="iflow2api"):
+        stream.feed({"choices": [{"index": 0, "delta": {"role": "assistant"}}]})
+        stream.feed({"choices": [{"index": 0, "delta": {"tool_calls": [
+            {"index": 0, "id": "call_1", "function": {"arguments": "{not json"}}]}}]})
+        stream.feed({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
+        stream.close(True)
+    assert any("without a name" in w for w in ctx.warnings)
+    assert any("no usage" in n for n in ctx.notes)
+    assert caplog.records == []

@@ -896,7 +896,7 @@ def test_tool_call_without_a_name_is_dropped_and_noted():
     events, _ = run_stream([chunk({"tool_calls": [tc(0, "c", None, "{}")]}), chunk(finish="tool_calls")],
                            ctx=ctx)
     assert terminal(events)["output"] == []
-    assert any("without a name" in n for n in ctx.notes)
+    assert any("without a name" in n for n in ctx.warnings)
 
 
 def test_custom_tool_streams_input_events():

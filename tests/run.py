@@ -5,7 +5,8 @@ Sets up what the tests need, then runs pytest:
 - a virtual environment .venv-test with tests/requirements.txt (pip, PyPI only);
 - the Claude Code and Codex CLIs from npm (pinned, in .cache/claude-code and .cache/codex) and, under CI,
   Debian's chromium for the browser tests and xvfb, xdotool, fonts-wqy-microhei and
-  desktop-file-utils for the desktop app tests.
+  desktop-file-utils for the desktop app tests, podman, runc and debootstrap for the
+  container test.
 Under CI (CI=true) a missing tool fails the tests instead of skipping them.
 """
 import os
@@ -16,6 +17,7 @@ import tarfile
 import venv
 
 from codex_setup import install_codex
+from container_setup import install_container_tools
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV = os.path.join(ROOT, ".venv-test")
@@ -109,6 +111,12 @@ def fetch_docs_viewers() -> None:
         os.unlink(path)
 
 
+def ensure_container_tools() -> None:
+    """podman, runc and debootstrap for tests/e2e/test_docker.py (installed under CI only)."""
+    if in_ci():
+        install_container_tools()
+
+
 def ensure_gui_tools() -> None:
     """Debian's Xvfb, xdotool, a CJK font and desktop-file-validate for the desktop app tests."""
     wanted = {"xvfb": shutil.which("Xvfb"), "xdotool": shutil.which("xdotool"),
@@ -126,6 +134,7 @@ def main(argv) -> int:
     install_codex()
     ensure_chromium()
     ensure_gui_tools()
+    ensure_container_tools()
     fetch_docs_viewers()
     env = dict(os.environ)
     env["PATH"] = os.path.dirname(python) + os.pathsep + env.get("PATH", "")

@@ -5,6 +5,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -206,15 +207,169 @@ def test_source_date_epoch_sets_the_member_dates_and_build_date(tmp_path):
     assert json.loads(archive.read("BUILD_INFO.json"))["build_date"] == "2023-11-14T22:13:20Z"
 
 
-def test_missing_vendored_package_tells_how_to_install_it(tmp_path):
-    code = ("import runpy, sys; sys.modules['h11'] = None; "
-            "sys.argv = ['build.py', '--output', sys.argv[1]]; "
-            "runpy.run_path(%r, run_name='__main__')" % BUILD)
-    run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "x.pyz")], env=_clean_env(),
-                         capture_output=True, text=True, timeout=30)
+def _run_blocked(output, *args, blocked=("h11", "certifi"), **env):
+    """build.py with `blocked` packages made unimportable in this Python."""
+    code = ("import runpy, sys; sys.modules.update(dict.fromkeys(%r)); "
+            "sys.argv = ['build.py', '--output', sys.argv[1]] + sys.argv[2:]; "
+            "runpy.run_path(%r, run_name='__main__')" % (list(blocked), BUILD))
+    return subprocess.run([sys.executable, "-c", code, str(output)] + list(args), env=_clean_env(**env),
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_missing_optional_package_builds_without_it_and_says_how_to_add_it(tmp_path):
+    run = _run_blocked(tmp_path / "x.pyz", blocked=("h11",))
+    assert run.returncode == 0, run.stdout + run.stderr
+    notice = [line for line in run.stderr.splitlines() if "not found" in line]
+    assert len(notice) == 1 and "h11 not found" in notice[0]
+    assert "--vendor" in notice[0] and "pip install h11==%s" % build_module().PINS["h11"] in notice[0]
+    names = zipfile.ZipFile(str(tmp_path / "x.pyz")).namelist()
+    assert "certifi/cacert.pem" in names and not any(n.startswith("h11/") for n in names)
+
+
+def _fake_wheels(directory):
+    """Wheels of the installed h11 and certifi (their files and dist-info, as pip installed
+    them), so that --vendor can "download" them from a local folder, offline."""
+    import importlib.metadata
+    os.makedirs(str(directory), exist_ok=True)
+    for name in ("h11", "certifi"):
+        dist = importlib.metadata.distribution(name)
+        wheel = os.path.join(str(directory), "%s-%s-py3-none-any.whl" % (name, dist.version))
+        with zipfile.ZipFile(wheel, "w") as archive:
+            for record in dist.files:
+                path = str(record)
+                if "__pycache__" not in path and not path.startswith(".."):
+                    archive.writestr(path, record.read_binary())
+
+
+def test_vendor_option_downloads_the_pinned_wheels_when_not_installed(pyz, tmp_path):
+    _fake_wheels(tmp_path / "wheels")
+    run = _run_blocked(tmp_path / "dl.pyz", "--vendor", PIP_NO_INDEX="1",
+                       PIP_FIND_LINKS=str(tmp_path / "wheels"), PIP_CONFIG_FILE=os.devnull)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "downloading h11==" in run.stdout and "not found" not in run.stderr
+    # the same bytes as a build from the installed packages
+    assert sha256(tmp_path / "dl.pyz") == sha256(pyz)
+
+
+def _bare_venv(path):
+    """A virtual environment without pip and without any package (like a bare CPython)."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True, timeout=60)
+    python = os.path.join(str(path), "Scripts" if os.name == "nt" else "bin", "python")
+    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    return python, site
+
+
+def test_bare_python_builds_a_stdlib_only_file_that_serves(tmp_path):
+    python, _ = _bare_venv(tmp_path / "bare")
+    out = tmp_path / "bare.pyz"
+    run = subprocess.run([python, BUILD, "--output", str(out)], env=_clean_env(), capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+    notice = [line for line in run.stderr.splitlines() if line.strip()]
+    assert len(notice) == 1 and "h11 and certifi not found" in notice[0] and "--vendor" in notice[0]
+    names = zipfile.ZipFile(str(out)).namelist()
+    assert not any(n.startswith(("h11/", "certifi/")) for n in names)
+    assert json.loads(zipfile.ZipFile(str(out)).read("BUILD_INFO.json"))["vendored"] == {}
+    assert (tmp_path / "bare.pyzw").exists()
+    with serve(python, out, tmp_path) as (base, _):
+        assert http(base + "/health")[1]["http_adapter"] == "stdlib"
+
+
+def test_installed_version_other_than_the_pin_stops_the_build(tmp_path):
+    python, site = _bare_venv(tmp_path / "old")
+    os.makedirs(os.path.join(site, "h11"))
+    open(os.path.join(site, "h11", "__init__.py"), "w").close()
+    os.makedirs(os.path.join(site, "h11-0.14.0.dist-info"))
+    with open(os.path.join(site, "h11-0.14.0.dist-info", "METADATA"), "w") as f:
+        f.write("Metadata-Version: 2.1\nName: h11\nVersion: 0.14.0\n")
+    run = subprocess.run([python, BUILD, "--output", str(tmp_path / "x.pyz")], env=_clean_env(),
+                         capture_output=True, text=True, timeout=60)
     assert run.returncode != 0
-    assert "pip install h11 certifi" in run.stderr
-    assert not (tmp_path / "x.pyz").exists()
+    assert "h11 0.14.0 is installed, but build.py pins h11==%s" % build_module().PINS["h11"] in run.stderr
+    assert "--vendor" in run.stderr and not (tmp_path / "x.pyz").exists()
+
+
+def test_edited_installed_package_stops_the_build(tmp_path):
+    # e.g. a certifi whose cacert.pem had a local CA appended: not the pinned release
+    import importlib.metadata
+    python, site = _bare_venv(tmp_path / "edited")
+    dist = importlib.metadata.distribution("h11")
+    for record in dist.files:
+        target = os.path.join(site, str(record))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(target, "wb") as f:
+            f.write(record.read_binary())
+    with open(os.path.join(site, "h11", "_util.py"), "a") as f:
+        f.write("\n# edited\n")
+    run = subprocess.run([python, BUILD, "--output", str(tmp_path / "x.pyz")], env=_clean_env(),
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0
+    assert "differs from the released files (h11/_util.py" in run.stderr
+
+
+# -- pins -------------------------------------------------------------------------------
+
+def build_module():
+    """build.py loaded under another name (`build` is also the PyPI package of `python -m build`)."""
+    spec = importlib.util.spec_from_file_location("iflow2api_build_script", BUILD)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _requirement_pins():
+    pins = {}
+    for line in open(os.path.join(ROOT, "tests", "requirements.txt"), encoding="utf-8"):
+        name, sep, version = line.split("#")[0].strip().partition("==")
+        if sep:
+            pins[name.lower()] = version
+    return pins
+
+
+def test_vendored_pins_agree_with_requirements_and_pyproject_extras():
+    pins = build_module().PINS
+    required = _requirement_pins()
+    assert pins == {name: required[name] for name in pins}
+    pyproject = open(os.path.join(ROOT, "pyproject.toml"), encoding="utf-8").read()
+    specs = re.findall(r'"(h11|certifi|pystray|pillow)\s*(~=|==|>=)\s*([0-9][^";,\s]*)', pyproject)
+    assert {name for name, _, _ in specs} == {"h11", "certifi", "pystray", "pillow"}
+    for name, _, version in specs:  # the lowest version each extra allows is the tested pin
+        assert version == required[name], (name, version, required[name])
+
+
+# -- the .pyzw twin ---------------------------------------------------------------------
+
+def test_pyzw_has_the_same_bytes_and_opens_the_window(pyz, tmp_path):
+    pyzw = str(pyz)[:-len(".pyz")] + ".pyzw"
+    assert open(pyzw, "rb").read() == open(str(pyz), "rb").read()
+    main = zipfile.ZipFile(pyzw).read("__main__.py").decode("utf-8")
+    assert 'sys.argv[0].lower().endswith(".pyzw")' in main and '["gui"] + args' in main
+    env = _clean_env(HOME=str(tmp_path))
+    env.pop("DISPLAY", None)
+    env.pop("WAYLAND_DISPLAY", None)
+    as_pyzw = subprocess.run([sys.executable, "-I", "-S", pyzw, "--help"], env=env, capture_output=True,
+                             text=True, timeout=30)
+    assert as_pyzw.returncode == 0 and as_pyzw.stdout.startswith("usage: iflow2api gui"), as_pyzw.stderr
+    # the command the window registers for login: `pythonw iflow2api.pyzw gui --autostart`
+    autostart = subprocess.run([sys.executable, "-I", "-S", pyzw, "gui", "--autostart", "--help"], env=env,
+                               capture_output=True, text=True, timeout=30)
+    assert autostart.returncode == 0 and autostart.stdout.startswith("usage: iflow2api gui"), autostart.stderr
+    no_display = subprocess.run([sys.executable, "-I", "-S", pyzw], env=env, cwd=str(tmp_path),
+                                capture_output=True, text=True, timeout=30)
+    assert no_display.returncode == 2
+    assert len(no_display.stderr.strip().splitlines()) == 1, no_display.stderr
+    # the .pyz keeps running the CLI, whose `gui` subcommand opens the same window
+    as_pyz = subprocess.run([sys.executable, "-I", "-S", str(pyz), "--help"], env=env, capture_output=True,
+                            text=True, timeout=30)
+    assert as_pyz.returncode == 0 and not as_pyz.stdout.startswith("usage: iflow2api gui")
+    gui = subprocess.run([sys.executable, "-I", "-S", str(pyz), "gui", "--help"], env=env, capture_output=True,
+                         text=True, timeout=30)
+    assert gui.stdout.startswith("usage: iflow2api gui")
+
+
+def test_file_stays_under_one_and_a_half_megabytes(pyz):
+    assert os.path.getsize(str(pyz)) < 1.5 * 1024 * 1024
 
 
 # -- running it -----------------------------------------------------------------------

@@ -1,0 +1,175 @@
+"""pip / pipx installs: `python -m build` makes the sdist and, from it, the wheel; the wheel
+installed into a fresh virtual environment gives `iflow2api` (serving /admin, /docs, /redoc
+and /health from the installed static/ files) and `iflow2api-gui`. Offline: the build uses
+the test environment's setuptools (--no-isolation) and the install uses --no-index."""
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+import urllib.error
+import urllib.request
+import zipfile
+
+import pytest
+
+from conftest import ROOT, free_port, in_ci, write_settings
+from fakes import FakeUpstream
+
+SOURCES = ("iflow2api.py", "iflow2api_gui.py", "pyproject.toml", "README.md", "static")
+DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _bin(venv, name):
+    return os.path.join(str(venv), "Scripts" if os.name == "nt" else "bin", name)
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("IFLOW2API_", "PIP_"))}
+    env.pop("DISPLAY", None)
+    env.pop("WAYLAND_DISPLAY", None)
+    env["PIP_CONFIG_FILE"] = os.devnull  # no machine-wide index settings
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def dists(tmp_path_factory):
+    """(sdist, wheel) built from a copy of the checkout (so no build/ or egg-info lands in it)."""
+    for module in ("build", "setuptools"):
+        try:
+            __import__(module)
+        except ImportError:
+            if in_ci():
+                pytest.fail("%s must be installed in CI (tests/requirements.txt)" % module)
+            pytest.skip("%s not installed" % module)
+    tmp = tmp_path_factory.mktemp("wheel")
+    src = tmp / "src"
+    src.mkdir()
+    for name in SOURCES:
+        path = os.path.join(ROOT, name)
+        if os.path.isdir(path):
+            shutil.copytree(path, str(src / name), ignore=shutil.ignore_patterns("__pycache__", ".*"))
+        else:
+            shutil.copy(path, str(src / name))
+    # cwd is not the checkout: there `python -m build` would find our build.py instead
+    run = subprocess.run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(tmp / "dist"),
+                          str(src)], cwd=str(tmp), env=_env(), capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    built = sorted(os.listdir(str(tmp / "dist")))
+    sdist = [n for n in built if n.endswith(".tar.gz")]
+    wheel = [n for n in built if n.endswith(".whl")]
+    assert len(sdist) == 1 and len(wheel) == 1, built
+    return str(tmp / "dist" / sdist[0]), str(tmp / "dist" / wheel[0])
+
+
+@pytest.fixture(scope="module")
+def venv(dists, tmp_path_factory):
+    """A fresh virtual environment with only the wheel installed."""
+    path = tmp_path_factory.mktemp("venv") / "v"
+    subprocess.run([sys.executable, "-m", "venv", str(path)], check=True, timeout=120)
+    run = subprocess.run([_bin(path, "python"), "-m", "pip", "install", "--quiet", "--no-index", "--no-deps",
+                          "--disable-pip-version-check", dists[1]], env=_env(), capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    return path
+
+
+def _static_files():
+    return sorted(os.path.relpath(os.path.join(d, f), ROOT).replace(os.sep, "/")
+                  for d, _, files in os.walk(os.path.join(ROOT, "static")) for f in files
+                  if not f.startswith("."))
+
+
+def test_sdist_and_wheel_carry_the_modules_and_every_static_file(dists):
+    sdist, wheel = dists
+    with tarfile.open(sdist) as archive:
+        top = archive.getnames()[0].split("/")[0]
+        in_sdist = {n[len(top) + 1:] for n in archive.getnames()}
+    in_wheel = set(zipfile.ZipFile(wheel).namelist())
+    for members in (in_sdist, in_wheel):
+        assert {"iflow2api.py", "iflow2api_gui.py"} <= members
+        assert set(_static_files()) <= members
+    metadata = zipfile.ZipFile(wheel).read(os.path.basename(wheel).split("-py3")[0] + ".dist-info/METADATA")
+    metadata = metadata.decode("utf-8")
+    assert "Provides-Extra: fast" in metadata and "Provides-Extra: tray" in metadata
+    assert "Requires-Dist: h11~=" in metadata and "Requires-Dist: pystray~=" in metadata
+    entry_points = zipfile.ZipFile(wheel).read(os.path.basename(wheel).split("-py3")[0]
+                                               + ".dist-info/entry_points.txt").decode("utf-8")
+    assert "iflow2api = iflow2api:main" in entry_points and "iflow2api-gui = iflow2api_gui:main" in entry_points
+
+
+def _get(url):
+    try:
+        with DIRECT.open(url, timeout=5) as response:
+            return response.status, response.headers.get("content-type", ""), response.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.headers.get("content-type", ""), err.read()
+
+
+@contextlib.contextmanager
+def _server(venv, tmp_path):
+    fake = FakeUpstream()
+    home = tmp_path / "home"
+    write_settings(str(home), fake.url)
+    port = free_port()
+    log_path = tmp_path / "server.log"
+    with open(str(log_path), "wb") as log:
+        proc = subprocess.Popen([_bin(venv, "iflow2api"), "--port", str(port), "--host", "127.0.0.1"],
+                                cwd=str(tmp_path), env=_env(HOME=str(home), IFLOW2API_HOME=str(home / ".i2a")),
+                                stdout=log, stderr=subprocess.STDOUT)
+    base = "http://127.0.0.1:%d" % port
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            assert proc.poll() is None, log_path.read_text()
+            try:
+                if _get(base + "/health")[0] == 200:
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.05)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        fake.close()
+
+
+def test_installed_iflow2api_serves_admin_docs_redoc_and_health(venv, tmp_path):
+    with _server(venv, tmp_path) as base:
+        for path in ("/admin", "/docs", "/redoc"):
+            status, content_type, body = _get(base + path)
+            assert status == 200, (path, body[:200])
+            assert content_type.startswith("text/html") and b"<html" in body.lower(), path
+        status, content_type, body = _get(base + "/health")
+        assert status == 200 and content_type.startswith("application/json")
+        assert json.loads(body)["status"] == "ok"
+        status, _, body = _get(base + "/static/favicon.svg")
+        assert status == 200 and b"<svg" in body
+        request = urllib.request.Request(base + "/v1/chat/completions", json.dumps(
+            {"model": "glm-5", "messages": [{"role": "user", "content": "hi"}]}).encode(),
+            {"content-type": "application/json"})
+        with DIRECT.open(request, timeout=10) as response:
+            assert json.loads(response.read())["choices"][0]["message"]["content"] == "Hello world"
+
+
+def test_installed_iflow2api_prints_its_version(venv, tmp_path):
+    run = subprocess.run([_bin(venv, "iflow2api"), "--version"], env=_env(HOME=str(tmp_path)),
+                         capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0 and run.stdout.startswith("iflow2api "), run.stderr
+
+
+def test_installed_gui_without_a_display_says_so_in_one_line(venv, tmp_path):
+    run = subprocess.run([_bin(venv, "iflow2api-gui")], env=_env(HOME=str(tmp_path)), cwd=str(tmp_path),
+                         capture_output=True, text=True, timeout=30)
+    assert run.returncode == 2
+    lines = (run.stdout + run.stderr).strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("iflow2api:"), run.stdout + run.stderr

@@ -844,6 +844,16 @@ class Config:
             self.file_data = data
             self._resolve()
 
+    def refresh(self) -> bool:
+        """Re-read the file when another process changed it (`iflow2api admin-password`
+        while the server runs); True when it did."""
+        with self.lock:
+            if _file_stamp(self.path) == self._stamp:
+                return False
+            self.file_data = self._read_file()
+            self._resolve()
+            return True
+
     def save(self) -> None:
         """Write the file layer with every secret sealed (plaintext from older files too)."""
         with self.lock:
@@ -8665,6 +8675,16 @@ class AdminApi:
         self.service, self.sessions, self.limiter = service, sessions, limiter
         self.logins = {}  # OAuth login sessions started from the browser, by id
         self._setup_lock = threading.Lock()
+        self._password_hash_seen = service.config.get("admin_password_hash")
+
+    def _follow_password_file(self) -> None:
+        """A password set or reset from the command line applies at once and signs out
+        every browser (the config file changed under the running server)."""
+        self.service.config.refresh()
+        current = self.service.config.get("admin_password_hash")
+        if current != self._password_hash_seen:
+            self._password_hash_seen = current
+            self.sessions.drop_all()
 
     def register(self, r: Router) -> None:
         r.add("GET", "/admin", self.page)
@@ -8717,6 +8737,7 @@ class AdminApi:
     def _signed_in(self, handler):
         """handler behind the session check, and the CSRF check for changes."""
         def guarded(req: Request) -> Response:
+            self._follow_password_file()
             csrf = self.sessions.csrf_for(_cookie(req, SESSION_COOKIE))
             if csrf is None:
                 raise AuthenticationError("sign in to the admin first")
@@ -8736,6 +8757,7 @@ class AdminApi:
         return resp
 
     def session(self, req: Request) -> Response:
+        self._follow_password_file()
         csrf = self.sessions.csrf_for(_cookie(req, SESSION_COOKIE))
         return Response.json({"logged_in": csrf is not None, "needs_setup": not self._has_password(),
                               "setup_allowed": _is_local(req), "csrf": csrf, "version": __version__})
@@ -8752,6 +8774,7 @@ class AdminApi:
         with self._setup_lock:  # two first-run setups at once: only the first wins
             self._refuse_if_set()
             self.service.config_set({"admin_password_hash": hash_password(password)})
+            self._password_hash_seen = self.service.config.get("admin_password_hash")
         log.info("admin password set")
         return self._new_session()
 
@@ -8761,6 +8784,7 @@ class AdminApi:
                                  code="conflict", openai_type="invalid_request_error")
 
     def login(self, req: Request) -> Response:
+        self._follow_password_file()
         _require_same_origin_json(req)
         client = req.client[0] if req.client else ""
         wait = self.limiter.retry_after(client)
@@ -8815,6 +8839,7 @@ class AdminApi:
             self.limiter.failed(client)
             raise AuthenticationError("the current password is wrong")
         self.service.config_set({"admin_password_hash": hash_password(_password_field(req, "new"))})
+        self._password_hash_seen = self.service.config.get("admin_password_hash")
         self.sessions.drop_all()
         return self._new_session()
 
@@ -9046,7 +9071,7 @@ def add_web_admin(service):
 # `iflow2api accounts`, `iflow2api providers [add NAME ... | remove NAME]`.
 # Tests: tests/integration/test_auth.py, tests/e2e/test_claude_code.py.
 
-COMMANDS = ("serve", "version", "models", "config", "login", "logout", "accounts", "providers")
+COMMANDS = ("serve", "version", "models", "config", "login", "logout", "accounts", "providers", "admin-password")
 
 
 def _common_options(parser) -> None:
@@ -9062,7 +9087,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="iflow2api",
         description="Local OpenAI-compatible API bridge to the iFlow API.",
-        epilog="commands: serve (default), gui, version, models, config, login, logout, accounts, providers. "
+        epilog="commands: serve (default), gui, claude, codex, version, models, config, login, logout, "
+               "accounts, providers, admin-password. "
                "Run 'iflow2api COMMAND --help' for details.")
     _common_options(parser)
     parser.add_argument("--version", action="version", version="iflow2api " + __version__)
@@ -9097,6 +9123,10 @@ def build_parser() -> argparse.ArgumentParser:
     logout.add_argument("--config", metavar="FILE")
     logout.add_argument("account", nargs="?", default=Account.PRIMARY,
                         help="account id from 'iflow2api accounts' (default: the iFlow CLI's login)")
+    password = sub.add_parser("admin-password", help="set or reset the web admin's password "
+                              "(a running server applies it at once and signs browsers out)")
+    password.add_argument("--stdin", action="store_true", help="read the password from standard input "
+                          "(e.g. docker compose exec -T ... admin-password --stdin)")
     accounts = sub.add_parser("accounts", help="list accounts with masked keys, expiry and status")
     accounts.add_argument("--config", metavar="FILE")
     accounts.add_argument("--json", action="store_true", help="print JSON")
@@ -9146,6 +9176,8 @@ def main(argv=None) -> int:
             return _cmd_logout(Service(config), args.account)
         if command == "accounts":
             return _cmd_accounts(Service(config), args.json)
+        if command == "admin-password":
+            return _cmd_admin_password(config, args.stdin)
         if command == "providers":
             return _cmd_providers(Service(config), args)
         return _cmd_serve(config)
@@ -9156,6 +9188,26 @@ def main(argv=None) -> int:
             raise
         log.exception("internal error")
         return 1
+
+
+def _cmd_admin_password(config: Config, from_stdin: bool) -> int:
+    """Set (or reset a forgotten) admin password, typed twice or read from stdin."""
+    try:
+        if from_stdin:
+            password = sys.stdin.readline().rstrip("\r\n")
+        else:
+            password = getpass.getpass("New admin password (8 characters or more): ")
+            if password != getpass.getpass("The same again: "):
+                raise SystemExit("iflow2api: the two passwords differ; nothing changed")
+    except (KeyboardInterrupt, EOFError):
+        print("", file=sys.stderr)
+        raise SystemExit("iflow2api: cancelled; nothing changed")
+    if len(password) < 8:
+        raise SystemExit("iflow2api: the password needs at least 8 characters; nothing changed")
+    config.update({"admin_password_hash": hash_password(password)})
+    print("Admin password set in %s; sign in at /admin (browsers signed in before are signed out)."
+          % config.path)
+    return 0
 
 
 def _cmd_gui(argv: list) -> int:

@@ -14,6 +14,8 @@ import os
 import re
 import socket
 import stat
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -23,7 +25,7 @@ import urllib.request
 import pytest
 
 import iflow2api
-from conftest import FAKE_KEY, free_port, port_open, write_settings
+from conftest import FAKE_KEY, ROOT, free_port, port_open, write_settings
 from fakes import Reply, text_stream
 
 PASSWORD = "correct horse battery"
@@ -946,3 +948,19 @@ def test_oauth_login_from_the_admin_by_pasting_the_address_and_cancel(start_serv
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, req, fp, code, msg, headers, newurl):
         return None
+
+
+def test_admin_password_from_the_command_line_applies_to_the_running_server(signed_in, server):
+    assert signed_in.get("/admin/api/status").status == 200
+    env = dict(os.environ, IFLOW2API_HOME=os.path.dirname(server.config.path))
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "iflow2api.py"), "admin-password", "--stdin"],
+                            input="a forgotten one reset\n", env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "a forgotten one reset" not in result.stdout + result.stderr
+    assert signed_in.get("/admin/api/status").status == 401  # signed out at once
+    fresh = Client(server.url)
+    assert fresh.post("/admin/api/login", {"password": PASSWORD}).status == 401
+    assert fresh.post("/admin/api/login", {"password": "a forgotten one reset"}).status == 200
+    short = subprocess.run([sys.executable, os.path.join(ROOT, "iflow2api.py"), "admin-password", "--stdin"],
+                           input="short\n", env=env, capture_output=True, text=True, timeout=30)
+    assert short.returncode == 1 and "8 characters" in short.stderr

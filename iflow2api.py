@@ -358,6 +358,8 @@ DEFAULT_CONFIG = {
     "auto_run_server": False,
     "check_update_on_startup": True,
     "skip_version": "",
+    # where the newest release is read (GitHub's releases/latest JSON, or PyPI's JSON API)
+    "update_check_url": "https://api.github.com/repos/iflow2api/iflow2api/releases/latest",
     # ours
     "log_level": "INFO",
     "concurrency": 64,
@@ -771,6 +773,7 @@ _RANGE_CHECKS = {
                        "http://, https://, socks5:// or socks5h:// with a host, e.g. http://127.0.0.1:7890"),
     "base_url": (lambda v: not v or is_safe_endpoint(v), "an https:// URL (http:// only for this machine)"),
     "oauth_authorize_url": (is_safe_endpoint, "an https:// URL (http:// only for this machine)"),
+    "update_check_url": (lambda v: not v or is_safe_endpoint(v), "an https:// URL (http:// only for this machine)"),
     "oauth_token_url": (is_safe_endpoint, "an https:// URL (http:// only for this machine)"),
     "oauth_userinfo_url": (is_safe_endpoint, "an https:// URL (http:// only for this machine)"),
     "oauth_callback_port": (lambda v: 0 <= v <= 65535, "a port from 0 to 65535"),
@@ -5504,6 +5507,105 @@ def split_provider(model: str, route_names) -> tuple:
         return prefix, rest
     return None, model
 
+# -- Update notice -------------------------------------------------------------------------
+
+UPDATE_CHECK_EVERY_S = 86400.0
+
+
+def parse_version(text) -> tuple:
+    """A comparable version: "v1.10.2" > "1.9" ; a pre-release ("1.2.0rc1", "1.2.0-beta")
+    sorts before its release. () when text has no version in it."""
+    match = re.match(r"\s*v?(\d+(?:\.\d+)*)(.*)$", str(text or ""))
+    if not match:
+        return ()
+    numbers = [int(n) for n in match.group(1).split(".")]
+    while len(numbers) > 1 and numbers[-1] == 0:
+        numbers.pop()  # 1.2.0 == 1.2
+    is_release = 0 if match.group(2).strip(" -.+") else 1
+    return (tuple(numbers), is_release)
+
+
+def latest_version_in(data) -> str:
+    """The version a releases document names: GitHub (tag_name) or PyPI (info.version)."""
+    if isinstance(data, dict):
+        if isinstance(data.get("tag_name"), str):
+            return data["tag_name"].lstrip("v")
+        info = data.get("info")
+        if isinstance(info, dict) and isinstance(info.get("version"), str):
+            return info["version"]
+    return ""
+
+
+class UpdateChecker:
+    """Tells (never downloads, never installs) when a newer release exists.
+
+    At most once a day (the time of the last check is kept in update-check.json beside the
+    config), only when check_update_on_startup is on, never in tests or CI (the CI,
+    PYTEST_CURRENT_TEST or IFLOW2API_NO_UPDATE_CHECK variables); skip_version silences one
+    version. A failure is one debug line."""
+
+    def __init__(self, config, pool, clock=time.time):
+        self.config, self.pool, self.clock = config, pool, clock
+        self.path = os.path.join(os.path.dirname(os.path.abspath(config.path)), "update-check.json")
+        self.latest = ""
+
+    def enabled(self) -> bool:
+        env = self.config.env
+        if any(env.get(name) for name in ("CI", "PYTEST_CURRENT_TEST", "IFLOW2API_NO_UPDATE_CHECK")):
+            return False
+        return bool(self.config["check_update_on_startup"] and self.config["update_check_url"])
+
+    def check(self) -> None:
+        """Ask the releases URL when the last check is a day old (run it off the main thread)."""
+        if not self.enabled():
+            return
+        state, _problem = read_json_file(self.path)
+        if self.clock() - float(state.get("checked_at") or 0) < UPDATE_CHECK_EVERY_S:
+            self.latest = str(state.get("latest") or "")
+        else:
+            self.latest = self._ask() or str(state.get("latest") or "")
+            try:
+                write_json_atomic(self.path, {"checked_at": self.clock(), "latest": self.latest})
+            except OSError as exc:
+                log.debug("update check: cannot write %s: %s", self.path, exc)
+        notice = self.notice()
+        if notice:
+            log.info("iflow2api %s is available (this is %s): %s", notice["latest"], __version__, notice["url"])
+
+    def notice(self):
+        """{"latest", "current", "url"} when a newer release than this one exists, else None."""
+        if not self.latest or not self.enabled():
+            return None
+        if parse_version(self.latest) <= parse_version(__version__):
+            return None
+        if self.config.get("skip_version") and parse_version(self.config["skip_version"]) == parse_version(self.latest):
+            return None
+        return {"latest": self.latest, "current": __version__, "url": self._release_page()}
+
+    def _ask(self) -> str:
+        try:
+            resp = self.pool.request("GET", self.config["update_check_url"],
+                                     {"User-Agent": "iflow2api/" + __version__, "Accept": "application/json"})
+            try:
+                raw = resp.read()
+            finally:
+                resp.close()
+            if resp.status != 200:
+                raise ValueError("HTTP %d" % resp.status)
+            return latest_version_in(json.loads(raw))
+        except (OSError, ValueError, Iflow2apiError, http.client.HTTPException) as exc:
+            log.debug("update check failed: %s", exc)
+            return ""
+
+    def _release_page(self) -> str:
+        url = self.config["update_check_url"]
+        match = re.match(r"https://api\.github\.com/repos/([^/]+/[^/]+)/releases", url)
+        if match:
+            return "https://github.com/%s/releases/latest" % match.group(1)
+        match = re.match(r"https://pypi\.org/pypi/([^/]+)/json", url)
+        return "https://pypi.org/project/%s/" % match.group(1) if match else url
+
+
 # -- Remote images for providers that need them inline --------------------------------------------
 
 class ImageFetcher:
@@ -6147,6 +6249,7 @@ class Backend:
         self.accounts = AccountPool(config, self.credentials)
         self.oauth = OAuthClient(config, self.pool)
         self.refresher = TokenRefresher(self.accounts, self.oauth, config)
+        self.update = UpdateChecker(config, self.pool)
         self.routes = self._build_routes()
 
     def reload(self) -> None:
@@ -6393,9 +6496,14 @@ class Router:
             if "{" in path:
                 pattern = re.sub(r"\{(\w+):([^}]+)\}", r"(?P<\1>\2)", path)  # {name:regex}
                 regex = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern) + "$")
-                self._patterns.append((method, regex, handler, dialect))
+                self._patterns.append((method, regex, handler, dialect, path))
             else:
                 self._exact[(method, path)] = (handler, dialect)
+
+    def routes(self) -> list:
+        """[(method, path pattern)] of every route, patterns as registered ("/v1/models/{model_id:.+}")."""
+        exact = [(method, path) for (method, path) in self._exact]
+        return exact + [(method, pattern) for method, _regex, _handler, _dialect, pattern in self._patterns]
 
     def match(self, method: str, path: str):
         """(handler, params, dialect); NotFoundError or MethodNotAllowedError otherwise."""
@@ -6405,7 +6513,7 @@ class Router:
         if found is not None:
             return found[0], {}, found[1]
         path_known = any(p == path for (_m, p) in self._exact)
-        for m, regex, handler, dialect in self._patterns:
+        for m, regex, handler, dialect, _pattern in self._patterns:
             hit = regex.match(path)
             if hit and (m == method or (method == "HEAD" and m == "GET")):
                 return handler, hit.groupdict(), dialect
@@ -7273,6 +7381,7 @@ class Api:
             "accounts": {"total": len(accounts),
                          "usable": sum(1 for a in accounts if a.usable(time.time()))},
             "requests": self.stats.snapshot()["requests"],
+            "update": self.backend.update.notice(),
         }
         if not has_key:
             body["message"] = NO_CREDENTIALS_MESSAGE % self.config.path
@@ -8358,6 +8467,14 @@ class Service:
                 "instances": [i.status() for i in self.instances.values()],
                 "accounts": self.accounts()}
 
+    def check_for_update(self) -> None:
+        """Ask for the newest release when allowed and due (blocks: run it in a thread)."""
+        self.backend.update.check()
+
+    def update_notice(self):
+        """{"latest", "current", "url"} when a newer release exists, else None."""
+        return self.backend.update.notice()
+
     def has_credentials(self) -> bool:
         """Whether some enabled provider has a usable key (an iFlow login, an account or a
         provider key): the GUI shows its sign-in call to action when not."""
@@ -8395,7 +8512,8 @@ class Service:
         out = {"version": __version__, "uptime_s": round(time.time() - self.started_at, 1),
                "keys_required": ClientKeys(self.config).required,
                "latency_ms": latency_summary(latencies), "instances": self.instance_list(),
-               "accounts": self.accounts(), "providers": self.providers()}
+               "accounts": self.accounts(), "providers": self.providers(),
+               "update": self.update_notice()}
         out.update(totals)
         out.update({k: dict(v) for k, v in counters.items()})
         return out
@@ -9475,6 +9593,7 @@ def _cmd_serve(config: Config) -> int:
              instance.url, instance.url, instance.url)
     for extra in service.start_configured():
         log.info("instance %s listening on %s", extra.name, extra.url)
+    threading.Thread(target=service.check_for_update, name="iflow2api-update-check", daemon=True).start()
     release_free_memory()
     while not stop.wait(0.5):
         pass

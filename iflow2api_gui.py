@@ -84,6 +84,8 @@ GUI_STRINGS = {
         "gui.tokens": "Tokens in / out",
         "gui.noAccount": "none",
         "gui.noCredentials": "No upstream credentials yet: sign in with iFlow or add an API key.",
+        "gui.updateAvailable": "iflow2api {latest} is available (you have {current}).",
+        "gui.openRelease": "Release page",
         "gui.goSignIn": "Sign in…",
         "gui.connect": "Connect a client",
         "gui.copyBaseUrl": "Copy OpenAI base URL",
@@ -161,6 +163,8 @@ GUI_STRINGS = {
         "gui.tokens": "输入 / 输出 token",
         "gui.noAccount": "无",
         "gui.noCredentials": "还没有上游凭据：请用 iFlow 登录或添加 API 密钥。",
+        "gui.updateAvailable": "iflow2api {latest} 已发布（当前为 {current}）。",
+        "gui.openRelease": "发布页面",
         "gui.goSignIn": "去登录…",
         "gui.connect": "连接客户端",
         "gui.copyBaseUrl": "复制 OpenAI Base URL",
@@ -515,7 +519,8 @@ class StatusModel:
                 "accounts_count": len(accounts), "has_credentials": self.service.has_credentials(),
                 "requests": dash.get("requests", 0), "errors": dash.get("errors", 0),
                 "input_tokens": dash.get("input_tokens", 0), "output_tokens": dash.get("output_tokens", 0),
-                "uptime_s": uptime, "keys_required": bool(dash.get("keys_required"))}
+                "uptime_s": uptime, "keys_required": bool(dash.get("keys_required")),
+                "update": dash.get("update")}
 
     def start(self) -> dict:
         """Start the default instance; its status (with generated_key once for a remote bind)."""
@@ -1372,6 +1377,14 @@ class StatusPage(Page):
         for column in range(3):
             connect.columnconfigure(column, weight=1, uniform="connect")
         self.message_line(f, row=4, column=0, sticky="w", pady=(px(10), 0))
+
+        # A newer release (Service.update_notice): told, never downloaded.
+        self.update_box = ttk.Frame(f, style="Notice.TFrame", padding=px(10))
+        self.update_box.columnconfigure(0, weight=1)
+        self.update_label = ttk.Label(self.update_box, style="Notice.TLabel")
+        self.update_label.grid(row=0, column=0, sticky="w")
+        app.button(self.update_box, "gui.openRelease", self.open_release).grid(row=0, column=1, sticky="e",
+                                                                               padx=(px(12), 0))
         self.show(None)
 
     def show(self, snapshot) -> None:
@@ -1400,6 +1413,18 @@ class StatusPage(Page):
             self.cta.grid_remove()
         else:
             self.cta.grid(row=2, column=0, sticky="ew", pady=(self.app.px(10), 0))
+        update = s.get("update")
+        if update:
+            self.update_label.configure(text=self.t("gui.updateAvailable", latest=update["latest"],
+                                                    current=update["current"]))
+            self.update_box.grid(row=5, column=0, sticky="ew", pady=(self.app.px(10), 0))
+        else:
+            self.update_box.grid_remove()
+
+    def open_release(self) -> None:
+        update = (self.snapshot or {}).get("update")
+        if update:
+            self.app.open_url(update["url"])
 
     def retranslate(self) -> None:
         self.show(self.snapshot)
@@ -2683,6 +2708,7 @@ def main(argv=None) -> int:
         _say("iflow2api: the window is already open; brought it to the front")
         service.stop()
         return 0
+    threading.Thread(target=service.check_for_update, name="iflow2api-update-check", daemon=True).start()
     try:
         root = tk.Tk(className="iflow2api")
     except tk.TclError as exc:

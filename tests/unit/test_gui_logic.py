@@ -15,7 +15,7 @@ from hypothesis import given, strategies as st
 
 import iflow2api
 import iflow2api_gui as gui
-from conftest import FAKE_KEY, in_ci
+from helpers import FAKE_KEY, in_ci
 from gui_fakes import FakeLoginService, FakePystray, FakeRegistry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -505,3 +505,17 @@ def test_gui_without_tkinter_or_display_prints_one_line_and_exits_2(home, block_
     assert len(lines) == 1 and "Traceback" not in lines[0]
     assert "python3 iflow2api.py" in lines[0]
     assert ("tkinter" if block_tkinter else "DISPLAY") in lines[0]
+
+
+def test_status_snapshot_carries_the_update_notice_and_says_it_in_both_languages(service):
+    assert gui.StatusModel(service).snapshot()["update"] is None
+    service.backend.update.latest = "9.1.0"
+    for name in ("CI", "PYTEST_CURRENT_TEST"):
+        service.config.env.pop(name, None)
+    update = gui.StatusModel(service).snapshot()["update"]
+    assert update["latest"] == "9.1.0" and update["current"] == iflow2api.__version__
+    strings = gui.Catalogue()
+    for language in ("en", "zh"):
+        strings.language = language
+        text = strings.t("gui.updateAvailable", latest="9.1.0", current="0.1.0")
+        assert "9.1.0" in text and "0.1.0" in text

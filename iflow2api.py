@@ -1994,7 +1994,6 @@ class AnthropicStream:
         self._think_parser = _ThinkTagParser()
         self._pending_text = ""  # whitespace waiting for a first visible character
         self._pending_thinking = ""
-        self._tool_order = 0
         self._used_tool_ids = set()
         self._generated = []  # all generated text, for the output estimate without usage
         self._saw_data = False
@@ -2102,9 +2101,9 @@ class AnthropicStream:
                 self._on_parsed(kind, text, out)
         tool_calls = delta.get("tool_calls")
         if isinstance(tool_calls, list):
-            self._merge_tool_calls(tool_calls)
+            merge_tool_call_chunks(self.state.tools, tool_calls)
         elif isinstance(delta.get("function_call"), dict):  # legacy single call
-            self._merge_tool_calls([dict(delta["function_call"], index=0, _legacy=True)])
+            merge_tool_call_chunks(self.state.tools, [dict(delta["function_call"], index=0, _legacy=True)])
         finish = choice.get("finish_reason")
         if finish:
             self.state.finish_reason = finish
@@ -2180,35 +2179,6 @@ class AnthropicStream:
             self._emit_tool(tool, out)
 
     # -- tools (3.6) --
-
-    def _merge_tool_calls(self, entries):
-        tools = self.state.tools
-        for position, entry in enumerate(entries):
-            if not isinstance(entry, dict):
-                continue
-            key = self._tool_key(entry, position, len(entries))
-            tool = tools.get(key)
-            if tool is None:
-                self._tool_order += 1
-                tool = tools[key] = _ToolCall(key, self._tool_order)
-            tool.merge(entry)
-
-    def _tool_key(self, entry, position, entry_count):
-        """3.5 step 4: by index; else by id; else by position (see _ToolCall)."""
-        index = entry.get("index")
-        if isinstance(index, int) and not isinstance(index, bool):
-            return index
-        call_id = entry.get("id")
-        known = list(self.state.tools.values())
-        if isinstance(call_id, str) and call_id:
-            for tool in known:
-                if tool.id == call_id:
-                    return tool.key
-            return ("id", call_id)
-        if entry_count > 1:
-            return ("pos", position)
-        # A lone fragment without index or id continues the most recent call.
-        return max(known, key=lambda t: t.order).key if known else ("pos", 0)
 
     def _emit_tool(self, tool, out):
         st = self.state
@@ -2563,6 +2533,37 @@ def _partial_suffix_length(text, tag):
         if text.endswith(tag[:size]):
             return size
     return 0
+
+
+def merge_tool_call_chunks(tools: dict, entries: list) -> None:
+    """Merge the tool_calls entries of one chunk into tools (key -> _ToolCall), for both
+    stream state machines (3.5 step 4): an entry belongs to a call by its index; else
+    by its id; else by its position in a chunk that lists several; a lone fragment
+    with neither continues the most recent call."""
+    for position, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            continue
+        key = _tool_call_key(tools, entry, position, len(entries))
+        tool = tools.get(key)
+        if tool is None:
+            tool = tools[key] = _ToolCall(key, len(tools) + 1)
+        tool.merge(entry)
+
+
+def _tool_call_key(tools: dict, entry: dict, position: int, entry_count: int):
+    index = entry.get("index")
+    if isinstance(index, int) and not isinstance(index, bool):
+        return index
+    known = list(tools.values())
+    call_id = entry.get("id")
+    if isinstance(call_id, str) and call_id:
+        for tool in known:
+            if tool.id == call_id:
+                return tool.key
+        return ("id", call_id)
+    if entry_count > 1:
+        return ("pos", position)
+    return max(known, key=lambda t: t.order).key if known else ("pos", 0)
 
 
 # -- rule 2.2 step 3: tool arguments --------------------------------------------------------------
@@ -3824,7 +3825,6 @@ class ResponsesStream:
         self._think_parser = _ThinkTagParser()
         self._pending = ""  # whitespace waiting for a first visible character
         self._pending_kind = None
-        self._tool_order = 0
         self._used_call_ids = set()
         self._reasoning_texts = []  # for the empty-answer fallback
         self._generated = []  # all generated text, for the output estimate without usage
@@ -3935,9 +3935,9 @@ class ResponsesStream:
                 self._on_text("reasoning" if kind == "reasoning" else "message", text, out)
         tool_calls = delta.get("tool_calls")
         if isinstance(tool_calls, list):
-            self._merge_tool_calls(tool_calls)
+            merge_tool_call_chunks(self.state.tools, tool_calls)
         elif isinstance(delta.get("function_call"), dict):  # legacy single call
-            self._merge_tool_calls([dict(delta["function_call"], index=0, _legacy=True)])
+            merge_tool_call_chunks(self.state.tools, [dict(delta["function_call"], index=0, _legacy=True)])
         if choice.get("finish_reason"):
             self.state.finish_reason = choice["finish_reason"]
             self._finish_items(out)
@@ -4033,35 +4033,6 @@ class ResponsesStream:
             self._emit_tool(tool, out)
 
     # -- tools --
-
-    def _merge_tool_calls(self, entries):
-        tools = self.state.tools
-        for position, entry in enumerate(entries):
-            if not isinstance(entry, dict):
-                continue
-            key = self._tool_key(entry, position, len(entries))
-            tool = tools.get(key)
-            if tool is None:
-                self._tool_order += 1
-                tool = tools[key] = _ToolCall(key, self._tool_order)
-            tool.merge(entry)
-
-    def _tool_key(self, entry, position, entry_count):
-        """By chat index; else by id; else by position in a chunk that lists several;
-        a lone fragment with neither continues the most recent call (3.5 step 4)."""
-        index = entry.get("index")
-        if isinstance(index, int) and not isinstance(index, bool):
-            return index
-        known = list(self.state.tools.values())
-        call_id = entry.get("id")
-        if isinstance(call_id, str) and call_id:
-            for tool in known:
-                if tool.id == call_id:
-                    return tool.key
-            return ("id", call_id)
-        if entry_count > 1:
-            return ("pos", position)
-        return max(known, key=lambda t: t.order).key if known else ("pos", 0)
 
     def _emit_tool(self, tool, out):
         spec = responses_tool_for(tool.name, self.ctx)

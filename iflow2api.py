@@ -7193,8 +7193,8 @@ class HTTPServer:
 # (section 3). Tests: tests/integration/test_openai_api.py.
 
 NO_CREDENTIALS_MESSAGE = (
-    "no iFlow credentials: log in with the iFlow CLI (run `iflow` and choose 'Login with iFlow' "
-    "or 'API key'), which writes ~/.iflow/settings.json, or put \"api_key\" in %s; then retry")
+    "no iFlow credentials: run `iflow2api login` (browser), `iflow2api login --api-key`, or use the "
+    "Accounts page of the web admin (/admin) or of the desktop app; or put \"api_key\" in %s; then retry")
 
 
 class ConcurrencyLimiter:
@@ -7770,9 +7770,10 @@ class Api:
         """POST /v1/messages/count_tokens: a local estimate, never an upstream call."""
         self.client_keys.check(req.headers)
         body = req.json()
-        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
-            raise InvalidRequestError("messages: Field required")
         with client_input_errors():
+            if not isinstance(body, dict):
+                raise TranslationError("request body must be a JSON object")
+            _validated_messages(body)  # the same messages checks (and words) as /v1/messages
             return Response.json({"input_tokens": estimate_tokens_anthropic(body)})
 
     def telemetry(self, req: Request) -> Response:
@@ -7789,6 +7790,7 @@ class Api:
     def _anthropic_context(self, body) -> TranslationContext:
         if not isinstance(body, dict):
             raise InvalidRequestError("request body must be a JSON object")
+        _validated_messages(body)  # before routing reads them (images decide the route)
         client_model = body.get("model")
         if not isinstance(client_model, str) or not client_model.strip():
             raise InvalidRequestError("model: Field required")
@@ -8010,9 +8012,16 @@ def new_random_id(prefix: str) -> str:
     return prefix + "".join(chars)
 
 def stream_failure_message(exc: BaseException) -> str:
-    """What a client is told when a stream breaks after it started."""
+    """What a client is told when a stream breaks after it started: a sentence, not a
+    Python exception's repr."""
     if isinstance(exc, UpstreamStreamError):
         return str(exc)
+    if isinstance(exc, http.client.IncompleteRead):
+        return "upstream stream failed: the upstream closed the stream before it was complete"
+    if isinstance(exc, socket.timeout):
+        return "upstream stream failed: the upstream sent nothing for too long (upstream_read_timeout_s)"
+    if isinstance(exc, ConnectionResetError):
+        return "upstream stream failed: the upstream reset the connection"
     return "upstream stream failed: %s" % (exc or type(exc).__name__)
 
 

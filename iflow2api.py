@@ -2105,7 +2105,7 @@ class AnthropicStream:
         elif isinstance(delta.get("function_call"), dict):  # legacy single call
             merge_tool_call_chunks(self.state.tools, [dict(delta["function_call"], index=0, _legacy=True)])
         finish = choice.get("finish_reason")
-        if finish:
+        if finish and isinstance(finish, str):  # an upstream's odd value (a list...) is no reason
             self.state.finish_reason = finish
             for key in ("stop_reason", "matched_stop"):  # vLLM, SGLang (2.3)
                 if isinstance(choice.get(key), str):
@@ -3938,7 +3938,7 @@ class ResponsesStream:
             merge_tool_call_chunks(self.state.tools, tool_calls)
         elif isinstance(delta.get("function_call"), dict):  # legacy single call
             merge_tool_call_chunks(self.state.tools, [dict(delta["function_call"], index=0, _legacy=True)])
-        if choice.get("finish_reason"):
+        if choice.get("finish_reason") and isinstance(choice["finish_reason"], str):
             self.state.finish_reason = choice["finish_reason"]
             self._finish_items(out)
 

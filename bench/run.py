@@ -200,6 +200,17 @@ def build_pyz():
     return out
 
 
+def stop_group(proc):
+    """Stops a process started with start_new_session: SIGTERM to its group, SIGKILL after 5 s."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 class Server:
     """A proxy under test, started fresh with its own temporary HOME."""
 
@@ -249,13 +260,7 @@ class Server:
         return " | ".join(line.strip() for line in lines[-n:])
 
     def stop(self):
-        if self.proc.poll() is None:
-            os.killpg(self.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_group(self.proc)
         self.log_file.close()
         shutil.rmtree(self.home, ignore_errors=True)
 
@@ -335,9 +340,10 @@ def measure(name, fake, args, original_exe):
         if r["errors"]:
             m["s256_error_samples"] = r["error_samples"]
 
-        # Anthropic /v1/messages (proxies only).
+        # Anthropic /v1/messages and OpenAI Responses /v1/responses (proxies only).
         if server:
-            measure_anthropic(server, fake, args, m)
+            for prefix in ROUTES:
+                measure_route(server, fake, args, m, prefix)
 
         if pid:
             m["peak_rss_mb"] = memory_mb(pid, "VmHWM")
@@ -356,34 +362,43 @@ def measure(name, fake, args, original_exe):
             server.stop()
 
 
-def measure_anthropic(server, fake, args, m):
-    url = f"{server.url}/v1/messages"
-    status, body = http("POST", url, {"model": "claude-sonnet-4-5", "max_tokens": 64,
-                                      "messages": [{"role": "user", "content": "hi"}]})
-    if status == 404:
-        m["anthropic_note"] = "skipped: POST /v1/messages answered 404"
-        return
+# The other client faces over the same upstream call, streamed 32 at a time;
+# metric keys start with the prefix. prefix: (path, loadgen --api, non-streaming probe body)
+ROUTES = {
+    "a": ("/v1/messages", "anthropic", {"model": "claude-sonnet-4-5", "max_tokens": 64,
+                                        "messages": [{"role": "user", "content": "hi"}]}),
+    "r": ("/v1/responses", "responses", {"model": "glm-4.6", "input": "hi"}),
+}
+
+
+def measure_route(server, fake, args, m, prefix):
+    """Time to first event and 32 streams through one of ROUTES; skipped with a
+    note (`<prefix>_note`) when its non-streaming probe does not answer 200."""
+    path, api, probe = ROUTES[prefix]
+    url = f"{server.url}{path}"
+    status, body = http("POST", url, probe)
     if status != 200:
-        m["anthropic_note"] = f"skipped: POST /v1/messages answered {status}: {body[:120]!r}"
+        m[f"{prefix}_note"] = f"skipped: POST {path} answered {status}" + (f": {body[:120]!r}" if status != 404 else "")
         return
     fake.configure(20)
-    r = loadgen("stream", "--url", url, "--api", "anthropic", "--concurrency", 1,
+    r = loadgen("stream", "--url", url, "--api", api, "--concurrency", 1,
                 "--streams", args.ttfc_samples, "--expect", 20)
-    m["a_ttfe_ms"] = r["first_event_p50_ms"]
+    m[f"{prefix}_ttfe_ms"] = r["first_event_p50_ms"]
     if r["errors"]:
-        m["a_error_samples"] = r["error_samples"]
-    r = stream_test(fake, url, server.pid, args.chunks, 32, 32, api="anthropic", tail=False)
-    m["a_events_per_s"] = r["events_per_s"]
-    m["a_chunks_per_s"] = r["chunks_per_s"]
-    m["a_errors"] = r["errors"]
-    m["a_cpu_per_1k"] = 1000 * r["proxy_cpu_s"] / max(r["upstream_chunks"], 1)
+        m[f"{prefix}_error_samples"] = r["error_samples"]
+    r = stream_test(fake, url, server.pid, args.chunks, 32, 32, api=api, tail=False)
+    m[f"{prefix}_events_per_s"] = r["events_per_s"]
+    m[f"{prefix}_chunks_per_s"] = r["chunks_per_s"]
+    m[f"{prefix}_errors"] = r["errors"]
+    m[f"{prefix}_cpu_per_1k"] = 1000 * r["proxy_cpu_s"] / max(r["upstream_chunks"], 1)
     if r["errors"]:
-        m["a_error_samples"] = r["error_samples"]
+        m[f"{prefix}_error_samples"] = r["error_samples"]
 
 
 # ---------------------------------------------------------------- report
 
-ERROR_KEYS = ("s256_errors", "stream32_errors", "a_errors")
+ERROR_KEYS = ("s256_errors", "stream32_errors", "a_errors", "r_errors")
+RESPONSES_CPU_TARGET = 1.2  # Responses CPU per 1000 upstream chunks / Anthropic's, ours
 
 
 def median(rounds, key):
@@ -430,12 +445,12 @@ def build_report(results, notes, args, meta):
     med = {t: {} for t in TARGETS}
     keys = ["rps_c1", "p50_c1_ms", "p99_c1_ms", "rps_c32", "p50_c32_ms", "p99_c32_ms", "ttfc_ms",
             "chunks_per_s", "cpu_per_1k", "idle_rss_mb", "peak_rss_mb", "healthy_s", "s256_errors",
-            "s256_time_s", "stream32_errors", "a_ttfe_ms", "a_events_per_s", "a_cpu_per_1k", "a_errors",
-            "fake_cpu_per_1k", "loadgen_cpu_per_1k", "a_chunks_per_s", "events_per_s"]
+            "s256_time_s", "stream32_errors", "fake_cpu_per_1k", "loadgen_cpu_per_1k", "events_per_s"]
+    keys += [f"{p}_{k}" for p in ROUTES for k in ("ttfe_ms", "events_per_s", "chunks_per_s", "cpu_per_1k", "errors")]
     for t in TARGETS:
         for k in keys:
             med[t][k] = median(rounds.get(t, []), k)
-        for k, src in (("ttfc_overhead_ms", "ttfc_ms"), ("a_ttfe_overhead_ms", "a_ttfe_ms")):
+        for k, src in [("ttfc_overhead_ms", "ttfc_ms")] + [(f"{p}_ttfe_overhead_ms", f"{p}_ttfe_ms") for p in ROUTES]:
             med[t][k] = overhead(rounds, t, src) if t != "direct" else None
         if med[t]["healthy_s"] is not None:
             med[t]["healthy_ms"] = med[t]["healthy_s"] * 1000
@@ -461,21 +476,25 @@ def build_report(results, notes, args, meta):
         (f"256 streams x {args.chunks256} chunks: errors (worst round)", "s256_errors", None, False),
         (f"256 streams x {args.chunks256} chunks: total time (s)", "s256_time_s", None, False),
     ]
-    a_rows = [
-        ("32 streams: events/s at client", "a_events_per_s", None, True),
-        ("32 streams: content chunks/s at client", "a_chunks_per_s", None, True),
-        ("32 streams: proxy CPU s per 1000 upstream chunks", "a_cpu_per_1k", 0.3, False),
-        ("Time to first event (ms)", "a_ttfe_ms", None, False),
-        ("First-event overhead vs direct first chunk (ms)", "a_ttfe_overhead_ms", None, False),
-        ("32 streams: errors (worst round)", "a_errors", None, False),
-    ]
 
-    def table(rows, direct_col=True):
-        head = ["Metric"] + ([LABELS["direct"]] if direct_col else []) + [LABELS["original"], LABELS["ours"],
-                                                                          "ours/original", "target", ""]
+    def route_rows(cpu_target):
+        """Rows of a client face's table; keys without the route prefix."""
+        return [
+            ("32 streams: events/s at client", "events_per_s", None, True),
+            ("32 streams: content chunks/s at client", "chunks_per_s", None, True),
+            ("32 streams: proxy CPU s per 1000 upstream chunks", "cpu_per_1k", cpu_target, False),
+            ("Time to first event (ms)", "ttfe_ms", None, False),
+            ("First-event overhead vs direct first chunk (ms)", "ttfe_overhead_ms", None, False),
+            ("32 streams: errors (worst round)", "errors", None, False),
+        ]
+
+    def table(rows, cols, ratio_head="ours/original"):
+        """cols: (header, metrics, key prefix); the ratio column is the last column over the one before."""
+        head = ["Metric"] + [c[0] for c in cols] + [ratio_head, "target", ""]
         out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for label, key, target, higher in rows:
-            o, u = med["original"].get(key), med["ours"].get(key)
+            vals = [metrics.get(prefix + key) for _, metrics, prefix in cols]
+            o, u = vals[-2], vals[-1]
             ratio, verdict = ratio_cell(u, o, target, higher)
             if key == "s256_errors":
                 ratio, verdict = "", ("PASS" if u == 0 else "FAIL") if u is not None else "—"
@@ -484,7 +503,7 @@ def build_report(results, notes, args, meta):
                 tgt = ""
             else:
                 tgt = ("≥ " if higher else "≤ ") + (f"{target:.2f}x" if target != 1 / 3 else "1/3")
-            cells = [label] + ([fmt(med["direct"].get(key))] if direct_col else []) + [fmt(o), fmt(u), ratio, tgt, verdict]
+            cells = [label] + [fmt(v) for v in vals] + [ratio, tgt, verdict]
             out.append("| " + " | ".join(cells) + " |")
         return "\n".join(out)
 
@@ -499,7 +518,7 @@ def build_report(results, notes, args, meta):
         "",
         "### OpenAI path: POST /v1/chat/completions",
         "",
-        table(rows),
+        table(rows, [(LABELS[t], med[t], "") for t in TARGETS]),
         "",
         "### Anthropic path: POST /v1/messages (streaming)",
         "",
@@ -507,15 +526,31 @@ def build_report(results, notes, args, meta):
         "first-event overhead is against direct's first chunk on /v1/chat/completions.",
         "",
     ]
-    a_notes = []
-    for t in ("original", "ours"):
-        for m in rounds.get(t, []):
-            if m.get("anthropic_note"):
-                a_notes.append(f"- {LABELS[t]}: {m['anthropic_note']}")
-                break
-    lines.append(table(a_rows, direct_col=False))
-    if a_notes:
-        lines += [""] + a_notes
+    def route_notes(prefix):
+        """The first skip note of each proxy for this route, as list items."""
+        items = []
+        for t in ("original", "ours"):
+            skipped = [m[f"{prefix}_note"] for m in rounds.get(t, []) if m.get(f"{prefix}_note")]
+            items += [f"- {LABELS[t]}: {skipped[0]}"] if skipped else []
+        return [""] + items if items else []
+
+    lines.append(table(route_rows(0.3), [(LABELS[t], med[t], "a_") for t in ("original", "ours")]))
+    lines += route_notes("a")
+    ra = ratio_cell(med["ours"]["r_cpu_per_1k"], med["ours"]["a_cpu_per_1k"], RESPONSES_CPU_TARGET, False)
+    lines += [
+        "",
+        "### Responses path: POST /v1/responses (streaming), side by side with the Anthropic path",
+        "",
+        "Ours only (the original has no /v1/responses). Events are `response.output_text.delta` events, "
+        "the first event is the first delta, a stream succeeds when `response.completed` arrives.",
+        "",
+        table(route_rows(RESPONSES_CPU_TARGET),
+              [(f"ours {ROUTES[p][0]}", med["ours"], f"{p}_") for p in ("a", "r")], "Responses/Anthropic"),
+        "",
+        f"Responses CPU per 1000 chunks / Anthropic: {ra[0]} (target ≤ {RESPONSES_CPU_TARGET:.1f}x)"
+        + (f": {ra[1]}" if ra[1] else ""),
+    ]
+    lines += route_notes("r")
     d = med["direct"]
     lines += [
         "",
@@ -535,10 +570,12 @@ def build_report(results, notes, args, meta):
                               ("nonstream_errors_c32", "non-stream c=32 errors"),
                               ("stream32_errors", "32-stream errors"), ("s256_errors", "256-stream errors"),
                               ("a_errors", "Anthropic 32-stream errors"),
+                              ("r_errors", "Responses 32-stream errors"),
                               ("fake_conn_errors", "upstream connections that ended in an error (fake's log)")):
                 if m.get(key):
                     notes.append(f"{LABELS[t]} round {i}: {m[key]} {what}")
-            for key in ("stream32_error_samples", "s256_error_samples", "a_error_samples", "fake_error_samples"):
+            for key in ("stream32_error_samples", "s256_error_samples", "a_error_samples", "r_error_samples",
+                        "fake_error_samples"):
                 if m.get(key):
                     samples = (str(x).replace("\n", "\\n").replace("`", "'") for x in m[key][:3])
                     notes.append(f"{LABELS[t]} round {i} samples: " + "; ".join(f"`{x}`" for x in samples))

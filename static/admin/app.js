@@ -13,9 +13,11 @@
   const POLL_MS = 2000;            // dashboard numbers refresh this often
   const OAUTH_POLL_MS = 1000;      // browser sign-in state is checked this often
   const MAX_LOG_LINES = 1000;      // the live log keeps this many lines in the page
-  const STORE = { theme: 'iflow2api.theme', lang: 'iflow2api.lang', tab: 'iflow2api.tab', model: 'iflow2api.model' };
-  const TABS = ['dashboard', 'instances', 'accounts', 'providers', 'keys', 'config', 'playground'];
-  const POLLED_TABS = { dashboard: true, instances: true, accounts: true };
+  const STORE = {
+    theme: 'iflow2api.theme', lang: 'iflow2api.lang', tab: 'iflow2api.tab', model: 'iflow2api.model',
+    updateDismissed: 'iflow2api.updateDismissed', // the release version whose notice was dismissed
+  };
+  // The tabs themselves (what each loads, draws and does) are the SCREENS registry near the end.
 
   const state = {
     csrf: null,
@@ -27,7 +29,7 @@
     logRetryTimer: null,
     logLines: [],
     logRenderQueued: false,
-    lastStatus: null,
+    update: null,              // {latest, current, url} from the last status answer, or null
     presets: new Set(),        // provider preset names seen (unconfigured providers are presets)
     config: null,              // last GET /admin/api/config answer
     keysExist: false,          // any client API key? then curl needs an Authorization header
@@ -110,9 +112,15 @@
     toastTimer = setTimeout(function () { box.hidden = true; }, kind === 'error' ? 8000 : 4000);
   }
 
+  /** What to tell the user about an error; '' when it was already handled (signed out). */
+  function errorText(err) {
+    if (err && err.silent) return '';
+    return (err && err.message) || String(err);
+  }
+
   function reportError(err) {
-    if (err && err.silent) return;
-    toast((err && err.message) || String(err), 'error');
+    const message = errorText(err);
+    if (message) toast(message, 'error');
   }
 
   // ---------------------------------------------------------------------------------
@@ -180,6 +188,61 @@
   function enc(part) { return encodeURIComponent(part); }
 
   // ---------------------------------------------------------------------------------
+  // Forms: every "check the input, send it, show the outcome" action goes through submitForm
+
+  /** A problem with the input, found before anything is sent (see refuse). */
+  class Refusal extends Error {
+    constructor(message, kind) {
+      super(message);
+      this.kind = kind || 'error';
+    }
+  }
+
+  /** Stop a form's read(): show the message (none: stop quietly), send nothing. */
+  function refuse(message, kind) { throw new Refusal(message || '', kind); }
+
+  /**
+   * The handler of a form's submit (or a button's click), from a spec:
+   *   button           selector of the button that is disabled while the request runs
+   *   error            optional selector of the form's error line; without it messages are toasts
+   *   read()           the request from the inputs; calls refuse(message) when they are not usable
+   *   send(input)      the API call; resolves to its answer
+   *   done(answer, input)  show the success: toast, clear inputs, redraw (may be async)
+   *   failed(err)      optional: the text to show for a failed send, or nothing when it handled
+   *                    the error itself; by default the error's own message
+   */
+  function submitForm(spec) {
+    const say = function (message, kind) {
+      if (!message) return;
+      if (spec.error) $(spec.error).textContent = message;
+      else toast(message, kind);
+    };
+    return async function (event) {
+      if (event) event.preventDefault();
+      if (spec.error) $(spec.error).textContent = '';
+      let input;
+      try {
+        input = spec.read ? spec.read() : undefined;
+      } catch (err) {
+        return say(err.message, err.kind || 'error');
+      }
+      const button = $(spec.button);
+      let failure = null;
+      button.disabled = true;
+      try {
+        const answer = await spec.send(input);
+        if (spec.done) await spec.done(answer, input);
+      } catch (err) {
+        failure = err;
+      } finally {
+        button.disabled = false;
+      }
+      // After the button is back, so failed() may disable it again (login: wait before retrying).
+      if (failure) say(spec.failed ? spec.failed(failure) : errorText(failure), 'error');
+    };
+  }
+
+  // ---------------------------------------------------------------------------------
   // Theme and language (both remembered in localStorage)
 
   const darkQuery = window.matchMedia ? window.matchMedia('(prefers-color-scheme: dark)') : null;
@@ -209,9 +272,9 @@
     window.I18n.setLanguage(lang); // sets <html lang> and every [data-i18n] text
     $('#lang-select').value = window.I18n.getLanguage();
     document.title = t('app.title');
-    // Texts built by code are redrawn from the data last seen.
-    if (state.lastStatus) renderStatus(state.lastStatus);
-    if (state.loggedIn) refreshTab(state.tab, { soft: true });
+    // Texts built by code are drawn again.
+    renderUpdateNotice();
+    if (state.loggedIn) refreshTab(state.tab, true);
     updateLogState();
     updateCurl();
   }
@@ -264,61 +327,49 @@
     $('#login-password').focus();
   }
 
-  async function onSetup(event) {
-    event.preventDefault();
-    const password = $('#setup-password').value;
-    const error = $('#setup-error');
-    error.textContent = '';
-    if (password.length < 8) {
-      error.textContent = t('setup.tooShort');
-      return;
-    }
-    $('#setup-submit').disabled = true;
-    try {
-      const data = await api('POST', 'setup', { password: password }, { keep401: true });
+  const onSetup = submitForm({
+    button: '#setup-submit',
+    error: '#setup-error',
+    read: function () {
+      const password = $('#setup-password').value;
+      if (password.length < 8) refuse(t('setup.tooShort'));
+      return { password: password };
+    },
+    send: function (body) { return api('POST', 'setup', body, { keep401: true }); },
+    done: function (data) {
       state.csrf = data.csrf;
       $('#setup-password').value = '';
       toast(t('setup.done'), 'ok');
       enterApp();
-    } catch (err) {
-      error.textContent = err.message;
+    },
+    failed: function (err) {
       if (err.status === 409) setTimeout(checkSession, 1500); // someone set it meanwhile: sign in
-    } finally {
-      $('#setup-submit').disabled = false;
-    }
-  }
+      return err.message;
+    },
+  });
 
-  async function onLogin(event) {
-    event.preventDefault();
-    const error = $('#login-error');
-    error.textContent = '';
-    const password = $('#login-password').value;
-    if (!password) {
-      error.textContent = t('login.empty');
-      return;
-    }
-    $('#login-submit').disabled = true;
-    let waiting = false;
-    try {
-      const data = await api('POST', 'login', { password: password }, { keep401: true });
+  const onLogin = submitForm({
+    button: '#login-submit',
+    error: '#login-error',
+    read: function () {
+      const password = $('#login-password').value;
+      if (!password) refuse(t('login.empty'));
+      return { password: password };
+    },
+    send: function (body) { return api('POST', 'login', body, { keep401: true }); },
+    done: function (data) {
       state.csrf = data.csrf;
       $('#login-password').value = '';
       enterApp();
-    } catch (err) {
-      if (err.status === 429) {
-        waiting = true;
-        waitBeforeLogin(err.retryAfter || 30);
-      } else if (err.status === 401) {
-        error.textContent = t('login.wrong');
-      } else if (err.status === 409) {
-        checkSession(); // no password yet after all
-      } else {
-        error.textContent = err.message;
-      }
-    } finally {
-      if (!waiting) $('#login-submit').disabled = false;
-    }
-  }
+    },
+    failed: function (err) {
+      if (err.status === 401) return t('login.wrong');
+      if (err.status === 429) waitBeforeLogin(err.retryAfter || 30); // shows its own countdown
+      else if (err.status === 409) checkSession(); // no password yet after all
+      else return err.message;
+      return '';
+    },
+  });
 
   /** After too many attempts the server says how long to wait: count it down. */
   function waitBeforeLogin(seconds) {
@@ -348,7 +399,9 @@
     showScreen('app');
     const fromHash = location.hash.replace('#', '');
     const saved = storeGet(STORE.tab);
-    selectTab(TABS.indexOf(fromHash) >= 0 ? fromHash : (TABS.indexOf(saved) >= 0 ? saved : 'dashboard'));
+    selectTab(isTab(fromHash) ? fromHash : (isTab(saved) ? saved : 'dashboard'));
+    // The dashboard's own status answer carries the update notice; other tabs ask once here.
+    if (state.tab !== 'dashboard') api('GET', 'status').then(function (s) { showUpdateNotice(s.update); }).catch(reportError);
     startLogStream();
     startPolling();
   }
@@ -387,30 +440,24 @@
 
   function closePasswordDialog() { $('#password-dialog').hidden = true; }
 
-  async function onChangePassword(event) {
-    event.preventDefault();
-    const error = $('#pw-error');
-    const current = $('#pw-current').value;
-    const next = $('#pw-new').value;
-    error.textContent = '';
-    if (next.length < 8) {
-      error.textContent = t('setup.tooShort');
-      return;
-    }
-    $('#pw-submit').disabled = true;
-    try {
-      // 401 here means "current password wrong", not "signed out".
-      const data = await api('POST', 'password', { current: current, new: next }, { keep401: true });
+  const onChangePassword = submitForm({
+    button: '#pw-submit',
+    error: '#pw-error',
+    read: function () {
+      const next = $('#pw-new').value;
+      if (next.length < 8) refuse(t('setup.tooShort'));
+      return { current: $('#pw-current').value, new: next };
+    },
+    // 401 here means "current password wrong", not "signed out".
+    send: function (body) { return api('POST', 'password', body, { keep401: true }); },
+    done: function (data) {
       // The server ends all sessions and may hand this browser a fresh one.
       if (data && data.csrf) state.csrf = data.csrf;
       closePasswordDialog();
       toast(t('pw.done'), 'ok');
-    } catch (err) {
-      error.textContent = err.status === 401 ? t('pw.wrong') : err.message;
-    } finally {
-      $('#pw-submit').disabled = false;
-    }
-  }
+    },
+    failed: function (err) { return err.status === 401 ? t('pw.wrong') : err.message; },
+  });
 
   // ---------------------------------------------------------------------------------
   // Confirmation dialog: resolves true (yes) or false (no, Escape)
@@ -442,8 +489,10 @@
   // ---------------------------------------------------------------------------------
   // Tabs and polling
 
+  function isTab(name) { return Object.prototype.hasOwnProperty.call(SCREENS, name); }
+
   function selectTab(name) {
-    if (TABS.indexOf(name) < 0) name = 'dashboard';
+    if (!isTab(name)) name = 'dashboard';
     state.tab = name;
     storeSet(STORE.tab, name);
     $$('[data-tab]').forEach(function (button) {
@@ -455,30 +504,29 @@
     if (location.hash !== '#' + name && window.history && history.replaceState) {
       history.replaceState(null, '', '#' + name);
     }
-    refreshTab(name, {});
+    refreshTab(name, false);
   }
 
-  /** Load what a tab shows. `soft` (language change, polling) must not wipe form input. */
-  function refreshTab(name, opts) {
-    const soft = opts && opts.soft;
-    const loaders = {
-      dashboard: refreshStatus,
-      instances: refreshInstances,
-      accounts: refreshAccounts,
-      providers: function () { return soft ? refreshProviders() : Promise.all([refreshProviders(), loadRoutes()]); },
-      keys: refreshKeys,
-      config: function () { return soft ? Promise.resolve() : loadConfig(); },
-      playground: function () { return soft ? Promise.resolve() : loadPlayground(); },
-    };
-    return Promise.resolve(loaders[name] && loaders[name]()).catch(reportError);
+  /**
+   * Fetch what a tab shows and draw it; rejects when the fetch fails. `soft` (polling,
+   * language change, after an action) must not wipe form input: load() answers nothing then
+   * where a full load would rebuild a form.
+   */
+  async function loadScreen(name, soft) {
+    const screen = SCREENS[name];
+    const data = await screen.load(!!soft);
+    if (data !== null && data !== undefined) screen.render(data);
   }
+
+  /** loadScreen for the tab machinery: a failure becomes a toast. */
+  function refreshTab(name, soft) { return loadScreen(name, soft).catch(reportError); }
 
   function startPolling() {
     stopPolling();
     const loop = function () {
       state.pollTimer = setTimeout(async function () {
-        if (state.loggedIn && !document.hidden && POLLED_TABS[state.tab]) {
-          await refreshTab(state.tab, { soft: true });
+        if (state.loggedIn && !document.hidden && SCREENS[state.tab].polled) {
+          await refreshTab(state.tab, true);
         }
         if (state.loggedIn) loop();
       }, POLL_MS);
@@ -569,12 +617,6 @@
   // ---------------------------------------------------------------------------------
   // Dashboard
 
-  async function refreshStatus() {
-    const status = await api('GET', 'status');
-    state.lastStatus = status;
-    renderStatus(status);
-  }
-
   function setStat(name, text, raw) {
     const node = $('[data-stat="' + name + '"]');
     if (!node) return;
@@ -598,6 +640,7 @@
     renderCounts('#table-by-model', s.by_model);
     renderCounts('#table-by-provider', s.by_provider);
     renderCounts('#table-by-account', s.by_account);
+    showUpdateNotice(s.update);
   }
 
   function renderCounts(tableSelector, counts) {
@@ -607,6 +650,32 @@
       function () { return buildRow(['name', 'count']); },
       function (row, e) { setCell(row, 'name', e[0]); setCell(row, 'count', fmtInt(e[1]), 'num'); },
       t('dash.noRequests'));
+  }
+
+  // -- update notice: the status answer's "update" is null or {latest, current, url} --
+
+  function showUpdateNotice(update) {
+    state.update = update && update.latest ? update : null;
+    renderUpdateNotice();
+  }
+
+  /** The banner above the tabs, unless this version's notice was dismissed. */
+  function renderUpdateNotice() {
+    const update = state.update;
+    const box = $('#update-notice');
+    box.hidden = !update || storeGet(STORE.updateDismissed) === String(update.latest);
+    if (box.hidden) return;
+    box.dataset.version = update.latest;
+    $('#update-text').textContent = t('update.available', { latest: update.latest, current: update.current || state.version || '?' });
+    const link = $('#update-link');
+    const url = String(update.url || '');
+    link.hidden = !/^https?:\/\//i.test(url); // only web addresses become links
+    link.href = link.hidden ? '#' : url;
+  }
+
+  function dismissUpdateNotice() {
+    if (state.update) storeSet(STORE.updateDismissed, String(state.update.latest));
+    $('#update-notice').hidden = true;
   }
 
   // -- live log: last lines via GET, then new ones via server-sent events --
@@ -680,8 +749,7 @@
   // ---------------------------------------------------------------------------------
   // Instances
 
-  async function refreshInstances() {
-    const data = await api('GET', 'instances');
+  function renderInstances(data) {
     syncRows($('#instances-table tbody'), data.instances || [], 'data-instance', function (i) { return i.name; },
       function () {
         return buildRow(['name', 'url', 'address', 'state', 'requests', 'errors', 'in_flight'], [
@@ -725,36 +793,33 @@
       await api('POST', 'instances/' + enc(name) + '/' + action, {});
       toast(t(action === 'start' ? 'inst.started' : 'inst.stopped', { name: name }), 'ok');
     }
-    await refreshInstances();
+    await loadScreen('instances', true);
   }
 
-  async function onAddInstance(event) {
-    event.preventDefault();
-    const name = $('#instance-name').value.trim();
-    const host = $('#instance-host').value.trim();
-    const portText = $('#instance-port').value.trim();
-    const port = Number(portText);
-    if (!name) return toast(t('inst.needName'), 'error');
-    if (!portText || !Number.isInteger(port) || port < 1 || port > 65535) return toast(t('inst.badPort'), 'error');
-    $('#instance-add').disabled = true;
-    try {
-      const inst = await api('POST', 'instances', { name: name, host: host || '127.0.0.1', port: port });
-      toast(t('inst.added', { name: inst.name || name, url: inst.url || '' }), 'ok');
+  const onAddInstance = submitForm({
+    button: '#instance-add',
+    read: function () {
+      const name = $('#instance-name').value.trim();
+      const host = $('#instance-host').value.trim();
+      const portText = $('#instance-port').value.trim();
+      const port = Number(portText);
+      if (!name) refuse(t('inst.needName'));
+      if (!portText || !Number.isInteger(port) || port < 1 || port > 65535) refuse(t('inst.badPort'));
+      return { name: name, host: host || '127.0.0.1', port: port };
+    },
+    send: function (body) { return api('POST', 'instances', body); },
+    done: function (inst, body) {
+      toast(t('inst.added', { name: inst.name || body.name, url: inst.url || '' }), 'ok');
       $('#instance-name').value = '';
       $('#instance-port').value = '';
-      await refreshInstances();
-    } catch (err) {
-      reportError(err);
-    } finally {
-      $('#instance-add').disabled = false;
-    }
-  }
+      return loadScreen('instances', true);
+    },
+  });
 
   // ---------------------------------------------------------------------------------
   // Accounts and sign-in
 
-  async function refreshAccounts() {
-    const data = await api('GET', 'accounts');
+  function renderAccounts(data) {
     syncRows($('#accounts-table tbody'), data.accounts || [], 'data-account', function (a) { return a.id; },
       function () {
         return buildRow(['id', 'label', 'auth_type', 'api_key', 'expires_at', 'status', 'in_flight', 'requests', 'errors'],
@@ -788,25 +853,23 @@
     if (!(await confirmAction(t('acc.confirmRemove', { id: id })))) return;
     await api('DELETE', 'accounts/' + enc(id));
     toast(t('acc.removed', { id: id }), 'ok');
-    await refreshAccounts();
+    await loadScreen('accounts', true);
   }
 
-  async function onAddAccountKey(event) {
-    event.preventDefault();
-    const key = $('#account-key').value.trim();
-    if (!key) return toast(t('acc.needKey'), 'error');
-    $('#account-add').disabled = true;
-    try {
-      const data = await api('POST', 'accounts', { api_key: key, add: $('#account-add-extra').checked });
+  const onAddAccountKey = submitForm({
+    button: '#account-add',
+    read: function () {
+      const key = $('#account-key').value.trim();
+      if (!key) refuse(t('acc.needKey'));
+      return { api_key: key, add: $('#account-add-extra').checked };
+    },
+    send: function (body) { return api('POST', 'accounts', body); },
+    done: function (data) {
       $('#account-key').value = '';
       toast(t('acc.added', { id: data.id }), 'ok');
-      await refreshAccounts();
-    } catch (err) {
-      reportError(err);
-    } finally {
-      $('#account-add').disabled = false;
-    }
-  }
+      return loadScreen('accounts', true);
+    },
+  });
 
   async function onOAuthStart() {
     // Open the tab now, inside the click, or popup blockers stop it; point it at the
@@ -859,7 +922,7 @@
     if (name === 'done') {
       toast(t('acc.added', { id: info.account || '' }), 'ok');
       stopOAuthPolling();
-      refreshAccounts().catch(reportError);
+      refreshTab('accounts', true);
       return false;
     }
     if (name === 'error') {
@@ -869,23 +932,18 @@
     return true;
   }
 
-  async function onOAuthPaste(event) {
-    event.preventDefault();
-    const run = state.oauth;
-    const pasted = $('#oauth-pasted').value.trim();
-    if (!run && !$('#oauth-box').dataset.session) return;
-    if (!pasted) return toast(t('acc.needPaste'), 'error');
-    $('#oauth-submit').disabled = true;
-    try {
-      const session = run ? run.session : $('#oauth-box').dataset.session;
-      const info = await api('POST', 'accounts/oauth/' + enc(session), { pasted: pasted });
-      showOAuthState(info);
-    } catch (err) {
-      reportError(err);
-    } finally {
-      $('#oauth-submit').disabled = false;
-    }
-  }
+  const onOAuthPaste = submitForm({
+    button: '#oauth-submit',
+    read: function () {
+      const session = state.oauth ? state.oauth.session : $('#oauth-box').dataset.session;
+      if (!session) refuse(); // no sign-in to finish
+      const pasted = $('#oauth-pasted').value.trim();
+      if (!pasted) refuse(t('acc.needPaste'));
+      return { session: session, pasted: pasted };
+    },
+    send: function (input) { return api('POST', 'accounts/oauth/' + enc(input.session), { pasted: input.pasted }); },
+    done: function (info) { showOAuthState(info); },
+  });
 
   function stopOAuthPolling() {
     if (state.oauth) {
@@ -905,8 +963,7 @@
   // ---------------------------------------------------------------------------------
   // Providers and model routes
 
-  async function refreshProviders() {
-    const data = await api('GET', 'providers');
+  function renderProviders(data) {
     const providers = data.providers || [];
     providers.forEach(function (p) { if (p.name !== 'iflow' && p.configured === false) state.presets.add(p.name); });
     fillPresetSelect();
@@ -950,38 +1007,35 @@
       await api('DELETE', 'providers/' + enc(name));
       toast(t('prov.removed', { name: name }), 'ok');
     }
-    await refreshProviders();
+    await loadScreen('providers', true);
   }
 
-  async function onAddProvider(event) {
-    event.preventDefault();
-    const preset = $('#provider-preset').value;
-    const name = $('#provider-name').value.trim() || preset;
-    if (!name) return toast(t('prov.needName'), 'error');
-    const body = { name: name, default: $('#provider-default').checked };
-    if (preset) body.preset = preset;
-    const key = $('#provider-key').value.trim();
-    if (key) body.api_key = key;
-    const baseUrl = $('#provider-base-url').value.trim();
-    if (baseUrl) body.base_url = baseUrl;
-    const models = $('#provider-models').value.split(/[,\s]+/).filter(Boolean);
-    if (models.length) body.models = models;
-    $('#provider-add').disabled = true;
-    try {
-      await api('POST', 'providers', body);
-      toast(t('prov.saved', { name: name }), 'ok');
+  const onAddProvider = submitForm({
+    button: '#provider-add',
+    read: function () {
+      const preset = $('#provider-preset').value;
+      const name = $('#provider-name').value.trim() || preset;
+      if (!name) refuse(t('prov.needName'));
+      const body = { name: name, default: $('#provider-default').checked };
+      if (preset) body.preset = preset;
+      const key = $('#provider-key').value.trim();
+      if (key) body.api_key = key;
+      const baseUrl = $('#provider-base-url').value.trim();
+      if (baseUrl) body.base_url = baseUrl;
+      const models = $('#provider-models').value.split(/[,\s]+/).filter(Boolean);
+      if (models.length) body.models = models;
+      return body;
+    },
+    send: function (body) { return api('POST', 'providers', body); },
+    done: function (answer, body) {
+      toast(t('prov.saved', { name: body.name }), 'ok');
       $('#provider-key').value = '';
-      await refreshProviders();
-    } catch (err) {
-      reportError(err);
-    } finally {
-      $('#provider-add').disabled = false;
-    }
-  }
+      return loadScreen('providers', true);
+    },
+  });
 
   /** model_map / model_routes editors on the providers tab (they are plain config keys). */
-  async function loadRoutes() {
-    const data = await api('GET', 'config');
+  function renderRoutes(data) {
     state.config = data;
     const cfg = data.config || {};
     $('#routes-model-map').value = JSON.stringify(cfg.model_map || {}, null, 2);
@@ -990,38 +1044,34 @@
     $('#routes-card').hidden = editable.indexOf('model_map') < 0 && editable.indexOf('model_routes') < 0;
   }
 
-  async function onSaveRoutes() {
-    const changes = {};
-    const fields = [['model_map', '#routes-model-map'], ['model_routes', '#routes-model-routes']];
-    for (let i = 0; i < fields.length; i++) {
-      const input = $(fields[i][1]);
-      try {
-        const value = JSON.parse(input.value || '{}');
-        if (!value || typeof value !== 'object' || Array.isArray(value)) throw new Error('not an object');
-        changes[fields[i][0]] = value;
+  const onSaveRoutes = submitForm({
+    button: '#routes-save',
+    read: function () {
+      const changes = {};
+      [['model_map', '#routes-model-map'], ['model_routes', '#routes-model-routes']].forEach(function (field) {
+        const input = $(field[1]);
+        let value = null;
+        try { value = JSON.parse(input.value || '{}'); } catch (e) { /* refused below */ }
+        if (!value || typeof value !== 'object' || Array.isArray(value)) {
+          input.setAttribute('aria-invalid', 'true');
+          refuse(t('cfg.badJson', { key: field[0] }));
+        }
         input.removeAttribute('aria-invalid');
-      } catch (e) {
-        input.setAttribute('aria-invalid', 'true');
-        return toast(t('cfg.badJson', { key: fields[i][0] }), 'error');
-      }
-    }
-    $('#routes-save').disabled = true;
-    try {
-      await api('PUT', 'config', { changes: changes });
+        changes[field[0]] = value;
+      });
+      return { changes: changes };
+    },
+    send: function (body) { return api('PUT', 'config', body); },
+    done: async function () {
       toast(t('cfg.saved'), 'ok');
-      await loadRoutes();
-    } catch (err) {
-      reportError(err);
-    } finally {
-      $('#routes-save').disabled = false;
-    }
-  }
+      renderRoutes(await api('GET', 'config'));
+    },
+  });
 
   // ---------------------------------------------------------------------------------
   // Client API keys
 
-  async function refreshKeys() {
-    const data = await api('GET', 'keys');
+  function renderKeys(data) {
     const keys = data.keys || [];
     state.keysExist = keys.length > 0;
     syncRows($('#keys-table tbody'), keys, 'data-key', function (k) { return k.id; },
@@ -1030,27 +1080,23 @@
       t('keys.none'));
   }
 
-  async function onCreateKey() {
-    $('#key-create').disabled = true;
-    try {
-      const data = await api('POST', 'keys', {});
+  const onCreateKey = submitForm({
+    button: '#key-create',
+    send: function () { return api('POST', 'keys', {}); },
+    done: function (data) {
       $('#key-created-value').value = data.key;
       $('#key-created').hidden = false;
       $('#key-created-value').select();
-      await refreshKeys();
-    } catch (err) {
-      reportError(err);
-    } finally {
-      $('#key-create').disabled = false;
-    }
-  }
+      return loadScreen('keys', true);
+    },
+  });
 
   async function keyAction(action, id) {
     if (action !== 'revoke') return;
     if (!(await confirmAction(t('keys.confirmRevoke', { id: id })))) return;
     await api('DELETE', 'keys/' + enc(id));
     toast(t('keys.revoked', { id: id }), 'ok');
-    await refreshKeys();
+    await loadScreen('keys', true);
   }
 
   function closeCreatedKey() {
@@ -1079,12 +1125,6 @@
   // ---------------------------------------------------------------------------------
   // Config form: one field per editable key, typed by its current value
 
-  async function loadConfig() {
-    const data = await api('GET', 'config');
-    state.config = data;
-    renderConfig(data);
-  }
-
   function configKind(value) {
     if (typeof value === 'boolean') return 'bool';
     if (typeof value === 'number') return 'number';
@@ -1093,6 +1133,7 @@
   }
 
   function renderConfig(data) {
+    state.config = data;
     const form = $('#config-form');
     form.textContent = '';
     (data.editable || []).forEach(function (key) { form.appendChild(configField(key, (data.config || {})[key])); });
@@ -1163,32 +1204,31 @@
     return changes;
   }
 
-  async function onSaveConfig() {
-    let changes;
-    try { changes = collectConfigChanges(); } catch (err) { return toast(err.message, 'error'); }
-    if (!Object.keys(changes).length) return toast(t('cfg.nothing'), 'info');
-    $('#config-save').disabled = true;
-    const confirm = $('#config-confirm');
-    const password = $('#config-password');
-    try {
+  const onSaveConfig = submitForm({
+    button: '#config-save',
+    read: function () {
+      const changes = collectConfigChanges();
+      if (!Object.keys(changes).length) refuse(t('cfg.nothing'), 'info');
       const body = { changes: changes };
-      if (!confirm.hidden && password.value) body.password = password.value;
-      const data = await api('PUT', 'config', body);
-      password.value = '';
-      confirm.hidden = true;
-      state.config = { config: data.config, editable: (state.config && state.config.editable) || Object.keys(data.config || {}) };
-      renderConfig(state.config);
-      toast(t('cfg.savedKeys', { keys: Object.keys(changes).join(', ') }), 'ok');
-    } catch (err) {
+      const password = $('#config-password').value;
+      if (!$('#config-confirm').hidden && password) body.password = password;
+      return body;
+    },
+    send: function (body) { return api('PUT', 'config', body); },
+    done: function (data, body) {
+      $('#config-password').value = '';
+      $('#config-confirm').hidden = true;
+      renderConfig({ config: data.config, editable: (state.config && state.config.editable) || Object.keys(data.config || {}) });
+      toast(t('cfg.savedKeys', { keys: Object.keys(body.changes).join(', ') }), 'ok');
+    },
+    failed: function (err) {
       if (err.code === 'password_required') {
-        confirm.hidden = false;  // keys that redirect credentials: ask for the password, then Save again
-        password.focus();
+        $('#config-confirm').hidden = false;  // keys that redirect credentials: ask for the password, then Save again
+        $('#config-password').focus();
       }
-      reportError(err);
-    } finally {
-      $('#config-save').disabled = false;
-    }
-  }
+      return errorText(err);
+    },
+  });
 
   function filterConfig() {
     const needle = $('#config-filter').value.trim().toLowerCase();
@@ -1200,17 +1240,11 @@
   // ---------------------------------------------------------------------------------
   // Playground: stream a chat completion through /admin/api/playground
 
-  async function loadPlayground() {
-    updateCurl();
-    // Whether the curl line needs a key; failure here only affects that hint.
-    api('GET', 'keys').then(function (d) { state.keysExist = (d.keys || []).length > 0; updateCurl(); }).catch(function () {});
-    await loadModels();
-  }
-
-  async function loadModels() {
+  /** Fill the model list; `keys` (null when unknown) tells whether curl needs a key. */
+  function renderPlayground(data) {
+    if (data.keys) state.keysExist = (data.keys.keys || []).length > 0;
     const select = $('#pg-model');
-    const data = await api('GET', 'models');
-    const models = data.models || [];
+    const models = data.models.models || [];
     const wanted = select.value || storeGet(STORE.model);
     select.textContent = '';
     models.forEach(function (id) { select.appendChild(el('option', { value: id, text: id })); });
@@ -1359,14 +1393,119 @@
   }
 
   // ---------------------------------------------------------------------------------
-  // Wiring
+  // The tabs: one entry per tab, in no other list. index.html has its button and panel.
+  //   polled    refreshed every POLL_MS while shown
+  //   load(soft)    fetch what it shows; answers null when there is nothing to draw
+  //                 (soft: polling, a language change or after an action; must not wipe input)
+  //   render(data)  draw what load fetched
+  //   bind()        wire the tab's forms and buttons, once at start
+
+  const SCREENS = {
+    dashboard: {
+      polled: true,
+      load: function () { return api('GET', 'status'); },
+      render: renderStatus,
+      bind: function () {
+        on('#log-clear', 'click', function () { state.logLines = []; renderLog(); });
+      },
+    },
+    instances: {
+      polled: true,
+      load: function () { return api('GET', 'instances'); },
+      render: renderInstances,
+      bind: function () {
+        on('#instance-form', 'submit', onAddInstance);
+        onRowAction('#instances-table', 'data-instance', instanceAction);
+      },
+    },
+    accounts: {
+      polled: true,
+      load: function () { return api('GET', 'accounts'); },
+      render: renderAccounts,
+      bind: function () {
+        on('#account-key-form', 'submit', onAddAccountKey);
+        onRowAction('#accounts-table', 'data-account', accountAction);
+        on('#oauth-start', 'click', onOAuthStart);
+        on('#oauth-paste-form', 'submit', onOAuthPaste);
+        on('#oauth-cancel', 'click', closeOAuthBox);
+      },
+    },
+    providers: {
+      // soft: the list only, so unsaved route edits stay
+      load: function (soft) {
+        return Promise.all([api('GET', 'providers'), soft ? null : api('GET', 'config')])
+          .then(function (both) { return { providers: both[0], config: both[1] }; });
+      },
+      render: function (data) {
+        renderProviders(data.providers);
+        if (data.config) renderRoutes(data.config);
+      },
+      bind: function () {
+        on('#provider-form', 'submit', onAddProvider);
+        on('#provider-preset', 'change', function (e) {
+          if (!$('#provider-name').value.trim()) $('#provider-name').value = e.target.value;
+        });
+        onRowAction('#providers-table', 'data-provider', providerAction);
+        on('#routes-save', 'click', onSaveRoutes);
+      },
+    },
+    keys: {
+      load: function () { return api('GET', 'keys'); },
+      render: renderKeys,
+      bind: function () {
+        on('#key-create', 'click', onCreateKey);
+        on('#key-copy', 'click', function () { copyText($('#key-created-value').value); });
+        on('#key-created-close', 'click', closeCreatedKey);
+        onRowAction('#keys-table', 'data-key', keyAction);
+      },
+    },
+    config: {
+      load: function (soft) { return soft ? null : api('GET', 'config'); }, // a full load rebuilds the form
+      render: renderConfig,
+      bind: function () {
+        on('#config-save', 'click', onSaveConfig);
+        on('#config-form', 'submit', onSaveConfig);
+        on('#config-reload', 'click', function () {
+          loadScreen('config').then(function () { toast(t('cfg.reloaded'), 'info'); }).catch(reportError);
+        });
+        on('#config-filter', 'input', filterConfig);
+      },
+    },
+    playground: {
+      load: async function (soft) {
+        if (soft) return null;
+        updateCurl();
+        const keys = api('GET', 'keys').catch(function () { return null; }); // only for the curl hint
+        return { models: await api('GET', 'models'), keys: await keys };
+      },
+      render: renderPlayground,
+      bind: function () {
+        on('#pg-form', 'submit', onSendPrompt);
+        on('#pg-stop', 'click', function () { if (state.pgAbort) state.pgAbort.abort(); });
+        on('#pg-models-reload', 'click', function () { refreshTab('playground'); });
+        ['#pg-model', '#pg-prompt', '#pg-system'].forEach(function (sel) {
+          on(sel, 'input', updateCurl);
+          on(sel, 'change', updateCurl);
+        });
+        on('#pg-prompt', 'keydown', function (e) {
+          if (e.key === 'Enter' && (e.ctrlKey || e.metaKey)) onSendPrompt(e);
+        });
+        on('#pg-curl-copy', 'click', function () { copyText($('#pg-curl').textContent); });
+      },
+    },
+  };
+
+  // ---------------------------------------------------------------------------------
+  // Wiring: the page around the tabs; each tab wires its own in SCREENS
+
+  function on(selector, type, handler) { $(selector).addEventListener(type, handler); }
 
   function bindEvents() {
-    $('#lang-select').addEventListener('change', function (e) {
+    on('#lang-select', 'change', function (e) {
       storeSet(STORE.lang, e.target.value);
       applyLanguage(e.target.value);
     });
-    $('#theme-select').addEventListener('change', function (e) {
+    on('#theme-select', 'change', function (e) {
       storeSet(STORE.theme, e.target.value);
       applyTheme();
     });
@@ -1376,67 +1515,30 @@
       else if (darkQuery.addListener) darkQuery.addListener(onSystemChange); // older Safari
     }
 
-    $('#loading-retry').addEventListener('click', checkSession);
-    $('#setup-form').addEventListener('submit', onSetup);
-    $('#setup-show').addEventListener('change', function (e) { $('#setup-password').type = e.target.checked ? 'text' : 'password'; });
-    $('#login-form').addEventListener('submit', onLogin);
-    $('#logout').addEventListener('click', onLogout);
-    $('#change-password').addEventListener('click', openPasswordDialog);
-    $('#password-form').addEventListener('submit', onChangePassword);
-    $('#pw-cancel').addEventListener('click', closePasswordDialog);
-    $('#password-dialog').addEventListener('keydown', function (e) { if (e.key === 'Escape') closePasswordDialog(); });
+    on('#loading-retry', 'click', checkSession);
+    on('#setup-form', 'submit', onSetup);
+    on('#setup-show', 'change', function (e) { $('#setup-password').type = e.target.checked ? 'text' : 'password'; });
+    on('#login-form', 'submit', onLogin);
+    on('#logout', 'click', onLogout);
+    on('#change-password', 'click', openPasswordDialog);
+    on('#password-form', 'submit', onChangePassword);
+    on('#pw-cancel', 'click', closePasswordDialog);
+    on('#password-dialog', 'keydown', function (e) { if (e.key === 'Escape') closePasswordDialog(); });
+    on('#update-dismiss', 'click', dismissUpdateNotice);
 
-    $('#tabs').addEventListener('click', function (e) {
+    on('#tabs', 'click', function (e) {
       const button = e.target.closest('[data-tab]');
       if (button) selectTab(button.dataset.tab);
     });
     window.addEventListener('hashchange', function () {
       const name = location.hash.replace('#', '');
-      if (state.loggedIn && TABS.indexOf(name) >= 0 && name !== state.tab) selectTab(name);
+      if (state.loggedIn && isTab(name) && name !== state.tab) selectTab(name);
     });
     document.addEventListener('visibilitychange', function () {
-      if (!document.hidden && state.loggedIn && POLLED_TABS[state.tab]) refreshTab(state.tab, { soft: true });
+      if (!document.hidden && state.loggedIn && SCREENS[state.tab].polled) refreshTab(state.tab, true);
     });
 
-    $('#log-clear').addEventListener('click', function () { state.logLines = []; renderLog(); });
-
-    $('#instance-form').addEventListener('submit', onAddInstance);
-    onRowAction('#instances-table', 'data-instance', instanceAction);
-
-    $('#account-key-form').addEventListener('submit', onAddAccountKey);
-    onRowAction('#accounts-table', 'data-account', accountAction);
-    $('#oauth-start').addEventListener('click', onOAuthStart);
-    $('#oauth-paste-form').addEventListener('submit', onOAuthPaste);
-    $('#oauth-cancel').addEventListener('click', closeOAuthBox);
-
-    $('#provider-form').addEventListener('submit', onAddProvider);
-    $('#provider-preset').addEventListener('change', function (e) {
-      if (!$('#provider-name').value.trim()) $('#provider-name').value = e.target.value;
-    });
-    onRowAction('#providers-table', 'data-provider', providerAction);
-    $('#routes-save').addEventListener('click', onSaveRoutes);
-
-    $('#key-create').addEventListener('click', onCreateKey);
-    $('#key-copy').addEventListener('click', function () { copyText($('#key-created-value').value); });
-    $('#key-created-close').addEventListener('click', closeCreatedKey);
-    onRowAction('#keys-table', 'data-key', keyAction);
-
-    $('#config-save').addEventListener('click', onSaveConfig);
-    $('#config-reload').addEventListener('click', function () { loadConfig().then(function () { toast(t('cfg.reloaded'), 'info'); }).catch(reportError); });
-    $('#config-filter').addEventListener('input', filterConfig);
-    $('#config-form').addEventListener('submit', function (e) { e.preventDefault(); onSaveConfig(); });
-
-    $('#pg-form').addEventListener('submit', onSendPrompt);
-    $('#pg-stop').addEventListener('click', function () { if (state.pgAbort) state.pgAbort.abort(); });
-    $('#pg-models-reload').addEventListener('click', function () { loadModels().catch(reportError); });
-    ['#pg-model', '#pg-prompt', '#pg-system'].forEach(function (sel) {
-      $(sel).addEventListener('input', updateCurl);
-      $(sel).addEventListener('change', updateCurl);
-    });
-    $('#pg-prompt').addEventListener('keydown', function (e) {
-      if (e.key === 'Enter' && (e.ctrlKey || e.metaKey)) onSendPrompt(e);
-    });
-    $('#pg-curl-copy').addEventListener('click', function () { copyText($('#pg-curl').textContent); });
+    Object.keys(SCREENS).forEach(function (name) { SCREENS[name].bind(); });
   }
 
   function start() {

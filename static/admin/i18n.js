@@ -47,6 +47,10 @@
       'pw.wrong': 'The current password is wrong.',
       'pw.done': 'Password changed. Other sessions were signed out.',
 
+      'update.available': 'iflow2api {latest} is available (you have {current})',
+      'update.link': 'Release notes',
+      'update.dismiss': 'Dismiss',
+
       'tab.dashboard': 'Dashboard',
       'tab.instances': 'Instances',
       'tab.accounts': 'Accounts',
@@ -263,6 +267,10 @@
       'pw.submit': '修改密码',
       'pw.wrong': '当前密码错误。',
       'pw.done': '密码已修改，其他会话已退出。',
+
+      'update.available': 'iflow2api {latest} 已发布（当前版本 {current}）',
+      'update.link': '发布说明',
+      'update.dismiss': '不再提示',
 
       'tab.dashboard': '仪表盘',
       'tab.instances': '实例',

@@ -360,3 +360,11 @@ def test_config_from_random_bytes_falls_back_to_defaults_with_a_warning(home, ra
         is_object = False
     if raw.strip() and not is_object:
         assert config.warnings and not config.file_data
+
+
+def test_a_finish_reason_that_is_not_a_string_is_ignored():
+    resp = {"choices": [{"index": 0, "message": {"content": "hi"}, "finish_reason": [None]}]}
+    message = I.openai_to_anthropic_response(resp, I.TranslationContext(client_model="m", upstream_model="m"))
+    assert message["content"] == [{"type": "text", "text": "hi"}]
+    ctx = I.ResponsesContext(client_model="m", upstream_model="m")
+    assert I.openai_to_responses_response(resp, ctx)["output_text"] == "hi"

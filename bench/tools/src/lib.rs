@@ -177,14 +177,31 @@ pub fn read_body<R: Read>(r: &mut Reader<R>, kind: BodyKind, f: &mut dyn FnMut(&
 /// blocks holding only whitespace/newlines are not events. Also counts the
 /// fake upstream's content token "tok" (not followed by "e", so "_tokens" keys
 /// don't count): delivered content chunks, even if a proxy merged events.
+///
+/// `SseCounter::responses()` is for OpenAI Responses streams: only
+/// `response.output_text.delta` events count, as events and for tokens (the
+/// closing events repeat the whole text), and `completed` / `failed` tell
+/// whether a `response.completed` / `response.failed` event arrived. An
+/// event's name is looked for in its first bytes (`event:` line or `"type"`).
 pub struct SseCounter {
     pub events: u64,
     pub tokens: u64,
     pub first_event: Option<Instant>,
+    pub completed: bool,
+    pub failed: bool,
+    responses: bool,
+    head: Vec<u8>,
+    event_tokens: u64,
     prev_newline: bool,
     has_content: bool,
     last2: [u8; 2],
     after_tok: bool,
+}
+
+const HEAD_BYTES: usize = 96;
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
 }
 
 impl SseCounter {
@@ -193,6 +210,11 @@ impl SseCounter {
             events: 0,
             tokens: 0,
             first_event: None,
+            completed: false,
+            failed: false,
+            responses: false,
+            head: Vec::new(),
+            event_tokens: 0,
             prev_newline: false,
             has_content: false,
             last2: [0, 0],
@@ -200,26 +222,48 @@ impl SseCounter {
         }
     }
 
+    pub fn responses() -> Self {
+        SseCounter { responses: true, ..Self::new() }
+    }
+
+    /// At the end of an event: does it count?
+    fn counts(&mut self) -> bool {
+        if !self.responses {
+            return true;
+        }
+        self.completed |= contains(&self.head, b"response.completed");
+        self.failed |= contains(&self.head, b"response.failed");
+        contains(&self.head, b"response.output_text.delta")
+    }
+
     pub fn feed(&mut self, data: &[u8]) {
         for &b in data {
             if self.after_tok {
                 self.after_tok = false;
                 if b != b'e' {
-                    self.tokens += 1;
+                    self.event_tokens += 1;
                 }
             }
             if b == b'k' && self.last2 == *b"to" {
                 self.after_tok = true;
             }
             self.last2 = [self.last2[1], b];
+            if self.responses && self.head.len() < HEAD_BYTES {
+                self.head.push(b);
+            }
             match b {
                 b'\n' => {
                     if self.prev_newline && self.has_content {
-                        self.events += 1;
-                        self.has_content = false;
-                        if self.first_event.is_none() {
-                            self.first_event = Some(Instant::now());
+                        if self.counts() {
+                            self.events += 1;
+                            self.tokens += self.event_tokens;
+                            if self.first_event.is_none() {
+                                self.first_event = Some(Instant::now());
+                            }
                         }
+                        self.event_tokens = 0;
+                        self.head.clear();
+                        self.has_content = false;
                     }
                     self.prev_newline = true;
                 }
@@ -236,8 +280,12 @@ impl SseCounter {
     pub fn finish(&mut self) {
         if self.after_tok {
             self.after_tok = false;
-            self.tokens += 1;
+            self.event_tokens += 1;
         }
+        if !self.responses {
+            self.tokens += self.event_tokens; // a last block without a blank line
+        }
+        self.event_tokens = 0;
     }
 }
 
@@ -269,6 +317,19 @@ mod tests {
         c.feed(b"k");
         c.finish();
         assert_eq!(c.tokens, 4);
+    }
+
+    #[test]
+    fn responses_events() {
+        let mut c = SseCounter::responses();
+        c.feed(b"event: response.created\ndata: {\"type\":\"response.created\"}\n\n");
+        c.feed(b"event: response.output_text.delta\ndata: {\"delta\":\"tok\"}\n\n");
+        c.feed(b"data: {\"type\":\"response.output_text.delta\",\"delta\":\"toktok\"}\n\n");
+        c.feed(b"event: response.output_text.done\ndata: {\"text\":\"toktoktok\"}\n\n");
+        assert!(!c.completed);
+        c.feed(b"event: response.completed\ndata: {\"text\":\"toktoktok\"}\n\n");
+        c.finish();
+        assert_eq!((c.events, c.tokens, c.completed, c.failed), (2, 3, true, false));
     }
 
     #[test]

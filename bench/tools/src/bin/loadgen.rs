@@ -11,7 +11,10 @@
 //!     200 or it delivered fewer than `expect` content chunks.
 //!     -> events/s and chunks/s over the whole run, time to first event, errors
 //!     (with --concurrency 1 this measures time to first chunk)
-//! Common: --api openai|anthropic (request body shape), --chunks N (sends the
+//!     --api responses: POST /v1/responses; only response.output_text.delta
+//!     events count (first event = first delta), and a stream is also an error
+//!     without a response.completed event or with a response.failed one.
+//! Common: --api openai|anthropic|responses (request body shape), --chunks N (sends the
 //! x-bench-chunks header, only honoured by the fake upstream), --timeout SECS,
 //! --show-tail (error samples include the last 300 bytes of the stream body).
 
@@ -96,6 +99,8 @@ fn build_request(o: &Opts, stream: bool) -> Vec<u8> {
             r#"{{"model":"claude-sonnet-4-5","max_tokens":1024,"messages":[{{"role":"user","content":"Say hello."}}],"stream":{}}}"#,
             stream
         )
+    } else if o.api == "responses" {
+        format!(r#"{{"model":"glm-4.6","input":"hi","stream":{}}}"#, stream)
     } else {
         format!(
             r#"{{"model":"glm-4.6","messages":[{{"role":"user","content":"Say hello."}}],"stream":{}}}"#,
@@ -279,7 +284,8 @@ fn main() {
                 // Streams worker, worker + concurrency, ... of `streams`.
                 let mut n = worker;
                 while n < o.streams {
-                    let mut sse = SseCounter::new();
+                    let responses = o.api == "responses";
+                    let mut sse = if responses { SseCounter::responses() } else { SseCounter::new() };
                     let mut tail: Vec<u8> = Vec::new();
                     let t0 = Instant::now();
                     let result = client.request(&mut |d| {
@@ -297,6 +303,11 @@ fn main() {
                         String::new()
                     };
                     match result {
+                        Ok(200) if responses && (sse.failed || !sse.completed) => local.error(format!(
+                            "{} after {} deltas, {} chunks{}",
+                            if sse.failed { "response.failed" } else { "no response.completed" },
+                            sse.events, sse.tokens, tail
+                        )),
                         Ok(200) if sse.tokens >= o.expect => local.ok += 1,
                         Ok(status) => local.error(format!(
                             "status {} with {} events, {} chunks{}",

@@ -2648,9 +2648,9 @@ class App:
 
 NO_TKINTER = ("iflow2api: the desktop window needs tkinter, which this Python does not have "
               "(Debian/Ubuntu: sudo apt install python3-tk; Windows/macOS: the python.org installer); "
-              "run the server without it: python3 iflow2api.py")
+              "run the server without it: iflow2api (or python3 iflow2api.py, or python3 iflow2api.pyz)")
 NO_DISPLAY = ("iflow2api: no display to open the window on (%s); "
-              "run the server headless instead: python3 iflow2api.py")
+              "run the server headless instead: iflow2api (or python3 iflow2api.py, or python3 iflow2api.pyz)")
 
 
 def display_problem(tk_module, env, platform: str = sys.platform) -> str:

@@ -9413,10 +9413,42 @@ def _running_server_url(config: Config):
 def _cmd_version(args) -> int:
     print("iflow2api " + __version__)
     if args.verbose:
-        print("python %s" % sys.version.split()[0])
-        print("h11: %s" % (getattr(h11, "__version__", "yes") if h11 else "not installed (stdlib HTTP parser)"))
-        print("certifi: %s" % ("yes" if has_certifi() else "not installed (system CA store)"))
+        for name, value in version_details():
+            print("%-13s %s" % (name + ":", value))
     return 0
+
+
+def version_details() -> list:
+    """[(name, value)] for `version --verbose`: the build, Python, platform and packages."""
+    details = []
+    try:
+        build = json.loads(read_resource("BUILD_INFO.json"))
+    except (OSError, KeyError, ValueError):
+        build = None
+    archive = getattr(globals().get("__loader__"), "archive", None)  # set when running from the zip
+    if build:
+        details.append(("build", "commit %s%s, %s" % (str(build.get("git_commit", "?"))[:12],
+                                                      " (dirty)" if build.get("git_dirty") else "",
+                                                      build.get("build_date", "?"))))
+    if archive and os.path.isfile(archive):
+        with open(archive, "rb") as f:
+            details.append(("file", "%s sha256 %s" % (archive, hashlib.sha256(f.read()).hexdigest())))
+    else:
+        details.append(("file", os.path.abspath(__file__)))
+    details.append(("python", "%s (%s)" % (sys.version.split()[0], sys.executable)))
+    details.append(("platform", sys.platform + " " + (os.uname().machine if hasattr(os, "uname") else "")))
+    details.append(("http adapter", pick_http_adapter()))
+    details.append(("h11", getattr(h11, "__version__", "yes") if h11 else "not installed (stdlib HTTP parser)"))
+    details.append(("certifi", _certifi_version() or "not installed (system CA store)"))
+    return details
+
+
+def _certifi_version() -> str:
+    try:
+        import certifi
+    except ImportError:
+        return ""
+    return getattr(certifi, "__version__", "yes")
 
 
 def _cmd_models(config: Config) -> int:

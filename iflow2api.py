@@ -7654,7 +7654,10 @@ class Api:
         serves streaming and non-streaming clients. store (the API's default) keeps the
         answer for GET and for a later previous_response_id."""
         self.client_keys.check(req.headers)
-        body = req.json()
+        return self.respond(req, req.json())
+
+    def respond(self, req: Request, body) -> Response:
+        """A Responses answer for an already authorised caller (the admin playground too)."""
         with client_input_errors():
             if not isinstance(body, dict):
                 raise InvalidRequestError("request body must be a JSON object")
@@ -9087,11 +9090,17 @@ class AdminApi:
         return Response.json({"models": [m for m, _d, _o in self.service.backend.public_model_ids()]})
 
     def playground(self, req: Request) -> Response:
-        """A chat completion for a signed-in admin (no client key needed), on the first instance."""
+        """A chat completion for a signed-in admin (no client key needed), on the first instance;
+        with "api": "responses" in the body, a Responses API answer instead."""
         instance = next(iter(self.service.instances.values()), None)
         if instance is None:
             raise Iflow2apiError("no server instance is running", status=503, code="unavailable")
-        return instance.api.chat(req, req.json())
+        body = req.json()
+        if isinstance(body, dict) and body.get("api") == "responses":
+            return instance.api.respond(req, {k: v for k, v in body.items() if k != "api"})
+        if isinstance(body, dict):
+            body.pop("api", None)
+        return instance.api.chat(req, body)
 
 
 def _cookie(req: Request, name: str) -> str:

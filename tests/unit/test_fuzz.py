@@ -368,3 +368,43 @@ def test_a_finish_reason_that_is_not_a_string_is_ignored():
     assert message["content"] == [{"type": "text", "text": "hi"}]
     ctx = I.ResponsesContext(client_model="m", upstream_model="m")
     assert I.openai_to_responses_response(resp, ctx)["output_text"] == "hi"
+
+
+# -- the Responses request translation ------------------------------------------------------------
+
+input_parts = st.one_of(
+    st.fixed_dictionaries({"type": st.sampled_from(["input_text", "output_text", "refusal"]),
+                           "text": junk_or(clean_text)}),
+    st.fixed_dictionaries({"type": st.just("input_image"),
+                           "image_url": junk_or(st.sampled_from(["https://x/y.png", "data:image/png;base64,AA"]))}),
+    json_values)
+input_items = st.lists(junk_or(st.one_of(
+    st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "developer"]),
+                           "content": junk_or(st.lists(input_parts, max_size=3) | clean_text)}),
+    st.fixed_dictionaries({"type": st.just("function_call"), "call_id": junk_or(st.just("call_1")),
+                           "name": junk_or(st.just("f")), "arguments": junk_or(st.just("{}"))}),
+    st.fixed_dictionaries({"type": st.just("function_call_output"), "call_id": junk_or(st.just("call_1")),
+                           "output": junk_or(clean_text)}),
+    st.fixed_dictionaries({"type": st.just("reasoning"), "summary": junk_or(st.lists(json_values, max_size=2))}))),
+    max_size=5)
+responses_requests = junk_or(st.fixed_dictionaries(
+    {"model": junk_or(st.just("glm-5")), "input": junk_or(input_items | clean_text)},
+    optional={"instructions": junk_or(clean_text), "max_output_tokens": junk_or(st.integers(-5, 10 ** 7)),
+              "tools": junk_or(st.lists(junk_or(st.fixed_dictionaries(
+                  {"type": st.sampled_from(["function", "custom", "namespace", "web_search"]),
+                   "name": junk_or(st.just("t"))})), max_size=3)),
+              "tool_choice": json_values, "reasoning": json_values, "text": json_values}))
+
+
+@FUZZ
+@given(responses_requests)
+def test_responses_request_translates_or_is_a_400(req):
+    ctx = I.ResponsesContext(client_model="glm-5", upstream_model="glm-5",
+                             model_info={"vision": True, "max_output_tokens": 8192, "context_window": 128000})
+    try:
+        body = I.responses_to_openai_request(req, ctx)
+    except Exception as exc:  # noqa: BLE001
+        assert is_documented_error(exc) and exc.status < 500, repr(exc)
+        return
+    assert body["model"] == "glm-5" and isinstance(body["messages"], list)
+    json.dumps(body, ensure_ascii=False).encode("utf-8")

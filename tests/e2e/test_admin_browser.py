@@ -9,15 +9,12 @@ only reach 127.0.0.1: every other address is aborted, so nothing leaves the mach
 import json
 import os
 import re
-import time
-import urllib.error
-import urllib.request
 
 import pytest
 
 import iflow2api
-from conftest import ROOT, free_port, in_ci, port_open, write_settings
 from fakes import Reply, text_stream
+from helpers import ROOT, free_port, http, in_ci, port_open, wait_until, write_settings
 
 try:
     from playwright.sync_api import expect, sync_playwright
@@ -109,32 +106,9 @@ def screenshot(page, name):
 
 # -- helpers over HTTP ------------------------------------------------------------------
 
-def http(url, method="GET", body=None, headers=None, timeout=10):
-    data = None if body is None else json.dumps(body).encode()
-    sent = {"Content-Type": "application/json"} if data is not None else {}
-    sent.update(headers or {})
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        resp = opener.open(urllib.request.Request(url, data=data, method=method, headers=sent), timeout=timeout)
-    except urllib.error.HTTPError as exc:
-        resp = exc
-    with resp:
-        return resp.getcode(), resp.read()
-
-
 def set_password(url, password=PASSWORD):
-    status, body = http(url + "/admin/api/setup", "POST", {"password": password})
+    status, _h, body = http(url, "POST", "/admin/api/setup", {"password": password})
     assert status == 200, body
-
-
-
-
-def wait_until(predicate, timeout=10.0, message="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting for " + message)
-        time.sleep(0.05)
 
 
 def open_admin(page, url):
@@ -244,7 +218,7 @@ def test_dashboard_numbers_change_after_api_calls(server, fake_upstream, caplog,
     page.evaluate("window.__sameDocument = 'yes'")
 
     for body in (CHAT, dict(CHAT, stream=True)):
-        status, answer = http(server.url + "/v1/chat/completions", "POST", body)
+        status, _h, answer = http(server, "POST", "/v1/chat/completions", body)
         assert status == 200, answer
     page.wait_for_function("() => Number(document.querySelector('[data-stat=requests]').dataset.value) >= 2",
                            timeout=WAIT_MS)
@@ -273,23 +247,23 @@ def test_start_and_stop_an_instance(server, pages):
     row = page.locator("tr[data-instance=extra]")
     expect(row).to_have_attribute("data-running", "true")
     expect(row).to_contain_text("127.0.0.1:%d" % port)
-    assert http("http://127.0.0.1:%d/health" % port)[0] == 200
+    assert http("http://127.0.0.1:%d" % port, "GET", "/health")[0] == 200
 
     row.locator("[data-action=stop]").click()
     expect(row).to_have_attribute("data-running", "false")
-    wait_until(lambda: not port_open(port), message="port %d to close" % port)
+    assert wait_until(lambda: not port_open(port)), "port %d to close" % port
     expect(row.locator("[data-action=start]")).to_be_visible()
     expect(page.locator("tr[data-instance=default]")).to_have_attribute("data-running", "true")
 
     row.locator("[data-action=start]").click()
     expect(row).to_have_attribute("data-running", "true")
-    assert http("http://127.0.0.1:%d/health" % port)[0] == 200
+    assert http("http://127.0.0.1:%d" % port, "GET", "/health")[0] == 200
 
     row.locator("[data-action=remove]").click()
     expect(page.locator("#confirm-dialog")).to_be_visible()
     page.click("#confirm-yes")
     expect(row).to_have_count(0)
-    wait_until(lambda: not port_open(port), message="port %d to close after remove" % port)
+    assert wait_until(lambda: not port_open(port)), "port %d to close after remove" % port
     no_page_errors(pages)
 
 
@@ -426,6 +400,64 @@ def test_phone_width_has_no_horizontal_overflow(server, pages):
     no_page_errors(pages)
 
 
+def test_update_notice_shows_and_stays_dismissed_per_version(server, pages):
+    """The status answer's "update" field shows a banner; dismissing it holds for that version."""
+    reported = {"latest": "1.2.3", "current": "0.1.0", "url": "https://example.org/iflow2api/releases/v1.2.3"}
+    served = []
+
+    def add_update(route):  # the real status answer plus the field a newer release would add
+        response = route.fetch()
+        data = response.json()
+        data["update"] = dict(reported)
+        served.append(data["update"]["latest"])
+        route.fulfill(response=response, json=data)
+
+    set_password(server.url)
+    page = pages.new()
+    page.route("**/admin/api/status", add_update)
+    sign_in(page, server.url)
+    notice = page.locator("#update-notice")
+    expect(notice).to_be_visible()
+    expect(page.locator("#update-text")).to_have_text("iflow2api 1.2.3 is available (you have 0.1.0)")
+    link = page.locator("#update-link")
+    expect(link).to_have_attribute("href", reported["url"])
+    expect(link).to_have_attribute("target", "_blank")
+    expect(link).to_have_attribute("rel", "noopener noreferrer")
+
+    width = "() => document.documentElement.scrollWidth"
+    for viewport in ({"width": 1280, "height": 860}, {"width": 375, "height": 740}):
+        page.set_viewport_size(viewport)
+        for lang in ("en", "zh"):
+            page.select_option("#lang-select", lang)
+            for theme in ("light", "dark"):
+                page.select_option("#theme-select", theme)
+                expect(page.locator("html")).to_have_attribute("data-theme", theme)
+                if lang == "zh":
+                    expect(page.locator("#update-text")).to_have_text("iflow2api 1.2.3 已发布（当前版本 0.1.0）")
+                    expect(link).to_have_text("发布说明")
+                assert page.evaluate(width) <= viewport["width"], (viewport, lang, theme)
+                box = notice.bounding_box()
+                assert box and box["x"] >= 0 and box["x"] + box["width"] <= viewport["width"], box
+                screenshot(page, "update-notice-%d-%s-%s" % (viewport["width"], lang, theme))
+    page.select_option("#lang-select", "en")
+    page.select_option("#theme-select", "light")
+
+    page.click("#update-dismiss")
+    expect(notice).to_be_hidden()
+    before = len(served)
+    page.reload()
+    expect(page.locator("#screen-app")).to_be_visible()
+    expect(page.locator("[data-stat=status]")).to_have_attribute("data-value", "running")
+    assert len(served) > before, "the status answer after the reload carried the update"
+    expect(notice).to_be_hidden()
+
+    reported["latest"] = "1.2.4"  # a newer release than the dismissed one shows again
+    page.reload()
+    expect(notice).to_be_visible()
+    expect(page.locator("#update-text")).to_have_text("iflow2api 1.2.4 is available (you have 0.1.0)")
+    no_page_errors(pages)
+
+
 def test_docs_and_redoc_show_the_endpoints_when_the_cdn_is_unreachable(server, pages):
     page = pages.new()
     blocked = []
@@ -456,7 +488,7 @@ def test_another_site_cannot_choose_the_admin_password(server, fake_upstream, pa
     page.evaluate("""(url) => fetch(url + '/admin/api/setup', {method: 'POST', mode: 'no-cors',
         headers: {'Content-Type': 'text/plain'}, body: JSON.stringify({password: 'chosen-by-another-site'})})
         .then(() => true, () => false)""", server.url)
-    status, body = http(server.url + "/admin/api/session")
+    status, _h, body = http(server, "GET", "/admin/api/session")
     assert status == 200
     assert json.loads(body)["needs_setup"] is True, "another site set the admin password"
 
@@ -485,7 +517,7 @@ def _serve_viewers(page, tamper=False):
 def test_docs_viewers_are_pinned_by_integrity_and_policy(server, pages):
     if not os.path.isdir(VIEWERS_DIR):
         _unavailable("the docs viewer files from npm (tests/run.py fetches them)")
-    policy = urllib.request.urlopen(server.url + "/docs").headers["content-security-policy"]
+    policy = http(server, "GET", "/docs")[1]["content-security-policy"]
     for url in iflow2api.DOCS_CDN_FILES:
         assert url in policy and url.split("/npm/", 1)[1] in VIEWER_FILES
     page = pages.new()

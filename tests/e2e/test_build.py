@@ -7,17 +7,14 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 import zipfile
 
 import pytest
 
-from conftest import ROOT, in_ci, write_settings
 from fakes import FakeUpstream
+from helpers import ROOT, free_port, healthy, http, in_ci, wait_until, write_settings
 
 BUILD = os.path.join(ROOT, "build.py")
 API_KEY = "sk-test-123456789"
@@ -85,19 +82,8 @@ def pyz_no_vendor(tmp_path_factory):
     return run_build(tmp_path_factory.mktemp("build-nv") / "iflow2api.pyz", "--no-vendor")
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http(url, body=None, timeout=5):
-    """GET or POST JSON with urllib, ignoring any proxy settings of the environment."""
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    data = None if body is None else json.dumps(body).encode("utf-8")
-    request = urllib.request.Request(url, data, {"content-type": "application/json"})
-    with opener.open(request, timeout=timeout) as response:
-        return response.status, json.loads(response.read())
+def health(base):
+    return json.loads(http(base, "GET", "/health")[2])
 
 
 @contextlib.contextmanager
@@ -115,17 +101,11 @@ def serve(python, pyz_path, tmp_path):
                                 cwd=str(tmp_path), env=env, stdout=log, stderr=subprocess.STDOUT)
     base = "http://127.0.0.1:%d" % port
     try:
-        deadline = time.monotonic() + 8
-        while True:
-            if proc.poll() is not None:
-                pytest.fail("server exited with %s:\n%s" % (proc.returncode, log_path.read_text()))
-            try:
-                if http(base + "/health", timeout=1)[0] == 200:
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail("no /health after 8 s:\n%s" % log_path.read_text())
-                time.sleep(0.05)
+        up = wait_until(lambda: proc.poll() is not None or healthy(base), 8)
+        if proc.poll() is not None:
+            pytest.fail("server exited with %s:\n%s" % (proc.returncode, log_path.read_text()))
+        if not up:
+            pytest.fail("no /health after 8 s:\n%s" % log_path.read_text())
         yield base, fake
     finally:
         proc.terminate()
@@ -273,7 +253,7 @@ def test_bare_python_builds_a_stdlib_only_file_that_serves(tmp_path):
     assert json.loads(zipfile.ZipFile(str(out)).read("BUILD_INFO.json"))["vendored"] == {}
     assert (tmp_path / "bare.pyzw").exists()
     with serve(python, out, tmp_path) as (base, _):
-        assert http(base + "/health")[1]["http_adapter"] == "stdlib"
+        assert health(base)["http_adapter"] == "stdlib"
 
 
 def test_installed_version_other_than_the_pin_stops_the_build(tmp_path):
@@ -392,7 +372,9 @@ def test_renamed_to_iflow2api_py_runs_outside_the_repo(pyz, tmp_path, flags):
                          capture_output=True, text=True, timeout=30)
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines()[0] == "iflow2api " + _version()
-    assert "h11: 0." in run.stdout
+    details = dict(line.split(":", 1) for line in run.stdout.splitlines()[1:])
+    assert details["h11"].strip().startswith("0.") and details["http adapter"].strip() == "h11"
+    assert "sha256" in details["file"] and "commit" in details["build"]  # the built file says what it is
 
 
 def test_old_python_gets_one_sentence_instead_of_a_traceback(pyz):
@@ -421,10 +403,10 @@ def test_built_file_serves_a_chat_completion_isolated(pyz, tmp_path, python_name
     if python is None:
         pytest.skip("no Python 3.8 interpreter here")
     with serve(python, pyz, tmp_path) as (base, fake):
-        status, answer = http(base + "/v1/chat/completions",
-                              {"model": "glm-5", "messages": [{"role": "user", "content": "hi"}]})
+        status, _h, answer = http(base, "POST", "/v1/chat/completions",
+                                  {"model": "glm-5", "messages": [{"role": "user", "content": "hi"}]})
         assert status == 200
-        assert answer["choices"][0]["message"]["content"] == "Hello world"
+        assert json.loads(answer)["choices"][0]["message"]["content"] == "Hello world"
         seen = fake.chat_requests()
         assert seen and seen[-1].headers.get("user-agent") == "iFlow-Cli"
         assert seen[-1].headers.get("authorization") == "Bearer " + API_KEY
@@ -432,10 +414,10 @@ def test_built_file_serves_a_chat_completion_isolated(pyz, tmp_path, python_name
 
 def test_health_reports_h11_when_vendored(pyz, tmp_path):
     with serve(sys.executable, pyz, tmp_path) as (base, _):
-        assert http(base + "/health")[1]["http_adapter"] == "h11"
+        assert health(base)["http_adapter"] == "h11"
 
 
 def test_health_reports_stdlib_when_built_without_vendoring(pyz_no_vendor, tmp_path):
     assert "h11/__init__.py" not in zipfile.ZipFile(str(pyz_no_vendor)).namelist()
     with serve(sys.executable, pyz_no_vendor, tmp_path) as (base, _):
-        assert http(base + "/health")[1]["http_adapter"] == "stdlib"
+        assert health(base)["http_adapter"] == "stdlib"

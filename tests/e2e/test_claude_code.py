@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from conftest import ROOT, free_port, in_ci, port_open, write_settings
 from fakes import Reply, text_stream, tool_call_stream
+from helpers import ROOT, free_port, in_ci, port_open, write_settings
 from run import CLAUDE_CODE_VERSION, install_claude_code
 
 FAKE_CLIENT_KEY = "sk-ant-e2e-0000000000000000000000000000"

@@ -18,8 +18,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from codex_setup import CODEX_VERSION, install_codex
-from conftest import ROOT, free_port, in_ci, port_open, write_settings
 from fakes import Reply, multi_tool_stream, text_stream, tool_call_stream
+from helpers import ROOT, free_port, in_ci, port_open, write_settings
 
 FAKE_CLIENT_KEY = "sk-codex-e2e-00000000000000000000"
 MARKER_COMMAND = "echo hello-from-codex-$((6*7))"

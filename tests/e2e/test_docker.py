@@ -13,19 +13,16 @@ import os
 import re
 import subprocess
 import time
-import urllib.error
-import urllib.request
 import uuid
 
 import pytest
 
 import container_setup
-from conftest import ROOT, free_port, in_ci
 from fakes import FakeUpstream
+from helpers import ROOT, free_port, http, in_ci
 
 UPSTREAM_KEY = "sk-fake-upstream-0123456789abcdef"
 GENERATED_KEY = re.compile(r"^\s+(sk-i2a-[A-Za-z0-9_-]+)\s*$", re.M)
-DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def _missing_reason():
@@ -118,14 +115,10 @@ def wait_healthy(name, timeout_s=30):
 
 
 def chat(port, key):
-    body = json.dumps({"model": "glm-5", "messages": [{"role": "user", "content": "hi"}]}).encode()
-    request = urllib.request.Request("http://127.0.0.1:%d/v1/chat/completions" % port, body,
-                                     {"content-type": "application/json", "authorization": "Bearer " + key})
-    try:
-        with DIRECT.open(request, timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read() or b"{}")
+    status, _h, body = http("http://127.0.0.1:%d" % port, "POST", "/v1/chat/completions",
+                            {"model": "glm-5", "messages": [{"role": "user", "content": "hi"}]},
+                            {"authorization": "Bearer " + key})
+    return status, json.loads(body or b"{}")
 
 
 def test_image_serves_through_the_healthcheck_as_non_root_and_keeps_its_config(image, volume, containers):

@@ -15,16 +15,13 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 
 import iflow2api
 import iflow2api_gui as gui
-from conftest import DIRECT, FAKE_KEY, free_port, in_ci, port_open, write_settings
+from helpers import FAKE_KEY, ROOT, free_port, http, in_ci, port_open, write_settings
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ARTIFACTS = os.path.join(ROOT, "test-artifacts", "gui")
 
 
@@ -61,30 +58,19 @@ def xvfb():
     proc.wait(10)
 
 
-def get(url: str, timeout: float = 10):
-    try:
-        with DIRECT.open(url, timeout=timeout) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read()
-
-
 def chat(url: str, model: str = "glm-5"):
-    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]}).encode()
-    req = urllib.request.Request(url + "/v1/chat/completions", data=body, method="POST",
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with DIRECT.open(req, timeout=10) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as err:
-        return err.code, err.read()
+    """(status, parsed answer) of a chat completion; an error's body stays bytes."""
+    status, _h, body = http(url, "POST", "/v1/chat/completions",
+                            {"model": model, "messages": [{"role": "user", "content": "hi"}]})
+    return status, (json.loads(body) if status < 400 else body)
 
 
 def header(recorded, name: str) -> str:
     return {k.lower(): v for k, v in dict(recorded.headers).items()}.get(name, "")
 
 
-def wait_until(app, condition, timeout_s: float = 10.0):
+def pump_until(app, condition, timeout_s: float = 10.0):
+    """Like helpers.wait_until, but runs the Tk event loop between checks (the window's work)."""
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         app.settle()
@@ -133,7 +119,7 @@ def start_from_button(app) -> str:
     page = app.status_page
     app.select(page)
     page.start_button.invoke()
-    wait_until(app, lambda: page.snapshot and page.snapshot["running"])
+    pump_until(app, lambda: page.snapshot and page.snapshot["running"])
     return page.snapshot["url"]
 
 
@@ -143,31 +129,31 @@ def test_start_and_stop_buttons_run_the_server(make_app, home, fake_upstream):
     page = app.status_page
     assert page.stop_button.instate(["disabled"]) and not page.start_button.instate(["disabled"])
     url = start_from_button(app)
-    assert get(url + "/health")[0] == 200
+    assert http(url, "GET", "/health")[0] == 200
     status, answer = chat(url)
     assert status == 200 and answer["choices"][0]["message"]["content"] == "Hello world"
-    wait_until(app, lambda: page.values["requests"].cget("text") not in ("", "0"))
+    pump_until(app, lambda: page.values["requests"].cget("text") not in ("", "0"))
     assert page.start_button.instate(["disabled"]) and app.header_state.cget("text").endswith("Running")
     page.connect_buttons["gui.copyBaseUrl"].invoke()
     assert app.root.clipboard_get() == url + "/v1"
     page.connect_buttons["gui.copyClaude"].invoke()
     assert "ANTHROPIC_BASE_URL=%s\n" % url in app.root.clipboard_get()
     page.stop_button.invoke()
-    wait_until(app, lambda: not page.snapshot["running"])
+    pump_until(app, lambda: not page.snapshot["running"])
     assert not port_open(int(url.rsplit(":", 1)[1]))
 
 
 def test_log_in_with_an_api_key_then_serve_with_it(make_app, home, fake_upstream):
     write_settings(str(home), fake_upstream.url, api_key="")  # the iFlow CLI's file, no login yet
     app = make_app()
-    wait_until(app, lambda: app.status_page.snapshot is not None)
+    pump_until(app, lambda: app.status_page.snapshot is not None)
     assert app.status_page.cta.winfo_manager() == "grid"  # the call to action shows
     app.status_page.sign_in_button.invoke()
     page = app.accounts_page
     assert app.current_page() is page
     page.key_var.set(FAKE_KEY)
     page.add_key_button.invoke()
-    wait_until(app, lambda: len(page.tree.get_children()) == 1)
+    pump_until(app, lambda: len(page.tree.get_children()) == 1)
     row = page.tree.item(page.tree.get_children()[0], "values")
     assert FAKE_KEY not in " ".join(row) and row[2].startswith(FAKE_KEY[:3])
     assert page.key_var.get() == ""
@@ -185,18 +171,18 @@ def test_sign_in_with_iflow_in_the_browser_or_cancel(make_app, home):
         page = app.accounts_page
         app.select(page)
         page.sign_in_button.invoke()
-        wait_until(app, lambda: app.opened)
+        pump_until(app, lambda: app.opened)
         assert page.url_var.get() == app.opened[0] and page.login_state.cget("text") == "waiting for the sign-in " \
             "in the other tab…"
         assert not page.cancel_button.instate(["disabled"])
-        assert get(app.opened[0])[0] == 200  # the "browser": iFlow redirects back to the callback
-        wait_until(app, lambda: page.flow.state == "done")
-        wait_until(app, lambda: len(page.tree.get_children()) == 1)
+        assert http(app.opened[0])[0] == 200  # the "browser": iFlow redirects back to the callback
+        pump_until(app, lambda: page.flow.state == "done")
+        pump_until(app, lambda: len(page.tree.get_children()) == 1)
         assert page.login_state.cget("text") == "signed in" and page.cancel_button.instate(["disabled"])
         page.sign_in_button.invoke()
-        wait_until(app, lambda: len(app.opened) == 2)
+        pump_until(app, lambda: len(app.opened) == 2)
         page.cancel_button.invoke()
-        wait_until(app, lambda: page.flow.state == "cancelled")
+        pump_until(app, lambda: page.flow.state == "cancelled")
         assert page.login_state.cget("text") == "cancelled" and page.paste_button.instate(["disabled"])
     finally:
         oauth.close()
@@ -207,29 +193,25 @@ def test_add_a_provider_from_a_preset_and_map_claude_tiers(make_app, home, fake_
     app = make_app()
     page = app.providers_page
     app.select(page)
-    wait_until(app, lambda: "vllm" in page.preset_box.cget("values"))
+    pump_until(app, lambda: "vllm" in page.preset_box.cget("values"))
     page.preset_var.set("vllm")
     page.preset_box.event_generate("<<ComboboxSelected>>")
     assert "chat_template_kwargs" in page.notes.cget("text")
     page.key_var.set("sk-vllm-0123456789abcdef")
     page.base_var.set(fake_upstream.url)
     page.save_button.invoke()
-    wait_until(app, lambda: page.tree.exists("vllm"))
+    pump_until(app, lambda: page.tree.exists("vllm"))
     name, state, base, keys = page.tree.item("vllm", "values")
     assert (state, base, keys) == ("enabled", fake_upstream.url, "sk-...cdef")
     page.load_models_button.invoke()
-    wait_until(app, lambda: "vllm/upstream-only-model" in page.tier_boxes["opus"].cget("values"))
+    pump_until(app, lambda: "vllm/upstream-only-model" in page.tier_boxes["opus"].cget("values"))
     page.tier_vars["opus"].set("vllm/upstream-only-model")
     page.save_tiers_button.invoke()
-    wait_until(app, lambda: page.message.cget("text") == "Model tiers saved.")
+    pump_until(app, lambda: page.message.cget("text") == "Model tiers saved.")
     assert app.service.config_get()["model_map"]["opus"] == "vllm/upstream-only-model"
     url = start_from_button(app)
-    body = json.dumps({"model": "claude-opus-4-1", "max_tokens": 10,
-                       "messages": [{"role": "user", "content": "hi"}]}).encode()
-    req = urllib.request.Request(url + "/v1/messages", data=body, method="POST",
-                                 headers={"Content-Type": "application/json", "x-api-key": "x"})
-    with DIRECT.open(req, timeout=10) as resp:
-        assert resp.status == 200
+    body = {"model": "claude-opus-4-1", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
+    assert http(url, "POST", "/v1/messages", body, {"x-api-key": "x"})[0] == 200
     last = fake_upstream.chat_requests()[-1]
     assert json.loads(last.body)["model"] == "upstream-only-model"
     assert header(last, "authorization") == "Bearer sk-vllm-0123456789abcdef"
@@ -241,7 +223,7 @@ def test_change_the_port_in_settings_and_restart(make_app, home, fake_upstream):
     old_url = start_from_button(app)
     page = app.settings_page
     app.select(page)
-    wait_until(app, lambda: page.vars["port"].get() == old_url.rsplit(":", 1)[1])
+    pump_until(app, lambda: page.vars["port"].get() == old_url.rsplit(":", 1)[1])
     page.vars["port"].set("99999")
     page.save_button.invoke()
     app.settle()
@@ -252,12 +234,12 @@ def test_change_the_port_in_settings_and_restart(make_app, home, fake_upstream):
     new_port = free_port()
     page.vars["port"].set(str(new_port))
     page.save_button.invoke()
-    wait_until(app, lambda: page.message.cget("text") == "Saved. Restart the server to use the new settings.")
+    pump_until(app, lambda: page.message.cget("text") == "Saved. Restart the server to use the new settings.")
     assert page.errors["port"][0].winfo_manager() == ""
     app.select(app.status_page)
     app.status_page.restart_button.invoke()
-    wait_until(app, lambda: app.status_page.snapshot["url"].endswith(":%d" % new_port))
-    assert get("http://127.0.0.1:%d/health" % new_port)[0] == 200
+    pump_until(app, lambda: app.status_page.snapshot["url"].endswith(":%d" % new_port))
+    assert http("http://127.0.0.1:%d" % new_port, "GET", "/health")[0] == 200
     assert not port_open(int(old_url.rsplit(":", 1)[1]))
 
 
@@ -301,7 +283,7 @@ def test_language_and_theme_switch_live(make_app, home):
     assert app.style.lookup("TFrame", "background") == gui.PALETTES["dark"]["bg"]
     assert app.style.lookup("Treeview", "fieldbackground") == gui.PALETTES["dark"]["field"]
     assert luminance(screenshot(app, "live-switch-dark-zh")) < 60
-    wait_until(app, lambda: not app.pending)
+    pump_until(app, lambda: not app.pending)
     saved = json.load(open(os.path.join(str(home), ".iflow2api", "config.json")))
     assert saved["language"] == "zh" and saved["theme_mode"] == "dark"
     pick(app, language_box, "English")
@@ -377,13 +359,13 @@ def test_tray_icon_docks_and_its_menu_starts_and_stops_the_server(tray_host, mak
     app = make_app(tray=True)
     assert app.tray is not None
     assert tray_host.docked_event.wait(10), "the icon never asked to dock"
-    wait_until(app, app.tray.is_docked)
+    pump_until(app, app.tray.is_docked)
     assert app.tray.icon.title == "iflow2api: stopped"
 
     def choose(label):
         app.tray_menu = None
         subprocess.check_call([xdotool, "mousemove", "20", "20", "sleep", "0.05", "click", "1"])
-        wait_until(app, lambda: app.tray_menu is not None)
+        pump_until(app, lambda: app.tray_menu is not None)
         menu = app.tray_menu
         labels = [menu.entrycget(i, "label") for i in range(menu.index("end") + 1)]
         index = labels.index(label)
@@ -391,13 +373,13 @@ def test_tray_icon_docks_and_its_menu_starts_and_stops_the_server(tray_host, mak
         menu.unpost()
 
     choose("Start server")
-    wait_until(app, lambda: app.status_page.snapshot and app.status_page.snapshot["running"])
+    pump_until(app, lambda: app.status_page.snapshot and app.status_page.snapshot["running"])
     url = app.status_page.snapshot["url"]
-    assert get(url + "/health")[0] == 200
-    wait_until(app, lambda: app.tray.icon.title == "iflow2api: running at " + url)
+    assert http(url, "GET", "/health")[0] == 200
+    pump_until(app, lambda: app.tray.icon.title == "iflow2api: running at " + url)
     assert app.tray.icon.icon.getpixel((58, 58))[:3] == (0x16, 0xa3, 0x4a)
     choose("Stop server")
-    wait_until(app, lambda: not app.status_page.snapshot["running"])
+    pump_until(app, lambda: not app.status_page.snapshot["running"])
     assert not port_open(int(url.rsplit(":", 1)[1]))
     app.on_close()  # close_action minimize_to_tray: hidden in the tray
     app.settle()
@@ -423,7 +405,7 @@ def test_a_second_launch_brings_the_first_window_to_the_front(make_app, home):
     out, err = proc.communicate(timeout=5)
     assert proc.returncode == 0, err
     assert (out + err).strip() == "iflow2api: the window is already open; brought it to the front"
-    wait_until(app, lambda: app.root.state() == "normal")
+    pump_until(app, lambda: app.root.state() == "normal")
 
 
 def test_a_stale_lock_file_is_taken_over(tmp_path):

@@ -9,18 +9,14 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import time
-import urllib.error
-import urllib.request
 import zipfile
 
 import pytest
 
-from conftest import ROOT, free_port, in_ci, write_settings
 from fakes import FakeUpstream
+from helpers import ROOT, free_port, healthy, http, in_ci, wait_until, write_settings
 
 SOURCES = ("iflow2api.py", "iflow2api_gui.py", "pyproject.toml", "README.md", "static")
-DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def _bin(venv, name):
@@ -102,14 +98,6 @@ def test_sdist_and_wheel_carry_the_modules_and_every_static_file(dists):
     assert "iflow2api = iflow2api:main" in entry_points and "iflow2api-gui = iflow2api_gui:main" in entry_points
 
 
-def _get(url):
-    try:
-        with DIRECT.open(url, timeout=5) as response:
-            return response.status, response.headers.get("content-type", ""), response.read()
-    except urllib.error.HTTPError as err:
-        return err.code, err.headers.get("content-type", ""), err.read()
-
-
 @contextlib.contextmanager
 def _server(venv, tmp_path):
     fake = FakeUpstream()
@@ -123,15 +111,8 @@ def _server(venv, tmp_path):
                                 stdout=log, stderr=subprocess.STDOUT)
     base = "http://127.0.0.1:%d" % port
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            assert proc.poll() is None, log_path.read_text()
-            try:
-                if _get(base + "/health")[0] == 200:
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, log_path.read_text()
-                time.sleep(0.05)
+        assert wait_until(lambda: proc.poll() is not None or healthy(base), 10), log_path.read_text()
+        assert proc.poll() is None, log_path.read_text()
         yield base
     finally:
         proc.terminate()
@@ -146,19 +127,17 @@ def _server(venv, tmp_path):
 def test_installed_iflow2api_serves_admin_docs_redoc_and_health(venv, tmp_path):
     with _server(venv, tmp_path) as base:
         for path in ("/admin", "/docs", "/redoc"):
-            status, content_type, body = _get(base + path)
+            status, headers, body = http(base, "GET", path, timeout=5)
             assert status == 200, (path, body[:200])
-            assert content_type.startswith("text/html") and b"<html" in body.lower(), path
-        status, content_type, body = _get(base + "/health")
-        assert status == 200 and content_type.startswith("application/json")
+            assert headers.get("content-type", "").startswith("text/html") and b"<html" in body.lower(), path
+        status, headers, body = http(base, "GET", "/health", timeout=5)
+        assert status == 200 and headers.get("content-type", "").startswith("application/json")
         assert json.loads(body)["status"] == "ok"
-        status, _, body = _get(base + "/static/favicon.svg")
+        status, _, body = http(base, "GET", "/static/favicon.svg", timeout=5)
         assert status == 200 and b"<svg" in body
-        request = urllib.request.Request(base + "/v1/chat/completions", json.dumps(
-            {"model": "glm-5", "messages": [{"role": "user", "content": "hi"}]}).encode(),
-            {"content-type": "application/json"})
-        with DIRECT.open(request, timeout=10) as response:
-            assert json.loads(response.read())["choices"][0]["message"]["content"] == "Hello world"
+        status, _, body = http(base, "POST", "/v1/chat/completions",
+                               {"model": "glm-5", "messages": [{"role": "user", "content": "hi"}]})
+        assert status == 200 and json.loads(body)["choices"][0]["message"]["content"] == "Hello world"
 
 
 def test_installed_iflow2api_prints_its_version(venv, tmp_path):

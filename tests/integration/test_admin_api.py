@@ -6,27 +6,24 @@ connecting from 127.0.0.2 (loopback on Linux, but not one of the addresses the s
 treats as this machine), so nothing leaves the host.
 """
 import base64
-import http.client
-import http.cookiejar
 import json
 import logging
 import os
 import re
 import socket
 import stat
-import subprocess
-import sys
 import threading
 import time
-import urllib.error
 import urllib.parse
 import urllib.request
+from http.client import HTTPConnection
+from http.cookiejar import CookieJar
 
 import pytest
 
 import iflow2api
-from conftest import FAKE_KEY, ROOT, free_port, port_open, write_settings
 from fakes import Reply, text_stream
+from helpers import FAKE_KEY, free_port, http, port_open, run_cli, wait_until, write_settings
 
 PASSWORD = "correct horse battery"
 COOKIE = "iflow2api_admin"
@@ -75,12 +72,20 @@ class Answer:
         return "<%d %s>" % (self.status, self.body[:300])
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+NO_FOLLOW = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
+
+
 class Client:
     """A browser-like client: urllib with a cookie jar, no proxies, CSRF token on changes."""
 
     def __init__(self, base_url):
         self.base = base_url.rstrip("/")
-        self.jar = http.cookiejar.CookieJar()
+        self.jar = CookieJar()
         self.opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
                                                   urllib.request.HTTPCookieProcessor(self.jar))
         self.csrf = None
@@ -91,13 +96,7 @@ class Client:
         if csrf and self.csrf and method not in ("GET", "HEAD"):
             sent["X-CSRF-Token"] = self.csrf
         sent.update(headers or {})
-        request = urllib.request.Request(self.base + path, data=data, method=method, headers=sent)
-        try:
-            resp = self.opener.open(request, timeout=timeout)
-        except urllib.error.HTTPError as exc:
-            resp = exc
-        with resp:
-            return Answer(resp.getcode(), resp.headers, resp.read())
+        return Answer(*http(self.base, method, path, data, sent, timeout, opener=self.opener))
 
     def get(self, path, **kw):
         return self.call("GET", path, **kw)
@@ -134,7 +133,7 @@ class Client:
 def raw_call(url, method, path, body=None, headers=None, source=None, timeout=10):
     """One request over http.client: exact path bytes, optional source address."""
     host, port = url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
-    conn = http.client.HTTPConnection(host, int(port), timeout=timeout,
+    conn = HTTPConnection(host, int(port), timeout=timeout,
                                       source_address=(source, 0) if source else None)
     try:
         data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
@@ -154,30 +153,7 @@ def remote_call(url, method, path, body=None, headers=None):
 
 def v1(url, method, path, body=None, headers=None, timeout=10):
     """A public API call (/v1, /health) with urllib."""
-    data = None if body is None else json.dumps(body).encode()
-    sent = {"Content-Type": "application/json"} if data is not None else {}
-    sent.update(headers or {})
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    request = urllib.request.Request(url.rstrip("/") + path, data=data, method=method, headers=sent)
-    try:
-        resp = opener.open(request, timeout=timeout)
-    except urllib.error.HTTPError as exc:
-        resp = exc
-    with resp:
-        return Answer(resp.getcode(), resp.headers, resp.read())
-
-
-def wait_for(predicate, timeout=10.0, interval=0.05, message="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out after %.0f s waiting for %s" % (timeout, message))
-        time.sleep(interval)
-
-
+    return Answer(*http(url, method, path, body, headers, timeout))
 
 
 def read_config_file(server):
@@ -315,19 +291,15 @@ def test_login_sets_an_httponly_samesite_strict_session_cookie(signed_in, server
 
 def _routes_of(server):
     """(method, path) of every /admin/api route the server's router knows (params filled in)."""
-    router = server.app.router
-    found = [(m, p) for (m, p) in getattr(router, "_exact", {}) if p.startswith("/admin/api/")]
-    for method, regex, *_rest in getattr(router, "_patterns", []):
-        path = re.sub(r"\(\?P<\w+>[^)]*\)", "x", regex.pattern).strip("^$")
-        if path.startswith("/admin/api/"):
-            found.append((method, path))
-    return found
+    routes = [(m, re.sub(r"\{[^}]*\}", "x", p)) for m, p in server.app.router.routes()]
+    return [(m, p) for m, p in routes if p.startswith("/admin/api/")]
 
 
 def test_every_admin_route_but_session_setup_login_needs_the_cookie(signed_in, server):
     routes = set(GUARDED_ROUTES)
     discovered = _routes_of(server)
-    assert set(GUARDED_ROUTES) <= set(discovered) or not discovered, set(GUARDED_ROUTES) - set(discovered)
+    assert discovered, "the router lists no /admin/api routes"
+    assert set(GUARDED_ROUTES) <= set(discovered), set(GUARDED_ROUTES) - set(discovered)
     routes |= {(m, p) for (m, p) in discovered if p not in OPEN_ROUTES}
     stranger = Client(server.url)
     stranger.csrf = signed_in.csrf  # even the right CSRF token is useless without the session
@@ -342,7 +314,7 @@ def test_every_admin_route_but_session_setup_login_needs_the_cookie(signed_in, s
     assert signed_in.get("/admin/api/keys").json()["keys"] == []
     assert signed_in.get("/admin/api/status").status == 200
     for path in OPEN_ROUTES:
-        assert any(p == path for _m, p in discovered) or not discovered
+        assert any(p == path for _m, p in discovered), path
 
 
 def test_every_change_needs_the_csrf_token(signed_in, server):
@@ -490,7 +462,8 @@ def test_status_numbers_change_after_v1_calls(signed_in, server, fake_upstream):
     def counted():
         status = signed_in.get("/admin/api/status").json()
         return status if status["requests"] >= 4 and status["errors"] >= 1 else None
-    after = wait_for(counted, 10, message="the 4 calls in /admin/api/status")
+    after = wait_until(counted, 10)
+    assert after, "the 4 calls never showed in /admin/api/status"
     assert after["requests"] == 4 and after["errors"] == 1
     assert after["input_tokens"] >= 3 * 12 and after["output_tokens"] >= 3 * 3
     assert after["by_model"].get("glm-5") == 3, after["by_model"]
@@ -527,13 +500,13 @@ def _read_sse_event(resp, want, deadline):
 def test_logs_and_the_live_log_stream(signed_in, server, caplog):
     caplog.set_level(logging.INFO, logger="iflow2api")  # as `iflow2api serve` does
     assert v1(server.url, "GET", "/v1/models").status == 200
-    lines = wait_for(lambda: [l for l in signed_in.get("/admin/api/logs?n=50").json()["lines"]
-                              if "/v1/models" in l], 10, message="the access log line")
+    lines = wait_until(lambda: [l for l in signed_in.get("/admin/api/logs?n=50").json()["lines"]
+                                if "/v1/models" in l], 10)
     assert lines and "status=200" in lines[-1]
     assert len(signed_in.get("/admin/api/logs?n=1").json()["lines"]) == 1
 
     host, port = server.url.split("//")[1].rsplit(":", 1)
-    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn = HTTPConnection(host, int(port), timeout=10)
     try:
         conn.request("GET", "/admin/api/logs/stream", headers={"Cookie": "%s=%s" % (COOKIE, signed_in.session_token),
                                                                "Accept": "text/event-stream"})
@@ -579,8 +552,7 @@ def test_instances_add_start_stop_remove(signed_in, server, fake_upstream):
     answer = v1(added["url"], "POST", "/v1/chat/completions", CHAT)
     assert answer.status == 200 and answer.json()["choices"][0]["message"]["content"] == "Hello world"
     assert len(fake_upstream.chat_requests()) == 1
-    assert _instances(signed_in)["second"]["requests"] == 1 or wait_for(
-        lambda: _instances(signed_in)["second"]["requests"] == 1, 5, message="instance counter")
+    assert wait_until(lambda: _instances(signed_in)["second"]["requests"] == 1, 5), "instance counter"
 
     # Refused definitions.
     for body in ({"name": "second", "port": free_port()}, {"name": "default", "port": free_port()},
@@ -593,8 +565,8 @@ def test_instances_add_start_stop_remove(signed_in, server, fake_upstream):
     assert set(_instances(signed_in)) == {"default", "second"}
 
     assert signed_in.post("/admin/api/instances/second/stop").status == 200
-    wait_for(lambda: _instances(signed_in)["second"]["running"] is False, 10, message="second stopped")
-    wait_for(lambda: not port_open(port), 10, message="port %d closed" % port)
+    assert wait_until(lambda: _instances(signed_in)["second"]["running"] is False, 10), "second stopped"
+    assert wait_until(lambda: not port_open(port), 10), "port %d closed" % port
     assert _instances(signed_in)["default"]["running"] is True
     assert signed_in.post("/admin/api/instances/second/stop").status == 404
 
@@ -604,8 +576,8 @@ def test_instances_add_start_stop_remove(signed_in, server, fake_upstream):
     assert _instances(signed_in)["second"]["running"] is True
 
     assert signed_in.delete("/admin/api/instances/second").status == 200
-    wait_for(lambda: "second" not in _instances(signed_in), 10, message="second removed")
-    wait_for(lambda: not port_open(port), 10, message="port %d closed after remove" % port)
+    assert wait_until(lambda: "second" not in _instances(signed_in), 10), "second removed"
+    assert wait_until(lambda: not port_open(port), 10), "port %d closed after remove" % port
     assert json.loads(read_config_file(server))["instances"] == []
     assert signed_in.delete("/admin/api/instances/second").status == 404
     assert signed_in.post("/admin/api/instances/nothing/start").status == 404
@@ -670,7 +642,8 @@ def test_config_get_masks_secrets_and_put_validates_and_persists(signed_in, serv
     assert key not in answer.text and provider_key not in answer.text
     saved = json.loads(read_config_file(server))
     assert saved["queue_timeout_s"] == 12.5 and saved["preserve_reasoning_content"] is True
-    assert saved["admin_password_hash"] and "instances" not in saved or saved["instances"] == []
+    assert saved["admin_password_hash"]
+    assert saved.get("instances", []) == [], saved.get("instances")
     # The file is what a fresh start reads.
     fresh = iflow2api.Config(path=server.config.path, env={"IFLOW2API_HOME": os.path.dirname(server.config.path)})
     assert fresh["queue_timeout_s"] == 12.5 and fresh["preserve_reasoning_content"] is True
@@ -814,6 +787,20 @@ def test_playground_streams_from_the_fake_upstream(signed_in, server, fake_upstr
     assert signed_in.post("/admin/api/playground", {"model": "glm-5", "messages": []}).status == 400
 
 
+def test_playground_can_ask_the_responses_api(signed_in, server, fake_upstream):
+    fake_upstream.push(Reply(stream=text_stream(["Respon", "ses ", "too"])))
+    body = {"api": "responses", "model": "glm-5", "input": "hello responses", "stream": True}
+    answer = signed_in.post("/admin/api/playground", body)
+    assert answer.status == 200 and answer.header("content-type").startswith("text/event-stream")
+    deltas = [json.loads(line[5:])["delta"] for line in answer.text.splitlines()
+              if line.startswith("data:") and '"response.output_text.delta"' in line]
+    assert "".join(deltas) == "Responses too" and "event: response.completed" in answer.text
+    sent = json.loads(fake_upstream.chat_requests()[-1].body)
+    assert sent["messages"][-1]["content"] == "hello responses" and "api" not in sent
+    answer = signed_in.post("/admin/api/playground", dict(body, stream=False))
+    assert answer.status == 200 and answer.json()["object"] == "response"
+
+
 # -- CORS, pages, static files -------------------------------------------------------------
 
 EVIL = "http://evil.example"
@@ -895,23 +882,16 @@ def _oauth_server(start_server, fake_upstream, home):
     return oauth, server, client
 
 
-def _follow_to_callback(url):
-    """What the user's browser does: the iFlow login page redirects to our callback."""
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(url, timeout=10) as resp:
-        return resp.status, resp.read()
-
-
 def test_oauth_login_started_from_the_admin_completes_by_redirect(start_server, fake_upstream, home):
     oauth, server, client = _oauth_server(start_server, fake_upstream, home)
     try:
         started = client.post("/admin/api/accounts/oauth/start", {"add": False}).json()
         assert started["url"].startswith(oauth.urls()["oauth_authorize_url"])
-        status, page = _follow_to_callback(started["url"])
+        status, _h, page = http(started["url"])  # the iFlow login page redirects to our callback
         assert status == 200 and b"Login complete" in page
         state = {}
-        wait_for(lambda: state.update(client.get("/admin/api/accounts/oauth/" + started["session"]).json())
-                 or state.get("state") == "done", message="login done")
+        assert wait_until(lambda: state.update(client.get("/admin/api/accounts/oauth/" + started["session"]).json())
+                          or state.get("state") == "done"), "login done"
         assert state["account"] == "iflow-cli"
         settings = json.load(open(os.path.join(str(home), ".iflow", "settings.json")))
         assert settings["selectedAuthType"] == "oauth-iflow" and settings["apiKey"] in oauth.api_keys()
@@ -928,12 +908,9 @@ def test_oauth_login_from_the_admin_by_pasting_the_address_and_cancel(start_serv
         # A remote admin cannot reach our callback: it pastes where the browser ended instead.
         query = urllib.parse.urlsplit(started["url"]).query
         params = urllib.parse.parse_qs(query)
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
-        try:
-            opener.open(started["url"], timeout=10)
-            raise AssertionError("the authorize page should redirect")
-        except urllib.error.HTTPError as redirect:
-            ended_on = redirect.headers["location"]
+        status, headers, _body = http(started["url"], opener=NO_FOLLOW)
+        assert 300 <= status < 400, "the authorize page should redirect"
+        ended_on = headers["location"]
         assert ended_on.startswith(params["redirect"][0])
         answer = client.post("/admin/api/accounts/oauth/" + started["session"], {"pasted": ended_on}).json()
         assert answer["state"] == "done" and answer["account"].startswith("acct-")
@@ -945,22 +922,15 @@ def test_oauth_login_from_the_admin_by_pasting_the_address_and_cancel(start_serv
         oauth.close()
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        return None
-
-
-def test_admin_password_from_the_command_line_applies_to_the_running_server(signed_in, server):
+def test_admin_password_from_the_command_line_applies_to_the_running_server(signed_in, server, home):
     assert signed_in.get("/admin/api/status").status == 200
-    env = dict(os.environ, IFLOW2API_HOME=os.path.dirname(server.config.path))
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "iflow2api.py"), "admin-password", "--stdin"],
-                            input="a forgotten one reset\n", env=env, capture_output=True, text=True, timeout=30)
+    env = {"IFLOW2API_HOME": os.path.dirname(server.config.path)}
+    result = run_cli(home, "admin-password", "--stdin", stdin="a forgotten one reset\n", env=env)
     assert result.returncode == 0, result.stderr
     assert "a forgotten one reset" not in result.stdout + result.stderr
     assert signed_in.get("/admin/api/status").status == 401  # signed out at once
     fresh = Client(server.url)
     assert fresh.post("/admin/api/login", {"password": PASSWORD}).status == 401
     assert fresh.post("/admin/api/login", {"password": "a forgotten one reset"}).status == 200
-    short = subprocess.run([sys.executable, os.path.join(ROOT, "iflow2api.py"), "admin-password", "--stdin"],
-                           input="short\n", env=env, capture_output=True, text=True, timeout=30)
+    short = run_cli(home, "admin-password", "--stdin", stdin="short\n", env=env)
     assert short.returncode == 1 and "8 characters" in short.stderr

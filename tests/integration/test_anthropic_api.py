@@ -17,8 +17,8 @@ import openai
 import pytest
 
 import iflow2api as I
-from conftest import FAKE_KEY, healthy, http, write_settings
 from fakes import Reply, chunk, completion, multi_tool_stream, sse, text_stream, tool_delta
+from helpers import FAKE_KEY, healthy, http, wait_until, write_settings
 
 MODEL = "claude-sonnet-4-6"
 BASH_TOOL = {"name": "Bash", "description": "Run a shell command",
@@ -154,15 +154,6 @@ def png_base64(width, height):
     png = (b"\x89PNG\r\n\x1a\n" + part(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
            + part(b"IDAT", zlib.compress(rows, 9)) + part(b"IEND", b""))
     return base64.b64encode(png).decode()
-
-
-def wait_until(predicate, timeout_s):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 # -- plain text ----------------------------------------------------------------------------
@@ -829,3 +820,12 @@ def test_upstream_sse_with_spaces_and_comments(server, fake_upstream):
     fake_upstream.push(Reply(stream=pieces))
     msg = create(server)
     assert msg.content[0].text == "ab"
+
+
+@pytest.mark.parametrize("messages", ["hi", 5, None, [5]])
+def test_count_tokens_refuses_bad_messages_in_the_words_of_the_messages_route(server, messages):
+    body = {"model": MODEL, "max_tokens": 5, "messages": messages}
+    counted = http(server, "POST", "/v1/messages/count_tokens", body)
+    sent = http(server, "POST", "/v1/messages", body)
+    assert counted[0] == sent[0] == 400
+    assert json.loads(counted[2])["error"]["message"] == json.loads(sent[2])["error"]["message"]

@@ -24,11 +24,10 @@ import urllib.request
 import pytest
 
 import iflow2api as I
-from conftest import ROOT, write_settings
 from fake_oauth import CLIENT_ID, CLIENT_SECRET, FakeOAuth
 from fakes import FakeUpstream, Reply, text_stream
+from helpers import DIRECT, SOURCE, cli_env, http, run_cli, wait_until, write_settings
 
-SOURCE = os.path.join(ROOT, "iflow2api.py")
 ISO_LOCAL = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d$")  # no offset, no fraction (like the CLI)
 CHAT = {"model": "glm-5", "messages": [{"role": "user", "content": "hi"}]}
 MESSAGES = {"model": "claude-sonnet-4-5", "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]}
@@ -41,53 +40,32 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
-BROWSER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 NO_FOLLOW = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect)
 
 
-def fetch(opener, url, method="GET", body=None, headers=None, timeout=10):
-    """(status, final url, headers, body bytes)."""
-    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+def browse(url):
+    """What a browser does with the login URL: follow the redirects to the callback;
+    (status, final url, headers, body). Not helpers.http: the tests check the final URL."""
     try:
-        with opener.open(req, timeout=timeout) as resp:
+        with DIRECT.open(url, timeout=10) as resp:
             return resp.status, resp.geturl(), resp.headers, resp.read()
     except urllib.error.HTTPError as err:
         return err.code, err.geturl(), err.headers, err.read()
 
 
-def browse(url):
-    """What a browser does with the login URL: follow the redirects to the callback."""
-    return fetch(BROWSER, url)
-
-
 def authorize_redirect(url):
     """The address the browser ends on (the fake's 302 Location), without going there."""
-    status, _url, headers, _body = fetch(NO_FOLLOW, url)
+    status, headers, _body = http(url, opener=NO_FOLLOW)
     assert status == 302, status
     return headers["location"]
 
 
-def call(instance, method, path, body=None, headers=None):
-    status, _url, resp_headers, data = fetch(BROWSER, instance.url + path, method, body, headers)
-    return status, resp_headers, data
-
-
 def chat(instance, headers=None, **extra):
-    return call(instance, "POST", "/v1/chat/completions", dict(CHAT, **extra), headers)
+    return http(instance, "POST", "/v1/chat/completions", dict(CHAT, **extra), headers)
 
 
 def auth_headers(fake_upstream):
     return [r.headers.get("authorization") for r in fake_upstream.chat_requests()]
-
-
-def wait_until(predicate, timeout_s=5.0, step_s=0.02):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step_s)
-    return predicate()
 
 
 def settings_path(home):
@@ -277,7 +255,7 @@ def test_callback_port_taken_uses_another_free_port(make_service, oauth, home):
 def test_callback_with_wrong_state_is_refused(make_service, oauth, home):
     service = make_service()
     session = service.login_start()
-    status, _u, _h, page = fetch(BROWSER, session.redirect_uri + "?code=stolen-code&state=someone-else")
+    status, _h, page = http(session.redirect_uri + "?code=stolen-code&state=someone-else")
     assert status == 400 and b"Login failed" in page
     with pytest.raises(I.AuthenticationError, match="state"):
         service.login_finish(session, timeout_s=5)
@@ -436,13 +414,6 @@ def test_logout_removes_only_credentials(make_service, oauth, home):
 
 # == CLI ===================================================================================
 
-def cli_env(home):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IFLOW2API_")}
-    env.update(HOME=str(home), IFLOW2API_HOME=os.path.join(str(home), ".iflow2api"), PYTHONUNBUFFERED="1",
-               NO_PROXY="*", no_proxy="*")
-    return env
-
-
 def cli_config(home, oauth, **extra):
     """A config file in its own directory (so --config is what finds it), with the fake's URLs."""
     path = os.path.join(str(home), "cfg", "config.json")
@@ -450,11 +421,6 @@ def cli_config(home, oauth, **extra):
     with open(path, "w") as f:
         json.dump(dict(oauth.urls(), **extra), f)
     return path
-
-
-def run_cli(home, *args, stdin=None):
-    return subprocess.run([sys.executable, SOURCE] + list(args), env=cli_env(home), input=stdin,
-                          capture_output=True, text=True, timeout=30)
 
 
 class LineReader:
@@ -926,7 +892,10 @@ def test_wrong_or_missing_key_file_warns_and_keeps_the_sealed_values(make_servic
     service = I.Service(config)
     try:
         assert service.accounts()[0]["api_key"] == "" and not service.backend.accounts.has_credentials
-        assert not I.ClientKeys(config).required or all(k.startswith("enc:v1:") for k in config["api_keys"])
+        # the client keys stay sealed, and unreadable keys lock the API, they do not open it
+        assert config["api_keys"] and all(k.startswith("enc:v1:") for k in config["api_keys"])
+        keys = I.ClientKeys(config)
+        assert keys.required and not keys.has_usable_key
     finally:
         service.stop()
 
@@ -1014,19 +983,19 @@ def test_remote_bind_generates_a_key_and_enforces_it(served, home, fake_upstream
     status, _h, body = chat(instance)
     err = json.loads(body)
     assert status == 401 and "type" not in err and "API key" in err["error"]["message"]  # OpenAI shape
-    status, _h, body = call(instance, "POST", "/v1/messages", MESSAGES)
+    status, _h, body = http(instance, "POST", "/v1/messages", MESSAGES)
     err = json.loads(body)
     assert status == 401 and err["type"] == "error" and err["error"]["type"] == "authentication_error"
-    assert call(instance, "GET", "/v1/models")[0] == 401
+    assert http(instance, "GET", "/v1/models")[0] == 401
     assert chat(instance, {"Authorization": "Bearer wrong-key-0123456789"})[0] == 401
-    assert call(instance, "POST", "/v1/messages", MESSAGES, {"x-api-key": "wrong-key-0123456789"})[0] == 401
+    assert http(instance, "POST", "/v1/messages", MESSAGES, {"x-api-key": "wrong-key-0123456789"})[0] == 401
     assert fake_upstream.chat_requests() == []  # refused before any upstream call
 
     assert chat(instance, {"Authorization": "Bearer " + key})[0] == 200
     assert chat(instance, {"x-api-key": key})[0] == 200
-    assert call(instance, "POST", "/v1/messages", MESSAGES, {"x-api-key": key})[0] == 200
-    assert call(instance, "GET", "/v1/models", None, {"Authorization": "Bearer " + key})[0] == 200
-    status, _h, body = call(instance, "GET", "/health")
+    assert http(instance, "POST", "/v1/messages", MESSAGES, {"x-api-key": key})[0] == 200
+    assert http(instance, "GET", "/v1/models", None, {"Authorization": "Bearer " + key})[0] == 200
+    status, _h, body = http(instance, "GET", "/health")
     assert status == 200 and key not in body.decode()
 
     # stored sealed, and reused (not regenerated) on the next start
@@ -1123,12 +1092,12 @@ def test_no_secret_in_any_log_line_or_response(make_service, oauth, home, fake_u
     fake_upstream.push(Reply(401, {"error": {"message": "invalid apiKey"}}))  # refresh on 401
     responses.append(chat(instance, auth))
     responses.append(chat(instance, auth, stream=True))
-    responses.append(call(instance, "POST", "/v1/messages", MESSAGES, {"x-api-key": client_key}))
+    responses.append(http(instance, "POST", "/v1/messages", MESSAGES, {"x-api-key": client_key}))
     responses.append(chat(instance, {"Authorization": "Bearer not-the-key-0123456789"}))
     oauth.fail_refresh = True  # its error text quotes the refresh token
     service.backend.refresher.refresh_now(service.backend.accounts.get("iflow-cli"))
     for path in ("/health", "/v1/models", "/"):
-        responses.append(call(instance, "GET", path, None, auth))
+        responses.append(http(instance, "GET", path, None, auth))
     assert [r[0] for r in responses][:4] == [200, 200, 200, 401]
     assert len(oauth.token_requests("refresh_token")) == 3
 
@@ -1189,7 +1158,7 @@ def test_loopback_bind_without_keys_serves_only_loopback_host_names(served, home
         assert status == 200
     else:
         assert status == 403 and "allowed_hosts" in json.loads(body)["error"]["message"]
-        assert call(instance, "GET", "/admin/api/session", None, {"Host": host_header})[0] == 403
+        assert http(instance, "GET", "/admin/api/session", None, {"Host": host_header})[0] == 403
         assert fake_upstream.chat_requests() == []
 
 

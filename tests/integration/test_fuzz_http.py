@@ -19,9 +19,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import iflow2api
-from conftest import http, write_settings
 from fakes import Reply, chunk, sse
 from fuzzing import json_values as json_junk, junk_or, split_at
+from helpers import http, wait_until, write_settings
 from test_admin_api import Client
 from test_server import raw_request, read_response
 
@@ -82,11 +82,7 @@ def in_flight(server) -> list:
 
 def settle(server, timeout_s=3.0):
     """Wait until every in-flight counter is back at zero (a stream ends just after its last byte)."""
-    deadline = time.monotonic() + timeout_s
-    while in_flight(server):
-        if time.monotonic() > deadline:
-            raise AssertionError("in-flight counters stuck: %r" % in_flight(server))
-        time.sleep(0.02)
+    assert wait_until(lambda: not in_flight(server), timeout_s), "in-flight counters stuck: %r" % in_flight(server)
 
 
 # -- sending bytes and judging answers ------------------------------------------------------------

@@ -3,14 +3,13 @@ public endpoint with request and response schemas, and whose schemas fit what th
 really answers (checked with openapi-schema-validator against live responses)."""
 import json
 import re
-import urllib.error
-import urllib.request
 
 import pytest
 from openapi_schema_validator import OAS30Validator
 from openapi_spec_validator import validate
 
 import iflow2api
+from helpers import http
 
 PUBLIC = {
     ("post", "/v1/chat/completions"), ("post", "/v1/messages"), ("post", "/v1/messages/count_tokens"),
@@ -20,22 +19,9 @@ CHAT = {"model": "glm-5", "messages": [{"role": "user", "content": "hi"}]}
 MESSAGES = {"model": "glm-5", "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]}
 
 
-def call(url, method, path, body=None):
-    data = None if body is None else json.dumps(body).encode()
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    request = urllib.request.Request(url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"} if data else {})
-    try:
-        resp = opener.open(request, timeout=10)
-    except urllib.error.HTTPError as exc:
-        resp = exc
-    with resp:
-        return resp.getcode(), resp.headers, resp.read()
-
-
 @pytest.fixture
 def document(server):
-    status, headers, body = call(server.url, "GET", "/openapi.json")
+    status, headers, body = http(server, "GET", "/openapi.json")
     assert status == 200
     assert headers["content-type"].split(";")[0] == "application/json"
     return json.loads(body)
@@ -67,10 +53,7 @@ def test_every_public_endpoint_is_described(document, server):
     assert PUBLIC <= listed, PUBLIC - listed
     # Every canonical /v1 route the server really has is in the document (the aliases
     # without /v1, with a trailing slash or under /api/v1 are left out on purpose).
-    router = server.app.router
-    routes = [(m, p) for (m, p) in getattr(router, "_exact", {})]
-    routes += [(m, re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", regex.pattern).strip("^$"))
-               for m, regex, *_rest in getattr(router, "_patterns", [])]
+    routes = [(m, re.sub(r"\{(\w+):[^}]*\}", r"{\1}", p)) for m, p in server.app.router.routes()]
     canonical = {(m.lower(), p) for m, p in routes
                  if p.startswith("/v1/") and not p.endswith("/") and not p.startswith("/admin")}
     assert canonical, "the router lists no /v1 routes"
@@ -123,28 +106,28 @@ def test_live_answers_fit_the_documented_schemas(document, server, fake_upstream
     for path, body in (("/v1/chat/completions", CHAT), ("/v1/messages", MESSAGES),
                        ("/v1/messages/count_tokens", MESSAGES)):
         check(document, request_schema(path), body)
-        status, headers, answer = call(server.url, "POST", path, body)
+        status, headers, answer = http(server, "POST", path, body)
         assert status == 200, (path, answer)
         check(document, ok_schema("post", path), json.loads(answer))
 
-    status, headers, answer = call(server.url, "POST", "/v1/chat/completions", dict(CHAT, stream=True))
+    status, headers, answer = http(server, "POST", "/v1/chat/completions", dict(CHAT, stream=True))
     assert status == 200 and headers["content-type"].startswith("text/event-stream")
     assert "text/event-stream" in operation(document, "post", "/v1/chat/completions")["responses"]["200"]["content"]
 
     for path, documented in (("/v1/models", "/v1/models"), ("/v1/models/glm-5", "/v1/models/{model_id}"),
                              ("/health", "/health"), ("/v1/vision-models", "/v1/vision-models")):
-        status, headers, answer = call(server.url, "GET", path)
+        status, headers, answer = http(server, "GET", path)
         assert status == 200, (path, answer)
         assert headers["content-type"].split(";")[0] == "application/json"
         check(document, ok_schema("get", documented), json.loads(answer))
 
     # Errors, in both dialects, fit the documented error schema.
     for path, body in (("/v1/chat/completions", {"messages": "nope"}), ("/v1/messages", {"model": "glm-5"})):
-        status, headers, answer = call(server.url, "POST", path, body)
+        status, headers, answer = http(server, "POST", path, body)
         assert status == 400, (path, answer)
         check(document, operation(document, "post", path)["responses"]["default"]["content"]
               ["application/json"]["schema"], json.loads(answer))
-    status, headers, answer = call(server.url, "GET", "/v1/models/no-such-model")
+    status, headers, answer = http(server, "GET", "/v1/models/no-such-model")
     assert status == 404
     check(document, operation(document, "get", "/v1/models/{model_id}")["responses"]["default"]["content"]
           ["application/json"]["schema"], json.loads(answer))
@@ -154,7 +137,7 @@ def test_documented_paths_exist_on_the_server(document, server):
     for path, item in document["paths"].items():
         for method in item:
             concrete = re.sub(r"\{\w+\}", "glm-5", path)
-            status, _headers, body = call(server.url, method.upper(), concrete, {} if method == "post" else None)
+            status, _headers, body = http(server, method.upper(), concrete, {} if method == "post" else None)
             if status == 404:  # a route that exists answers 404 only for a missing thing, never "no route"
                 assert "no route" not in json.loads(body)["error"]["message"], (method, path)
             assert status != 405, (method, path, status)

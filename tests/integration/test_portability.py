@@ -8,11 +8,10 @@ import sys
 
 import pytest
 
-from conftest import ROOT, in_ci
+from helpers import ROOT, SOURCE, cli_env, free_port, healthy, http, in_ci, wait_until, write_settings
 
 OPTIONAL = {"h11", "certifi"}
 OUR_MODULES = {"iflow2api_gui"}  # `iflow2api gui` imports the desktop app, which ships beside it
-SOURCE = os.path.join(ROOT, "iflow2api.py")
 
 
 def imported_top_level_modules(path):
@@ -70,30 +69,19 @@ def test_serves_a_request_on_python_3_8_when_present(tmp_path):
     py38 = _python38()
     if py38 is None:
         pytest.skip("no Python 3.8 interpreter here (vermin covers the check)")
-    import json, socket, time, urllib.request
-    from conftest import write_settings
+    import json
     from fakes import FakeUpstream
     fake = FakeUpstream()
     write_settings(str(tmp_path), fake.url)
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    env = dict(os.environ, HOME=str(tmp_path), IFLOW2API_HOME=str(tmp_path / ".i"))
-    proc = subprocess.Popen([py38, SOURCE, "--port", str(port)], env=env,
+    port = free_port()
+    base = "http://127.0.0.1:%d" % port
+    proc = subprocess.Popen([py38, SOURCE, "--port", str(port)], env=cli_env(tmp_path),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        body = json.dumps({"model": "glm-5", "messages": [{"role": "user", "content": "hi"}]}).encode()
-        answer = None
-        for _ in range(100):
-            try:
-                req = urllib.request.Request("http://127.0.0.1:%d/v1/chat/completions" % port, body,
-                                             {"content-type": "application/json"})
-                answer = json.loads(urllib.request.urlopen(req, timeout=2).read())
-                break
-            except OSError:
-                time.sleep(0.05)
-        assert answer and answer["choices"][0]["message"]["content"] == "Hello world"
+        assert wait_until(lambda: healthy(base), 10)
+        status, _h, answer = http(base, "POST", "/v1/chat/completions",
+                                  {"model": "glm-5", "messages": [{"role": "user", "content": "hi"}]})
+        assert status == 200 and json.loads(answer)["choices"][0]["message"]["content"] == "Hello world"
     finally:
         proc.kill()
         proc.wait()

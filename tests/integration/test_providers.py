@@ -5,25 +5,20 @@ CONNECT / absolute-form proxy and a SOCKS5 proxy from tests/fake_proxies.py), vi
 routing, image inlining and the `providers` CLI. Server tests run on both adapters."""
 import base64
 import json
-import os
 import re
 import socket
-import subprocess
-import sys
-import urllib.request
 
 import anthropic
 import openai
 import pytest
 
 import iflow2api as I
-from conftest import FAKE_KEY, ROOT, free_port, write_settings
 from fake_proxies import HttpProxy, ImageServer, Socks5Proxy, TLSFront, client_tls_context, tiny_png
 from fakes import FakeUpstream, Reply, chunk, completion
+from helpers import FAKE_KEY, PROXY_VARS, free_port, http, run_cli, write_settings
 
 P1_KEY = "sk-p1-1111111111111111111111"
 P2_KEY = "sk-p2-2222222222222222222222"
-PROXY_VARS = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy", "http_proxy", "all_proxy")
 PROXY_LOGIN = ("proxy-user", "p@ss:w/rd 1")
 TOOL_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
 PNG = tiny_png()
@@ -31,22 +26,6 @@ PNG_B64 = base64.b64encode(PNG).decode("ascii")
 
 
 # -- helpers --------------------------------------------------------------------------------------
-
-# Never through a proxy from the environment (some tests set HTTP_PROXY on purpose).
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def http(server, method, path, body=None, headers=None, timeout=10):
-    """(status, headers, body bytes) with plain urllib, no client-side retries, no proxy."""
-    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-    req = urllib.request.Request(server.url + path, data=data, method=method,
-                                 headers=dict({"content-type": "application/json"}, **(headers or {})))
-    try:
-        with _DIRECT.open(req, timeout=timeout) as resp:
-            return resp.status, resp.headers, resp.read()
-    except urllib.error.HTTPError as err:
-        return err.code, err.headers, err.read()
-
 
 def chat(server, model, content="hi", **fields):
     """(status, parsed body) of a chat completion; a stream comes back as its list of chunks."""
@@ -834,16 +813,7 @@ def test_which_addresses_count_as_public(address, public):
 
 # -- the providers CLI --------------------------------------------------------------------------------
 
-SCRIPT = os.path.join(ROOT, "iflow2api.py")
 SECRET = "sk-deepseek-secret-0123456789abcdef"
-
-
-def run_cli(home, *args):
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("IFLOW2API_") and k not in PROXY_VARS and not k.endswith("_API_KEY")}
-    env.update(HOME=str(home), USERPROFILE=str(home), IFLOW2API_HOME=str(home / ".iflow2api"))
-    return subprocess.run([sys.executable, SCRIPT] + list(args), env=env, capture_output=True, text=True,
-                          timeout=30)
 
 
 def saved_config(home):

@@ -9,8 +9,8 @@ import json
 import openai
 import pytest
 
-from conftest import http
 from fakes import Reply, chunk, multi_tool_stream, text_stream, tool_delta
+from helpers import http
 
 MODEL = "glm-5"
 WEATHER_TOOL = {"type": "function", "name": "get_weather", "description": "Weather for a city",

@@ -1,16 +1,14 @@
 """HTTP-level behaviour of both adapters over raw sockets: keep-alive, framing,
 limits and timeouts, protocol errors, startup as a real process."""
 import json
-import os
 import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 
-from conftest import ROOT, write_settings
+from helpers import SOURCE, cli_env, free_port, healthy, http, run_cli, wait_until, write_settings
 
 CHAT = json.dumps({"model": "glm-5", "messages": [{"role": "user", "content": "hi"}]}).encode()
 
@@ -198,32 +196,17 @@ def test_expect_100_continue(server, fake_upstream):
 
 # -- as a real process ------------------------------------------------------------------------
 
-def _free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 @pytest.mark.parametrize("http_impl", ["h11", "stdlib"])
 def test_cli_process_serves_and_stops_on_sigterm(tmp_path, fake_upstream, http_impl):
     write_settings(str(tmp_path), fake_upstream.url)
-    port = _free_port()
-    env = dict(os.environ, HOME=str(tmp_path), IFLOW2API_HOME=str(tmp_path / ".iflow2api"),
-               IFLOW2API_HTTP=http_impl)
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "iflow2api.py"), "--port", str(port)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    port = free_port()
+    base = "http://127.0.0.1:%d" % port
+    proc = subprocess.Popen([sys.executable, SOURCE, "--port", str(port)], env=cli_env(tmp_path, IFLOW2API_HTTP=http_impl),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        health = None
-        for _ in range(100):
-            try:
-                with urllib.request.urlopen("http://127.0.0.1:%d/health" % port, timeout=1) as r:
-                    health = json.loads(r.read())
-                    break
-            except OSError:
-                time.sleep(0.05)
-        assert health and health["status"] == "ok" and health["http_adapter"] == http_impl
+        assert wait_until(lambda: healthy(base), 10)
+        health = json.loads(http(base, "GET", "/health")[2])
+        assert health["status"] == "ok" and health["http_adapter"] == http_impl
         proc.terminate()
         out = proc.communicate(timeout=10)[0].decode()
         assert proc.returncode == 0
@@ -239,9 +222,7 @@ def test_cli_port_in_use_is_a_clear_message(tmp_path):
     sock.bind(("127.0.0.1", 0))
     sock.listen(1)
     port = sock.getsockname()[1]
-    env = dict(os.environ, HOME=str(tmp_path), IFLOW2API_HOME=str(tmp_path / ".i"))
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "iflow2api.py"), "--port", str(port)],
-                            env=env, capture_output=True, text=True, timeout=20)
+    result = run_cli(tmp_path, "--port", str(port), timeout=20)
     sock.close()
     assert result.returncode != 0
     assert "cannot listen on 127.0.0.1:%d" % port in result.stderr
@@ -252,16 +233,13 @@ def test_cli_env_and_config_file_precedence(tmp_path):
     home = tmp_path / ".iflow2api"
     home.mkdir()
     (home / "config.json").write_text(json.dumps({"port": 1234, "concurrency": 3}))
-    env = dict(os.environ, HOME=str(tmp_path), IFLOW2API_HOME=str(home), IFLOW2API_CONCURRENCY="5")
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "iflow2api.py"), "config", "concurrency"],
-                         env=env, capture_output=True, text=True, timeout=20)
+    env = {"IFLOW2API_CONCURRENCY": "5"}
+    out = run_cli(tmp_path, "config", "concurrency", env=env, timeout=20)
     assert out.stdout.strip() == "5"
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "iflow2api.py"), "config", "port", "28005"],
-                         env=env, capture_output=True, text=True, timeout=20)
+    out = run_cli(tmp_path, "config", "port", "28005", env=env, timeout=20)
     assert out.returncode == 0
     assert json.loads((home / "config.json").read_text()) == {"port": 28005, "concurrency": 3}
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "iflow2api.py"), "config", "port", "abc"],
-                         env=env, capture_output=True, text=True, timeout=20)
+    out = run_cli(tmp_path, "config", "port", "abc", env=env, timeout=20)
     assert out.returncode != 0 and "port" in out.stderr and "Traceback" not in out.stderr
 
 
@@ -370,17 +348,12 @@ def test_nul_byte_in_the_path_is_400(server, path):
 
 def _serve_process(tmp_path, fake_upstream, http_impl, grace_s):
     write_settings(str(tmp_path), fake_upstream.url)
-    port = _free_port()
-    env = dict(os.environ, HOME=str(tmp_path), IFLOW2API_HOME=str(tmp_path / ".iflow2api"),
-               IFLOW2API_HTTP=http_impl, IFLOW2API_SHUTDOWN_GRACE_S=str(grace_s))
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "iflow2api.py"), "--port", str(port)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    for _ in range(200):
-        try:
-            urllib.request.urlopen("http://127.0.0.1:%d/health" % port, timeout=1).read()
-            return proc, port
-        except OSError:
-            time.sleep(0.05)
+    port = free_port()
+    env = cli_env(tmp_path, IFLOW2API_HTTP=http_impl, IFLOW2API_SHUTDOWN_GRACE_S=str(grace_s))
+    proc = subprocess.Popen([sys.executable, SOURCE, "--port", str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if wait_until(lambda: healthy("http://127.0.0.1:%d" % port), 10):
+        return proc, port
     proc.kill()
     raise AssertionError("server did not start: %s" % proc.communicate()[0].decode())
 

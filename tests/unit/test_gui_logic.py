@@ -15,8 +15,8 @@ from hypothesis import given, strategies as st
 
 import iflow2api
 import iflow2api_gui as gui
-from helpers import FAKE_KEY, in_ci
 from gui_fakes import FakeLoginService, FakePystray, FakeRegistry
+from helpers import FAKE_KEY, in_ci
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

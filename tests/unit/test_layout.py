@@ -6,7 +6,7 @@ import bisect
 import os
 import re
 
-from conftest import ROOT
+from helpers import ROOT
 
 SOURCE = os.path.join(ROOT, "iflow2api.py")
 TEXT = open(SOURCE, encoding="utf-8").read()

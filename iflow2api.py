@@ -7585,11 +7585,24 @@ class Api:
                 openai_body = inline_image_urls(openai_body, self._image_fetcher(ctx.route).fetch)
         req.log["model"] = _log_model(ctx.route, ctx.upstream_model)
         is_stream = body.get("stream") is True
+        stream = AnthropicStream(ctx)
+        reader, events, finish = self._translated_call(req, ctx, openai_body, stream, is_stream)
+        headers = [("request-id", req.id)]
+        if is_stream:
+            return Response(200, headers=headers + _SSE_HEADERS,
+                            stream=self._anthropic_events(req, reader, stream, events, finish))
+        finish()
+        return Response.json(aggregate_stream_to_message(events), headers=headers)
+
+    def _translated_call(self, req: Request, ctx, openai_body: dict, stream, is_stream: bool):
+        """The upstream call of a translated route (/v1/messages, /v1/responses): always
+        streamed upstream (translation.md 3.11), its answer fed into stream until the stream
+        started (a streaming client) or ended (not streaming). (reader, events so far,
+        finish); a failure before anything reached the client raises as an HTTP error."""
         openai_body["stream"] = True
         if ctx.flag("stream_usage"):
             openai_body["stream_options"] = {"include_usage": True}
         upstream, release = _watched(req, *self._open_upstream(openai_body, ctx.route, req.log))
-        stream = AnthropicStream(ctx)
 
         def finish():
             upstream.close()
@@ -7612,12 +7625,7 @@ class Api:
         except BaseException as exc:
             finish()  # nothing was sent yet: an HTTP error, not an SSE one
             raise _before_first_byte(exc) from None
-        headers = [("request-id", req.id)]
-        if is_stream:
-            return Response(200, headers=headers + _SSE_HEADERS,
-                            stream=self._anthropic_events(req, reader, stream, events, finish))
-        finish()
-        return Response.json(aggregate_stream_to_message(events), headers=headers)
+        return reader, events, finish
 
     def _anthropic_events(self, req, reader, stream, events, finish):
         """The SSE body of a streaming /v1/messages answer, with pings while the upstream is silent."""
@@ -7668,34 +7676,9 @@ class Api:
                 openai_body = inline_image_urls(openai_body, self._image_fetcher(ctx.route).fetch)
         req.log["model"] = _log_model(ctx.route, ctx.upstream_model)
         is_stream = body.get("stream") is True
-        openai_body["stream"] = True
-        if ctx.flag("stream_usage"):
-            openai_body["stream_options"] = {"include_usage": True}
-        upstream, release = _watched(req, *self._open_upstream(openai_body, ctx.route, req.log))
         stream = ResponsesStream(ctx)
         keep = _stored_input(body, history) if body.get("store", True) is not False else None
-
-        def finish():
-            upstream.close()
-            release()
-            _log_stream_usage(req, stream)
-            _log_translation_notes(req, ctx)
-
-        reader = None
-        try:
-            if "text/event-stream" in upstream.content_type:
-                reader = ChunkReader(upstream)
-                events = _until_started(reader, stream, ANTHROPIC_START_AFTER_S if is_stream else None,
-                                        self.clock)
-            else:  # one JSON body: replay it through the same state machine
-                events = _feed_items(stream, completion_to_chunks(_parse_completion(_read_all(upstream)))
-                                     + [ChunkReader.DONE])
-            if not is_stream:
-                while reader is not None and not stream.state.done:
-                    events += _feed_items(stream, reader.next(None))
-        except BaseException as exc:
-            finish()
-            raise _before_first_byte(exc) from None
+        reader, events, finish = self._translated_call(req, ctx, openai_body, stream, is_stream)
         if is_stream:
             return Response(200, headers=list(_SSE_HEADERS),
                             stream=self._responses_events(req, reader, stream, events, finish, keep))

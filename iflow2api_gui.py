@@ -129,7 +129,7 @@ GUI_STRINGS = {
         "gui.autostart": "Start when I log in",
         "gui.autoRun": "Start the server when the app starts",
         "gui.trayMissing": "Tray icon: not available. Install it with: pip install pystray pillow "
-                           "(or use iflow2api.pyz, which may include them).",
+                           "(for the Python that runs this app), then restart the app.",
         "gui.trayActive": "Tray icon: active.",
         "gui.saved": "Saved.",
         "gui.savedRestart": "Saved. Restart the server to use the new settings.",
@@ -206,7 +206,7 @@ GUI_STRINGS = {
         "gui.close.quit": "退出应用",
         "gui.autostart": "登录时自动启动",
         "gui.autoRun": "应用启动时启动服务",
-        "gui.trayMissing": "托盘图标不可用。安装方法：pip install pystray pillow（或使用可能已包含它们的 iflow2api.pyz）。",
+        "gui.trayMissing": "托盘图标不可用。安装方法：为运行本应用的 Python 执行 pip install pystray pillow，然后重启应用。",
         "gui.trayActive": "托盘图标：已启用。",
         "gui.saved": "已保存。",
         "gui.savedRestart": "已保存。重启服务后新设置生效。",

@@ -402,3 +402,46 @@ def test_codex_launch_uses_overrides_not_the_users_config():
     (["exec", "--model", "x"], None, ["exec", "--model", "x"]), ([], None, [])])
 def test_launcher_takes_only_a_leading_model_option(argv, model, rest):
     assert I._split_model_option(argv) == (model, rest)
+
+
+# -- the router -----------------------------------------------------------------------------------
+
+def _router():
+    r = I.Router()
+    r.add("GET", "/v1/models", "list")
+    r.add("POST", "/v1/messages", "messages", "anthropic")
+    r.add("GET DELETE", "/v1/responses/{response_id}", "response")
+    r.add("GET", "/v1/models/{model_id:.+}", "model")
+    return r
+
+
+def test_router_matches_exact_paths_patterns_and_head_as_get():
+    r = _router()
+    assert r.match("GET", "/v1/models") == ("list", {}, "openai")
+    assert r.match("HEAD", "/v1/models") == ("list", {}, "openai")
+    assert r.match("POST", "/v1/messages") == ("messages", {}, "anthropic")
+    assert r.match("DELETE", "/v1/responses/resp_1") == ("response", {"response_id": "resp_1"}, "openai")
+    assert r.match("HEAD", "/v1/models/p/m") == ("model", {"model_id": "p/m"}, "openai")
+
+
+@pytest.mark.parametrize("method, path, error", [
+    ("GET", "/v1/nothing", I.NotFoundError), ("POST", "/v1/models", I.MethodNotAllowedError),
+    ("GET", "/v1/messages", I.MethodNotAllowedError), ("POST", "/v1/responses/x", I.MethodNotAllowedError),
+    ("GET", "/v1/responses/x/y", I.NotFoundError)])
+def test_router_tells_an_unknown_path_from_a_wrong_method(method, path, error):
+    with pytest.raises(error):
+        _router().match(method, path)
+
+
+def test_router_lists_its_routes_as_registered():
+    assert set(_router().routes()) == {("GET", "/v1/models"), ("POST", "/v1/messages"),
+                                       ("GET", "/v1/responses/{response_id}"),
+                                       ("DELETE", "/v1/responses/{response_id}"),
+                                       ("GET", "/v1/models/{model_id:.+}")}
+
+
+def test_chunked_decoder_fed_a_byte_at_a_time_gives_the_body():
+    wire = b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nTrailer: x\r\n\r\n"
+    decoder = I.ChunkedDecoder(max_bytes=100)
+    body = b"".join(decoder.feed(wire[i:i + 1]) for i in range(len(wire)))
+    assert body == b"hello world" and decoder.done

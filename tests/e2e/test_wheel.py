@@ -1,4 +1,5 @@
-"""pip / pipx installs: `python -m build` makes the sdist and, from it, the wheel; the wheel
+"""pip / pipx installs: `pip install .` and `pipx install .` from the source folder, and
+`python -m build` making the sdist and, from it, the wheel; the wheel
 installed into a fresh virtual environment gives `iflow2api` (serving /admin, /docs, /redoc
 and /health from the installed static/ files) and `iflow2api-gui`. Offline: the build uses
 the test environment's setuptools (--no-isolation) and the install uses --no-index."""
@@ -32,17 +33,18 @@ def _env(**extra):
     return env
 
 
-@pytest.fixture(scope="module")
-def dists(tmp_path_factory):
-    """(sdist, wheel) built from a copy of the checkout (so no build/ or egg-info lands in it)."""
-    for module in ("build", "setuptools"):
+def _needs(*modules):
+    for module in modules:
         try:
             __import__(module)
         except ImportError:
             if in_ci():
                 pytest.fail("%s must be installed in CI (tests/requirements.txt)" % module)
             pytest.skip("%s not installed" % module)
-    tmp = tmp_path_factory.mktemp("wheel")
+
+
+def _copy_of_the_checkout(tmp):
+    """The files a source install takes, copied (so no build/ or egg-info lands in the checkout)."""
     src = tmp / "src"
     src.mkdir()
     for name in SOURCES:
@@ -51,6 +53,15 @@ def dists(tmp_path_factory):
             shutil.copytree(path, str(src / name), ignore=shutil.ignore_patterns("__pycache__", ".*"))
         else:
             shutil.copy(path, str(src / name))
+    return src
+
+
+@pytest.fixture(scope="module")
+def dists(tmp_path_factory):
+    """(sdist, wheel) built from a copy of the checkout."""
+    _needs("build", "setuptools")
+    tmp = tmp_path_factory.mktemp("wheel")
+    src = _copy_of_the_checkout(tmp)
     # cwd is not the checkout: there `python -m build` would find our build.py instead
     run = subprocess.run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(tmp / "dist"),
                           str(src)], cwd=str(tmp), env=_env(), capture_output=True, text=True, timeout=180)
@@ -99,14 +110,14 @@ def test_sdist_and_wheel_carry_the_modules_and_every_static_file(dists):
 
 
 @contextlib.contextmanager
-def _server(venv, tmp_path):
+def _server(venv, tmp_path, binary=None):
     fake = FakeUpstream()
     home = tmp_path / "home"
     write_settings(str(home), fake.url)
     port = free_port()
     log_path = tmp_path / "server.log"
     with open(str(log_path), "wb") as log:
-        proc = subprocess.Popen([_bin(venv, "iflow2api"), "--port", str(port), "--host", "127.0.0.1"],
+        proc = subprocess.Popen([binary or _bin(venv, "iflow2api"), "--port", str(port), "--host", "127.0.0.1"],
                                 cwd=str(tmp_path), env=_env(HOME=str(home), IFLOW2API_HOME=str(home / ".i2a")),
                                 stdout=log, stderr=subprocess.STDOUT)
     base = "http://127.0.0.1:%d" % port
@@ -152,3 +163,26 @@ def test_installed_gui_without_a_display_says_so_in_one_line(venv, tmp_path):
     assert run.returncode == 2
     lines = (run.stdout + run.stderr).strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("iflow2api:"), run.stdout + run.stderr
+
+
+@pytest.mark.parametrize("installer", ["pip", "pipx"])
+def test_pip_and_pipx_install_from_the_source_folder(installer, tmp_path):
+    """What the README says: `pip install .` and `pipx install .` (build isolation: setuptools
+    comes from the package index, as it does for users)."""
+    _needs("pipx")
+    src = _copy_of_the_checkout(tmp_path)
+    if installer == "pip":
+        venv = tmp_path / "v"
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+        command = [_bin(venv, "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", str(src)]
+        bin_dir = os.path.dirname(_bin(venv, "iflow2api"))
+        env = _env()
+    else:
+        bin_dir = str(tmp_path / "pipx-bin")
+        env = _env(PIPX_HOME=str(tmp_path / "pipx-home"), PIPX_BIN_DIR=bin_dir, PIPX_MAN_DIR=str(tmp_path / "man"))
+        command = [sys.executable, "-m", "pipx", "install", str(src)]
+    run = subprocess.run(command, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    with _server(None, tmp_path, binary=os.path.join(bin_dir, "iflow2api")) as base:
+        for path in ("/admin", "/docs"):
+            assert http(base, "GET", path, timeout=5)[0] == 200, path

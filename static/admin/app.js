@@ -15,6 +15,7 @@
   const MAX_LOG_LINES = 1000;      // the live log keeps this many lines in the page
   const STORE = {
     theme: 'iflow2api.theme', lang: 'iflow2api.lang', tab: 'iflow2api.tab', model: 'iflow2api.model',
+    pgApi: 'iflow2api.playgroundApi', // the playground's API: "chat" or "responses"
     updateDismissed: 'iflow2api.updateDismissed', // the release version whose notice was dismissed
   };
   // The tabs themselves (what each loads, draws and does) are the SCREENS registry near the end.
@@ -35,6 +36,7 @@
     keysExist: false,          // any client API key? then curl needs an Authorization header
     oauth: null,               // {session, timer} while a browser sign-in runs
     pgAbort: null,             // AbortController of the running playground request
+    pgMeta: null,              // () => the playground's status line, said again on a language change
     loginWaitTimer: null,
   };
 
@@ -277,6 +279,7 @@
     if (state.loggedIn) refreshTab(state.tab, true);
     updateLogState();
     updateCurl();
+    if (state.pgMeta) showPlaygroundMeta(state.pgMeta);
   }
 
   // ---------------------------------------------------------------------------------
@@ -1238,7 +1241,7 @@
   }
 
   // ---------------------------------------------------------------------------------
-  // Playground: stream a chat completion through /admin/api/playground
+  // Playground: stream a chat completion or a Responses answer through /admin/api/playground
 
   /** Fill the model list; `keys` (null when unknown) tells whether curl needs a key. */
   function renderPlayground(data) {
@@ -1253,12 +1256,74 @@
     updateCurl();
   }
 
-  function playgroundMessages() {
-    const messages = [];
+  /**
+   * The two APIs the playground speaks. Each knows its public path, the request body for the
+   * form's text and how to read one streamed event into {text, thought, outputTokens, done}
+   * (it throws when the event reports a failure).
+   */
+  const PG_APIS = {
+    chat: {
+      path: '/v1/chat/completions',
+      body: function (model, system, prompt) {
+        const messages = [];
+        if (system) messages.push({ role: 'system', content: system });
+        messages.push({ role: 'user', content: prompt });
+        return { model: model, messages: messages, stream: true };
+      },
+      read: function (payload) {
+        if (payload === '[DONE]') return { done: true };
+        const chunk = parseEvent(payload);
+        if (chunk.error) throw new Error(chunk.error.message || JSON.stringify(chunk.error));
+        const delta = firstChoiceDelta(chunk);
+        return {
+          text: delta.content,
+          thought: delta.reasoning_content || delta.reasoning,
+          outputTokens: chunk.usage && chunk.usage.completion_tokens,
+        };
+      },
+    },
+    responses: {
+      path: '/v1/responses',
+      body: function (model, system, prompt) {
+        const body = { model: model };
+        if (system) body.instructions = system;
+        body.input = prompt;
+        body.stream = true;
+        return body;
+      },
+      read: function (payload) {
+        const event = parseEvent(payload);
+        switch (event.type) {
+          case 'response.output_text.delta': return { text: event.delta };
+          case 'response.reasoning_summary_text.delta':
+          case 'response.reasoning_text.delta': return { thought: event.delta };
+          case 'response.completed':
+          case 'response.incomplete': {
+            const usage = event.response && event.response.usage;
+            return { done: true, outputTokens: usage && usage.output_tokens };
+          }
+          case 'response.failed':
+          case 'error': {
+            const error = (event.response && event.response.error) || event.error || event;
+            throw new Error(error.message || JSON.stringify(error));
+          }
+          default: return {};
+        }
+      },
+    },
+  };
+
+  function parseEvent(payload) {
+    try { return JSON.parse(payload) || {}; } catch (e) { return {}; }
+  }
+
+  function playgroundApiName() { return $('#pg-api').value === 'responses' ? 'responses' : 'chat'; }
+
+  /** What Send asks for: the API, its public path and the body without the admin-only "api". */
+  function playgroundRequest(model) {
+    const name = playgroundApiName();
     const system = $('#pg-system').value.trim();
-    if (system) messages.push({ role: 'system', content: system });
-    messages.push({ role: 'user', content: $('#pg-prompt').value });
-    return messages;
+    return { name: name, api: PG_APIS[name], body: PG_APIS[name].body(model, system, $('#pg-prompt').value) };
   }
 
   function shellSingleQuote(text) { return "'" + text.replace(/'/g, "'\\''") + "'"; }
@@ -1267,11 +1332,11 @@
   function updateCurl() {
     const box = $('#pg-curl');
     if (!box) return;
-    const body = JSON.stringify({ model: $('#pg-model').value || 'MODEL', messages: playgroundMessages(), stream: true });
-    const lines = ['curl -N ' + location.origin + '/v1/chat/completions', "-H 'content-type: application/json'"];
+    const request = playgroundRequest($('#pg-model').value || 'MODEL');
+    const lines = ['curl -N ' + location.origin + request.api.path, "-H 'content-type: application/json'"];
     // Double quotes so the shell expands the variable.
     if (state.keysExist) lines.push('-H "authorization: Bearer $IFLOW2API_KEY"');
-    lines.push('-d ' + shellSingleQuote(body));
+    lines.push('-d ' + shellSingleQuote(JSON.stringify(request.body)));
     box.textContent = lines.join(' \\\n  ');
   }
 
@@ -1315,6 +1380,7 @@
     if (!model) return toast(t('pg.needModel'), 'error');
     if (!prompt.trim()) return toast(t('pg.needPrompt'), 'error');
     storeSet(STORE.model, model);
+    const request = playgroundRequest(model);
 
     const output = $('#pg-output');
     const reasoning = $('#pg-reasoning');
@@ -1323,7 +1389,7 @@
     $('#pg-reasoning-box').hidden = true;
     output.dataset.state = 'streaming';
     output.classList.remove('bad-text');
-    $('#pg-meta').textContent = t('pg.waiting');
+    showPlaygroundMeta(function () { return t('pg.waiting'); });
     const controller = new AbortController();
     state.pgAbort = controller;
     $('#pg-send').disabled = true;
@@ -1331,26 +1397,21 @@
 
     const started = performance.now();
     let firstAt = 0;
-    let usage = null;
+    let outputTokens;
     const onChunk = function (payload) {
-      if (payload === '[DONE]') return true;
-      let chunk;
-      try { chunk = JSON.parse(payload); } catch (e) { return false; }
-      if (chunk.error) throw new Error(chunk.error.message || JSON.stringify(chunk.error));
-      const delta = firstChoiceDelta(chunk);
-      const thought = delta.reasoning_content || delta.reasoning;
-      if (thought) { reasoning.textContent += thought; $('#pg-reasoning-box').hidden = false; }
-      if (delta.content) {
+      const part = request.api.read(payload);
+      if (part.thought) { reasoning.textContent += part.thought; $('#pg-reasoning-box').hidden = false; }
+      if (part.text) {
         if (!firstAt) firstAt = performance.now();
-        output.textContent += delta.content;
+        output.textContent += part.text;
       }
-      if (chunk.usage) usage = chunk.usage;
-      return false;
+      if (typeof part.outputTokens === 'number') outputTokens = part.outputTokens;
+      return part.done === true;
     };
 
     try {
       const res = await fetch('/admin/api/playground',
-        requestOptions('POST', { model: model, messages: playgroundMessages(), stream: true }, controller.signal));
+        requestOptions('POST', Object.assign({ api: request.name }, request.body), controller.signal));
       if (!res.ok) {
         const err = errorFrom(res, await readJson(res));
         if (res.status === 401) signedOut(true);
@@ -1365,16 +1426,18 @@
         });
       }
       output.dataset.state = 'done';
-      $('#pg-meta').textContent = playgroundMeta(started, firstAt, usage);
+      const totalMs = performance.now() - started;
+      const firstMs = firstAt && firstAt - started;
+      showPlaygroundMeta(function () { return playgroundMeta(totalMs, firstMs, outputTokens); });
     } catch (err) {
       if (err && err.name === 'AbortError') {
         output.dataset.state = 'stopped';
-        $('#pg-meta').textContent = t('pg.stopped');
+        showPlaygroundMeta(function () { return t('pg.stopped'); });
       } else {
         output.dataset.state = 'error';
         output.classList.add('bad-text');
         if (!output.textContent) output.textContent = (err && err.message) || String(err);
-        $('#pg-meta').textContent = t('pg.failed');
+        showPlaygroundMeta(function () { return t('pg.failed'); });
         reportError(err);
       }
     } finally {
@@ -1385,10 +1448,16 @@
     }
   }
 
-  function playgroundMeta(started, firstAt, usage) {
-    const parts = [t('pg.total', { ms: Math.round(performance.now() - started) })];
-    if (firstAt) parts.push(t('pg.first', { ms: Math.round(firstAt - started) }));
-    if (usage && usage.completion_tokens !== undefined) parts.push(t('pg.tokens', { n: usage.completion_tokens }));
+  /** The status line under Send, from a function of the language so it can be said again. */
+  function showPlaygroundMeta(text) {
+    state.pgMeta = text;
+    $('#pg-meta').textContent = text();
+  }
+
+  function playgroundMeta(totalMs, firstMs, outputTokens) {
+    const parts = [t('pg.total', { ms: Math.round(totalMs) })];
+    if (firstMs) parts.push(t('pg.first', { ms: Math.round(firstMs) }));
+    if (outputTokens !== undefined) parts.push(t('pg.tokens', { n: outputTokens }));
     return parts.join(' · ');
   }
 
@@ -1483,7 +1552,9 @@
         on('#pg-form', 'submit', onSendPrompt);
         on('#pg-stop', 'click', function () { if (state.pgAbort) state.pgAbort.abort(); });
         on('#pg-models-reload', 'click', function () { refreshTab('playground'); });
-        ['#pg-model', '#pg-prompt', '#pg-system'].forEach(function (sel) {
+        $('#pg-api').value = storeGet(STORE.pgApi) === 'responses' ? 'responses' : 'chat';
+        on('#pg-api', 'change', function (e) { storeSet(STORE.pgApi, e.target.value); });
+        ['#pg-api', '#pg-model', '#pg-prompt', '#pg-system'].forEach(function (sel) {
           on(sel, 'input', updateCurl);
           on(sel, 'change', updateCurl);
         });

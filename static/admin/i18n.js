@@ -211,6 +211,9 @@
       'cfg.hint.log_level': 'DEBUG, INFO, WARNING or ERROR.',
 
       'pg.title': 'Playground',
+      'pg.api': 'API',
+      'pg.apiChat': 'Chat completions',
+      'pg.apiResponses': 'Responses',
       'pg.system': 'System prompt (optional)',
       'pg.prompt': 'Prompt',
       'pg.promptPlaceholder': 'Ask something… (Ctrl+Enter sends)',
@@ -432,6 +435,9 @@
       'cfg.hint.log_level': 'DEBUG、INFO、WARNING 或 ERROR。',
 
       'pg.title': '试用',
+      'pg.api': '接口',
+      'pg.apiChat': '对话补全（Chat Completions）',
+      'pg.apiResponses': 'Responses（响应）',
       'pg.system': '系统提示词（可选）',
       'pg.prompt': '提示词',
       'pg.promptPlaceholder': '问点什么…（Ctrl+Enter 发送）',

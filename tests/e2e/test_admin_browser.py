@@ -104,6 +104,26 @@ def screenshot(page, name):
     page.screenshot(path=os.path.join(ARTIFACTS, name + ".png"), full_page=True)
 
 
+def screenshot_every_look(page, name, check=None):
+    """Screenshots <name>-<width>-<lang>-<theme> at 1280 and 375 px, in English and Chinese,
+    light and dark; none may scroll sideways. check(width, lang) runs before each one.
+    Leaves the page in English, light."""
+    for viewport in ({"width": 1280, "height": 860}, {"width": 375, "height": 740}):
+        page.set_viewport_size(viewport)
+        for lang in ("en", "zh"):
+            page.select_option("#lang-select", lang)
+            for theme in ("light", "dark"):
+                page.select_option("#theme-select", theme)
+                expect(page.locator("html")).to_have_attribute("data-theme", theme)
+                scroll_width = page.evaluate("() => document.documentElement.scrollWidth")
+                assert scroll_width <= viewport["width"], (viewport, lang, theme, scroll_width)
+                if check is not None:
+                    check(viewport["width"], lang)
+                screenshot(page, "%s-%d-%s-%s" % (name, viewport["width"], lang, theme))
+    page.select_option("#lang-select", "en")
+    page.select_option("#theme-select", "light")
+
+
 # -- helpers over HTTP ------------------------------------------------------------------
 
 def set_password(url, password=PASSWORD):
@@ -131,6 +151,15 @@ def sign_in(page, url, password=PASSWORD):
 def open_tab(page, name):
     page.click("[data-tab=%s]" % name)
     expect(page.locator("[data-panel=%s]" % name)).to_be_visible()
+
+
+def send_and_watch_it_stream(page):
+    """Send the playground form: text shows while the answer still streams, then it ends."""
+    page.click("#pg-send")
+    page.wait_for_function("() => { const o = document.querySelector('#pg-output');"
+                           " return o.dataset.state === 'streaming' && o.textContent.length > 0; }",
+                           timeout=WAIT_MS)
+    expect(page.locator("#pg-output")).to_have_attribute("data-state", "done")
 
 
 def no_page_errors(pages):
@@ -311,12 +340,7 @@ def test_playground_streams_an_answer_from_the_fake_upstream(server, fake_upstre
     output = page.locator("#pg-output")
     expect(output).to_have_attribute("data-state", "idle")
 
-    page.click("#pg-send")
-    # Text shows while the answer is still streaming, then the whole answer.
-    page.wait_for_function("() => { const o = document.querySelector('#pg-output');"
-                           " return o.dataset.state === 'streaming' && o.textContent.length > 0; }",
-                           timeout=WAIT_MS)
-    expect(output).to_have_attribute("data-state", "done")
+    send_and_watch_it_stream(page)
     expect(output).to_have_text("Streamed from the fake upstream.")
     sent = json.loads(fake_upstream.chat_requests()[-1].body)
     assert sent["messages"][-1]["content"] == "Say something streamed" and sent["stream"] is True
@@ -325,6 +349,76 @@ def test_playground_streams_an_answer_from_the_fake_upstream(server, fake_upstre
     assert curl.startswith("curl -N " + server.url + "/v1/chat/completions"), curl
     assert "Say something streamed" in curl and '"model":"glm-5"' in curl and '"stream":true' in curl
     assert "content-type: application/json" in curl
+    no_page_errors(pages)
+
+
+def test_playground_can_use_the_responses_api(server, fake_upstream, pages):
+    fake_upstream.push(Reply(stream=text_stream(["Answered ", "through ", "Responses."], reasoning=["Thinking it over."]),
+                             piece_delay_s=0.2))
+    set_password(server.url)
+    page = pages.new()
+    sign_in(page, server.url)
+    open_tab(page, "playground")
+    expect(page.locator("#pg-api")).to_have_value("chat")
+    expect(page.locator("#pg-model option[value='glm-5']")).to_have_count(1)
+    page.select_option("#pg-model", "glm-5")
+    page.select_option("#pg-api", "responses")
+    page.fill("#pg-system", "Answer briefly")
+    page.fill("#pg-prompt", "Say something via Responses")
+    curl = page.locator("#pg-curl")
+    expect(curl).to_contain_text("curl -N " + server.url + "/v1/responses")
+
+    output = page.locator("#pg-output")
+    send_and_watch_it_stream(page)
+    expect(output).to_have_text("Answered through Responses.")
+    expect(page.locator("#pg-reasoning-box")).to_be_visible()
+    expect(page.locator("#pg-reasoning")).to_have_text("Thinking it over.")
+    expect(page.locator("#pg-meta")).to_contain_text("3 output tokens")
+    sent = json.loads(fake_upstream.chat_requests()[-1].body)
+    assert sent["messages"][0] == {"role": "system", "content": "Answer briefly"}, sent["messages"]
+    assert sent["messages"][-1]["content"] == "Say something via Responses" and sent["stream"] is True
+
+    text = curl.inner_text()
+    assert text.startswith("curl -N " + server.url + "/v1/responses"), text
+    body = json.loads(text.split("-d '", 1)[1].rsplit("'", 1)[0])
+    assert body == {"model": "glm-5", "instructions": "Answer briefly", "input": "Say something via Responses",
+                    "stream": True}, body
+
+    # The upstream hangs up mid-answer: the stream ends in response.failed, shown as an error.
+    fake_upstream.push(Reply(stream=text_stream(["a"] * 20), drop_after=6))
+    page.click("#pg-send")
+    expect(output).to_have_attribute("data-state", "error")
+    expect(output).to_have_class(re.compile(r"\bbad-text\b"))
+    expect(output).to_contain_text("a")
+    expect(page.locator("#pg-meta")).to_have_text("Failed.")
+    expect(page.locator("#toast")).to_have_attribute("data-kind", "error")
+    expect(page.locator("#toast")).to_contain_text("upstream")
+
+    page.reload()  # the choice is remembered
+    expect(page.locator("#screen-app")).to_be_visible()
+    open_tab(page, "playground")
+    expect(page.locator("#pg-api")).to_have_value("responses")
+    expect(page.locator("#pg-curl")).to_contain_text("/v1/responses")
+
+    # The answered form in both themes, languages and widths.
+    fake_upstream.push(Reply(stream=text_stream(["Answered ", "through ", "Responses."], reasoning=["Thinking."])))
+    expect(page.locator("#pg-model option[value='glm-5']")).to_have_count(1)
+    page.select_option("#pg-model", "glm-5")
+    page.fill("#pg-system", "Answer briefly")
+    page.fill("#pg-prompt", "Say something via Responses")
+    page.click("#pg-send")
+    expect(output).to_have_attribute("data-state", "done")
+
+    def same_row(width, lang):  # texts in the language; API, model and Reload line up (one row when wide)
+        expect(page.locator("#pg-api option[value=chat]")).to_have_text(
+            "Chat completions" if lang == "en" else re.compile(r"[\u4e00-\u9fff]"))
+        expect(page.locator("#pg-meta")).to_contain_text("ms total" if lang == "en" else "毫秒")
+        boxes = [page.locator(sel).bounding_box() for sel in ("#pg-api", "#pg-model", "#pg-models-reload")]
+        assert all(b and b["x"] >= 0 and b["x"] + b["width"] <= width for b in boxes), boxes
+        if width > 640:
+            assert len({round(b["y"]) for b in boxes}) == 1 and len({round(b["height"]) for b in boxes}) == 1, boxes
+
+    screenshot_every_look(page, "playground-responses", same_row)
     no_page_errors(pages)
 
 
@@ -424,23 +518,14 @@ def test_update_notice_shows_and_stays_dismissed_per_version(server, pages):
     expect(link).to_have_attribute("target", "_blank")
     expect(link).to_have_attribute("rel", "noopener noreferrer")
 
-    width = "() => document.documentElement.scrollWidth"
-    for viewport in ({"width": 1280, "height": 860}, {"width": 375, "height": 740}):
-        page.set_viewport_size(viewport)
-        for lang in ("en", "zh"):
-            page.select_option("#lang-select", lang)
-            for theme in ("light", "dark"):
-                page.select_option("#theme-select", theme)
-                expect(page.locator("html")).to_have_attribute("data-theme", theme)
-                if lang == "zh":
-                    expect(page.locator("#update-text")).to_have_text("iflow2api 1.2.3 已发布（当前版本 0.1.0）")
-                    expect(link).to_have_text("发布说明")
-                assert page.evaluate(width) <= viewport["width"], (viewport, lang, theme)
-                box = notice.bounding_box()
-                assert box and box["x"] >= 0 and box["x"] + box["width"] <= viewport["width"], box
-                screenshot(page, "update-notice-%d-%s-%s" % (viewport["width"], lang, theme))
-    page.select_option("#lang-select", "en")
-    page.select_option("#theme-select", "light")
+    def notice_fits(width, lang):
+        if lang == "zh":
+            expect(page.locator("#update-text")).to_have_text("iflow2api 1.2.3 已发布（当前版本 0.1.0）")
+            expect(link).to_have_text("发布说明")
+        box = notice.bounding_box()
+        assert box and box["x"] >= 0 and box["x"] + box["width"] <= width, box
+
+    screenshot_every_look(page, "update-notice", notice_fits)
 
     page.click("#update-dismiss")
     expect(notice).to_be_hidden()

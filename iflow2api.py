@@ -38,6 +38,7 @@ import base64
 import collections
 import contextlib
 import datetime
+import difflib
 import hashlib
 import hmac
 import shutil
@@ -410,6 +411,62 @@ DEFAULT_CONFIG = {
     "instances": [],
 }
 
+# One line per key for `iflow2api config --help` (docs/configuration.md says more).
+CONFIG_HELP = {
+    "host": "address to listen on; anything but loopback needs client keys",
+    "port": "port to listen on (0: any free port)",
+    "api_key": "iFlow API key used when ~/.iflow/settings.json has none",
+    "base_url": "iFlow API base URL used when settings.json has none (https)",
+    "preserve_reasoning_content": "OpenAI route: keep reasoning_content apart instead of merged",
+    "upstream_proxy_enabled": "send upstream calls through upstream_proxy",
+    "upstream_proxy": "http://, https://, socks5:// or socks5h:// proxy URL",
+    "custom_api_key": "the original's single client key (one more entry of api_keys)",
+    "theme_mode": "desktop window theme: system, light or dark",
+    "language": "desktop window language: zh or en",
+    "auto_start": "start the desktop app at login",
+    "start_minimized": "open the desktop app hidden in the tray",
+    "close_action": "closing the desktop window: minimize_to_tray or quit",
+    "auto_run_server": "the desktop app starts the server when it opens",
+    "check_update_on_startup": "look up the newest release at start-up (only reported)",
+    "skip_version": "a release version the update notice stays silent about",
+    "update_check_url": "where the newest release is read (GitHub or PyPI JSON)",
+    "log_level": "DEBUG, INFO, WARNING or ERROR",
+    "concurrency": "upstream calls at once per server instance",
+    "queue_timeout_s": "seconds a request waits for a free slot before 429",
+    "max_body_bytes": "largest request body in bytes (413 beyond)",
+    "header_timeout_s": "seconds for a request head, and for each body read",
+    "idle_timeout_s": "seconds before an idle keep-alive connection is closed",
+    "body_timeout_s": "seconds for a whole request body (408 beyond)",
+    "shutdown_grace_s": "seconds requests get to finish on SIGTERM or Ctrl-C",
+    "max_connections": "open client connections per instance (503 beyond)",
+    "upstream_connect_timeout_s": "seconds to connect to the upstream",
+    "upstream_read_timeout_s": "longest silence in seconds while reading the upstream",
+    "models_cache_s": "seconds a provider's /models answer is cached",
+    "cors_allow_origins": "web page origins allowed to call the API (JSON list)",
+    "allowed_hosts": "extra Host names served on loopback without client keys",
+    "api_keys": "client keys (manage them in the web admin)",
+    "default_model": "model for requests without one (empty: the iFlow CLI's, else glm-5)",
+    "model_map": "Anthropic route: Claude names or tiers -> model (JSON object)",
+    "accounts": "extra iFlow accounts for the pool (iflow2api login --add)",
+    "account_cooldown_s": "seconds an account rests after a failure",
+    "allow_remote_without_key": "serve a non-loopback address without client keys",
+    "oauth_authorize_url": "iFlow OAuth login page",
+    "oauth_token_url": "iFlow OAuth token endpoint",
+    "oauth_userinfo_url": "where the API key of a fresh OAuth login is fetched",
+    "oauth_client_id": "OAuth client id (the iFlow CLI's public client)",
+    "oauth_client_secret": "OAuth client secret of that public client",
+    "oauth_callback_port": "local port of the browser login's redirect",
+    "oauth_refresh_before_s": "refresh an OAuth token this many seconds before it expires",
+    "oauth_refresh_check_s": "seconds between looks at the accounts' tokens",
+    "providers": "providers besides iFlow (iflow2api providers add)",
+    "default_provider": "provider for model names no other rule routes",
+    "model_routes": "model name -> provider or provider/model (JSON object)",
+    "vision_model": "where requests with images go when their model is text-only",
+    "vision_fallback": "images for a text-only model: route (to vision_model) or reject",
+    "admin_password_hash": "the web admin password's hash (iflow2api admin-password)",
+    "instances": "more servers on other ports, started by serve",
+}
+
 # Original key names that map to one of ours when ours is absent.
 _LEGACY_KEYS = {"api_concurrency": "concurrency"}
 
@@ -636,11 +693,17 @@ def _coerce(value, default):
             raise ValueError("expected an integer")
         if isinstance(value, float) and not value.is_integer():
             raise ValueError("expected a whole number")
-        return int(value)
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ValueError("expected a whole number") from None
     if isinstance(default, float):
         if isinstance(value, bool):
             raise ValueError("expected a number")
-        number = float(value)
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError("expected a number") from None
         if not math.isfinite(number):
             raise ValueError("expected a finite number")
         return number
@@ -695,7 +758,24 @@ def resolve_config(file_data: dict, env: dict, cli: dict):
         if problem:
             warnings.append("%s; using %r" % (problem, DEFAULT_CONFIG[key]))
             merged[key] = DEFAULT_CONFIG[key]
+    problem = _cross_key_problem(merged)
+    if problem:
+        warnings.append(problem + "; no proxy is used")
     return merged, warnings
+
+
+def _cross_key_problem(values: dict):
+    """A message when keys that are fine one by one do not fit together, else None."""
+    if values.get("upstream_proxy_enabled") and not values.get("upstream_proxy"):
+        return ("upstream_proxy_enabled=true needs upstream_proxy: expected a proxy URL such as "
+                "http://127.0.0.1:7890 (set both together, or upstream_proxy_enabled to false)")
+    return None
+
+
+def unknown_key_error(key) -> ConfigError:
+    """"unknown key 'x'; did you mean 'y'?" (the nearest DEFAULT_CONFIG key, when one is near)."""
+    near = difflib.get_close_matches(str(key), list(DEFAULT_CONFIG), n=1)
+    return ConfigError("unknown key %s%s" % (_shown(key), "; did you mean %r?" % near[0] if near else ""))
 
 
 PROXY_SCHEMES = {"http": 80, "https": 443, "socks5": 1080, "socks5h": 1080}  # default ports
@@ -729,7 +809,7 @@ def validate_config_value(key: str, value):
     if find_lone_surrogate(value):
         raise ConfigError("%s: text with an invalid character (a lone surrogate)" % key)
     if key not in DEFAULT_CONFIG:
-        return value
+        raise unknown_key_error(key)
     try:
         coerced = _coerce(value, DEFAULT_CONFIG[key])
     except (TypeError, ValueError, OverflowError) as exc:
@@ -738,6 +818,23 @@ def validate_config_value(key: str, value):
     if problem:
         raise ConfigError(problem)
     return coerced
+
+
+def is_host(text: str) -> bool:
+    """An IP address (IPv6 with or without brackets) or a syntactically valid host name;
+    a dotted all-digit text must be an IPv4 address (999.1.1.1 is refused, never looked up)."""
+    text = text.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        pass
+    labels = text.rstrip(".").split(".")
+    if not text or len(text) > 253 or all(label.isdigit() for label in labels):
+        return False
+    return all(re.match(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$", label) for label in labels)
 
 
 def _shown(value) -> str:
@@ -751,6 +848,8 @@ def _names_to_names(value) -> bool:
 
 # Checks beyond the type: key -> (test, what is expected).
 _RANGE_CHECKS = {
+    "host": (is_host, "an IP address or host name of this machine, e.g. 127.0.0.1 (this machine "
+                      "only) or 0.0.0.0 (all interfaces)"),
     "port": (lambda v: 0 <= v <= 65535, "a port from 0 to 65535"),
     "concurrency": (lambda v: v >= 1, "at least 1"),
     "max_connections": (lambda v: v >= 1, "at least 1"),
@@ -842,6 +941,10 @@ class Config:
             if save and _file_stamp(self.path) != self._stamp:
                 base = self._read_file()
             data = dict(base, **checked)
+            if set(checked) & {"upstream_proxy_enabled", "upstream_proxy"}:
+                problem = _cross_key_problem(resolve_config(data, self.env, self.cli)[0])
+                if problem:
+                    raise ConfigError(problem)
             if save:
                 self._write(data)
             self.file_data = data
@@ -8581,6 +8684,9 @@ class Service:
         sent back exactly as config_get() masked it is left as it is."""
         shown = self.config_get()
         changes = {k: v for k, v in changes.items() if not (k in shown and v == shown[k] and v != self.config.get(k))}
+        for key in changes:
+            if key not in DEFAULT_CONFIG:
+                raise unknown_key_error(key)
         refused = sorted(set(changes) - set(self.editable_keys()))
         if refused:
             raise InvalidRequestError("not editable here: %s" % ", ".join(refused))
@@ -9158,19 +9264,40 @@ def add_web_admin(service):
 # `iflow2api [serve] [--host H] [--port P] [--config FILE] [--log-level L]`,
 # `iflow2api version [--verbose]`, `iflow2api models`, `iflow2api config [KEY [VALUE]]`,
 # `iflow2api login [--headless | --api-key [KEY]] [--add]`, `iflow2api logout [ID]`,
-# `iflow2api accounts`, `iflow2api providers [add NAME ... | remove NAME]`.
-# Tests: tests/integration/test_auth.py, tests/e2e/test_claude_code.py.
+# `iflow2api accounts`, `iflow2api providers [add NAME ... | remove NAME]`. --config,
+# --log-level and --debug may come before the command or after it; --host, --port and config
+# values go through validate_config_value (one-line errors); prompts end cleanly (see ask()).
+# Tests: tests/integration/test_cli.py, tests/integration/test_auth.py, tests/e2e/test_claude_code.py.
 
 COMMANDS = ("serve", "version", "models", "config", "login", "logout", "accounts", "providers", "admin-password")
+LAUNCHERS = ("gui", "claude", "codex")  # commands whose options are their own
+_OPTIONS_WITH_VALUES = ("--host", "--port", "--config", "--log-level")
 
 
-def _common_options(parser) -> None:
-    parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="port to listen on (default 28000)")
-    parser.add_argument("--config", metavar="FILE", help="config file (default ~/.iflow2api/config.json)")
-    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                        type=str.upper, help="log level (default INFO)")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+def _global_options(parser, top: bool = False) -> None:
+    """Options accepted before the command as well as after it: a subcommand's copy has
+    no default (argparse.SUPPRESS), so it never undoes what was given before the command."""
+    unset = None if top else argparse.SUPPRESS
+    parser.add_argument("--config", metavar="FILE", default=unset,
+                        help="config file (default ~/.iflow2api/config.json)")
+    parser.add_argument("--log-level", metavar="LEVEL", type=str.upper, default=unset,
+                        help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    parser.add_argument("--debug", action="store_true", default=False if top else argparse.SUPPRESS,
+                        help="show tracebacks of internal errors")
+    parser.add_argument("--version", action="version", version="iflow2api " + __version__)
+
+
+def _listen_options(parser, top: bool = False) -> None:
+    unset = None if top else argparse.SUPPRESS
+    parser.add_argument("--host", default=unset, help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", default=unset, help="port to listen on, 0 to 65535 (default 28000)")
+
+
+def config_keys_help() -> str:
+    """The keys with one line each, for `iflow2api config --help`."""
+    width = max(len(key) for key in DEFAULT_CONFIG)
+    return "keys (docs/configuration.md says more):\n" + "\n".join(
+        "  %-*s  %s" % (width, key, CONFIG_HELP.get(key, "")) for key in DEFAULT_CONFIG)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -9178,10 +9305,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="iflow2api",
         description="Local OpenAI-compatible API bridge to the iFlow API.",
         epilog="commands: serve (default), gui, claude, codex, version, models, config, login, logout, "
-               "accounts, providers, admin-password. "
+               "accounts, providers, admin-password. Options may come before or after the command. "
                "Run 'iflow2api COMMAND --help' for details.")
-    _common_options(parser)
-    parser.add_argument("--version", action="version", version="iflow2api " + __version__)
+    _listen_options(parser, top=True)
+    _global_options(parser, top=True)
     sub = parser.add_subparsers(dest="command")
     serve = sub.add_parser("serve", help="run the server (default)")
     sub.add_parser("gui", help="open the desktop window (tkinter; 'gui --help' for its options)")
@@ -9190,17 +9317,22 @@ def build_parser() -> argparse.ArgumentParser:
                                 "provider/model] [ARGS...]" % (name, client))
         launch.add_argument("--model", help="the model %s uses (default: default_model)" % name)
         launch.add_argument("args", nargs=argparse.REMAINDER, help="passed on to %s" % client)
-    _common_options(serve)
+    _listen_options(serve)
+    _global_options(serve)
     version = sub.add_parser("version", help="print the version")
     version.add_argument("--verbose", action="store_true", help="also list optional packages in use")
-    models = sub.add_parser("models", help="list the models the server offers")
-    _common_options(models)
-    config = sub.add_parser("config", help="show or change the config")
-    config.add_argument("--config", metavar="FILE")
-    config.add_argument("key", nargs="?")
+    models = sub.add_parser("models", help="list the models the server offers",
+                            description="List the model ids clients can use (iFlow's and those of each "
+                                        "configured provider), with their display names and owners.")
+    config = sub.add_parser("config", help="show or change the config",
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            description="Without KEY: print every key (secrets masked). With KEY: print "
+                                        "its value.\nWith KEY VALUE: check the value and save it (nothing "
+                                        "is saved when it does not fit).",
+                            epilog=config_keys_help())
+    config.add_argument("key", nargs="?", help="a config key (listed below)")
     config.add_argument("value", nargs="?", help="new value (JSON or plain text)")
     login = sub.add_parser("login", help="log in to iFlow (browser, headless or API key)")
-    login.add_argument("--config", metavar="FILE")
     login.add_argument("--headless", action="store_true",
                        help="print the login URL and read back the address the browser ended on")
     login.add_argument("--api-key", nargs="?", const="", metavar="KEY",
@@ -9210,7 +9342,6 @@ def build_parser() -> argparse.ArgumentParser:
     login.add_argument("--no-browser", action="store_true", help="do not open a browser")
     login.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the browser")
     logout = sub.add_parser("logout", help="remove an account's credentials")
-    logout.add_argument("--config", metavar="FILE")
     logout.add_argument("account", nargs="?", default=Account.PRIMARY,
                         help="account id from 'iflow2api accounts' (default: the iFlow CLI's login)")
     password = sub.add_parser("admin-password", help="set or reset the web admin's password "
@@ -9218,11 +9349,11 @@ def build_parser() -> argparse.ArgumentParser:
     password.add_argument("--stdin", action="store_true", help="read the password from standard input "
                           "(e.g. docker compose exec -T ... admin-password --stdin)")
     accounts = sub.add_parser("accounts", help="list accounts with masked keys, expiry and status")
-    accounts.add_argument("--config", metavar="FILE")
     accounts.add_argument("--json", action="store_true", help="print JSON")
     providers = sub.add_parser("providers", help="list, add or remove upstream providers")
-    providers.add_argument("--config", metavar="FILE")
     providers.add_argument("--json", action="store_true", help="print JSON")
+    for command in (version, models, config, login, logout, password, accounts, providers):
+        _global_options(command)
     psub = providers.add_subparsers(dest="action")
     add = psub.add_parser("add", help="add or update a provider (a preset name, or any name with --base-url)")
     add.add_argument("name")
@@ -9236,21 +9367,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_index(argv: list):
+    """Where the command word is: the first argument that is neither an option nor the
+    value of one (None when there is none)."""
+    index = 0
+    while index < len(argv):
+        arg = argv[index]
+        if arg in _OPTIONS_WITH_VALUES:
+            index += 2
+        elif arg.startswith("-") and arg != "-":
+            index += 1
+        else:
+            return index
+    return None
+
+
 def main(argv=None) -> int:
     """Entry point of the console script and of `python iflow2api.py`."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["gui"]:  # its options are the window's own
-        return _cmd_gui(argv[1:])
-    if argv[:1] in (["claude"], ["codex"]) and not argv[1:2] in (["-h"], ["--help"]):
-        return _cmd_launch(argv[0], argv[1:])
-    if not any(a in COMMANDS for a in argv[:1]) and not any(a in ("-h", "--help", "--version") for a in argv):
+    at = _command_index(argv)
+    word = argv[at] if at is not None else None
+    if word == "gui":  # its options are the window's own (it has --config too)
+        return _cmd_gui(argv[:at] + argv[at + 1:])
+    if word in ("claude", "codex") and not argv[at + 1:at + 2] in (["-h"], ["--help"]):
+        if at:
+            raise SystemExit("iflow2api: options go after '%s' (iflow2api %s [--model M] [ARGS...])"
+                             % (word, word))
+        return _cmd_launch(word, argv[1:])
+    if word is None and not any(a in ("-h", "--help", "--version") for a in argv):
         argv = ["serve"] + argv
     args = build_parser().parse_args(argv)
     command = args.command or "serve"
     if command == "version":
         return _cmd_version(args)
-    cli = {"host": getattr(args, "host", None), "port": getattr(args, "port", None),
-           "log_level": getattr(args, "log_level", None)}
+    cli = {}
+    for key in ("host", "port", "log_level"):
+        value = getattr(args, key, None)
+        if value is None:
+            continue
+        try:
+            cli[key] = validate_config_value(key, value)
+        except ConfigError as exc:  # before anything starts, one line
+            print("iflow2api: --%s: %s" % (key.replace("_", "-"), exc), file=sys.stderr)
+            return 2
     config = Config(path=getattr(args, "config", None), cli=cli)
     setup_logging(config["log_level"])
     for warning in config.warnings:
@@ -9273,6 +9432,9 @@ def main(argv=None) -> int:
         return _cmd_serve(config)
     except Iflow2apiError as exc:
         raise SystemExit("iflow2api: %s" % exc)
+    except KeyboardInterrupt:
+        print("\niflow2api: interrupted", file=sys.stderr)
+        return 130
     except Exception:
         if getattr(args, "debug", False):
             raise
@@ -9280,18 +9442,36 @@ def main(argv=None) -> int:
         return 1
 
 
+def ask(prompt: str, secret: bool = False) -> str:
+    """One line typed at a prompt (hidden when secret and typed at a terminal; read from
+    standard input when that is a pipe). End of input exits with 1, Ctrl-C with 130: one
+    line each, nothing changed."""
+    try:
+        if not secret:
+            return input(prompt)
+        if sys.stdin is not None and sys.stdin.isatty():
+            return getpass.getpass(prompt)
+        print(prompt, end="", flush=True)
+        line = sys.stdin.readline() if sys.stdin is not None else ""
+        if not line:
+            raise EOFError
+        return line.rstrip("\r\n")
+    except KeyboardInterrupt:
+        print("\niflow2api: cancelled; nothing changed", file=sys.stderr)
+        raise SystemExit(130) from None
+    except EOFError:
+        print("\niflow2api: no input (end of input); nothing changed", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
 def _cmd_admin_password(config: Config, from_stdin: bool) -> int:
     """Set (or reset a forgotten) admin password, typed twice or read from stdin."""
-    try:
-        if from_stdin:
-            password = sys.stdin.readline().rstrip("\r\n")
-        else:
-            password = getpass.getpass("New admin password (8 characters or more): ")
-            if password != getpass.getpass("The same again: "):
-                raise SystemExit("iflow2api: the two passwords differ; nothing changed")
-    except (KeyboardInterrupt, EOFError):
-        print("", file=sys.stderr)
-        raise SystemExit("iflow2api: cancelled; nothing changed")
+    if from_stdin:
+        password = ask("", secret=True)
+    else:
+        password = ask("New admin password (8 characters or more): ", secret=True)
+        if password != ask("The same again: ", secret=True):
+            raise SystemExit("iflow2api: the two passwords differ; nothing changed")
     if len(password) < 8:
         raise SystemExit("iflow2api: the password needs at least 8 characters; nothing changed")
     config.update({"admin_password_hash": hash_password(password)})
@@ -9453,6 +9633,8 @@ def _cmd_config(config: Config, key, value) -> int:
     if key is None:
         print(json.dumps(Service(config).config_get(), indent=2, ensure_ascii=False))
         return 0
+    if key not in DEFAULT_CONFIG and (value is not None or key not in config.values):
+        raise SystemExit("iflow2api: %s ('iflow2api config --help' lists the keys)" % unknown_key_error(key))
     if value is None:
         print(json.dumps(map_secrets({key: config.get(key)}, mask_secret)[key]))
         return 0
@@ -9463,14 +9645,17 @@ def _cmd_config(config: Config, key, value) -> int:
     try:
         config.update({key: parsed})
     except (TypeError, ValueError) as exc:
-        raise SystemExit("iflow2api: %s; see 'iflow2api config' for current values" % exc)
-    print("%s = %s (saved to %s)" % (key, json.dumps(config.get(key)), config.path))
+        raise SystemExit("iflow2api: %s; nothing changed" % exc)
+    shown = map_secrets({key: config.get(key)}, mask_secret)[key]  # a secret echoes masked
+    if key == "upstream_proxy":  # all but its password
+        shown = mask_url_password(config.get(key))
+    print("%s = %s (saved to %s)" % (key, json.dumps(shown), config.path))
     return 0
 
 
 def _cmd_login(service: Service, args) -> int:
     if args.api_key is not None:
-        key = args.api_key or getpass.getpass("iFlow API key (input hidden): ")
+        key = args.api_key or ask("iFlow API key (input hidden): ", secret=True)
         account_id = service.login_api_key(key, add=args.add)
         print("Saved the API key as account %s." % account_id)
         return 0
@@ -9478,7 +9663,7 @@ def _cmd_login(service: Service, args) -> int:
     print("Open this address in a browser and log in to iFlow:\n\n  %s\n" % session.url)
     if args.headless:
         print("Your browser then ends on a page that does not load (that is expected).")
-        pasted = input("Paste that page's address (or just the code) here: ")
+        pasted = ask("Paste that page's address (or just the code) here: ")
         account_id = service.login_finish(session, pasted, add=args.add)
     else:
         if not args.no_browser:
@@ -9558,6 +9743,25 @@ def release_free_memory() -> None:
             pass
 
 
+def bind_host_problem(host: str):
+    """Why this machine cannot listen on host (a name that does not resolve, an address
+    of another machine), or None; the port is not involved (bound to 0 here)."""
+    hint = "try --host 127.0.0.1 (this machine only) or --host 0.0.0.0 (all interfaces)"
+    try:
+        family, kind, proto, _name, address = socket.getaddrinfo(host.strip("[]"), 0, 0, socket.SOCK_STREAM, 0,
+                                                                socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        return "cannot listen on host %r: the name does not resolve (%s); %s" % (
+            host, getattr(exc, "strerror", None) or exc, hint)
+    try:
+        with socket.socket(family, kind, proto) as probe:
+            probe.bind(address)
+    except OSError as exc:
+        return "cannot listen on host %r (%s): it is not an address of this machine; %s" % (
+            host, exc.strerror or exc, hint)
+    return None
+
+
 def _cmd_serve(config: Config) -> int:
     if h11 is None:
         log.info("h11 not installed: using the stdlib HTTP parser")
@@ -9572,6 +9776,9 @@ def _cmd_serve(config: Config) -> int:
             signal.signal(sig, on_signal)
         except (ValueError, OSError):  # pragma: no cover - not the main thread
             pass
+    problem = bind_host_problem(config["host"])
+    if problem:  # before a key is generated for it or anything starts
+        raise SystemExit("iflow2api: " + problem)
     service = add_web_admin(Service(config))
     try:
         instance = service.start()

@@ -9517,7 +9517,7 @@ def _cmd_launch(client: str, argv: list) -> int:
     if url is None:
         service = Service(Config(cli={"host": "127.0.0.1", "port": 0}))
         url = service.start().url
-    key = next((usable_secret(k) for k in config.get("api_keys") or [] if usable_secret(k)), "iflow2api")
+    key = launcher_key(config)
     model = model or config.get("default_model") or DEFAULT_MODEL
     command, env = launch_command(client, binary, url, key, model, rest, os.environ)
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the client's to handle
@@ -9527,6 +9527,13 @@ def _cmd_launch(client: str, argv: list) -> int:
         signal.signal(signal.SIGINT, previous)
         if service is not None:
             service.stop()
+
+
+def launcher_key(config: Config) -> str:
+    """The client key a launched client sends: the first usable one configured (api_keys, then
+    the original's custom_api_key); any text when the server needs none."""
+    keys = [usable_secret(k) for k in config.get("api_keys") or []] + [usable_secret(config.get("custom_api_key"))]
+    return next((k for k in keys if k), "iflow2api")
 
 
 def launch_command(client: str, binary: str, url: str, key: str, model: str, args: list, environ) -> tuple:

@@ -445,3 +445,12 @@ def test_chunked_decoder_fed_a_byte_at_a_time_gives_the_body():
     decoder = I.ChunkedDecoder(max_bytes=100)
     body = b"".join(decoder.feed(wire[i:i + 1]) for i in range(len(wire)))
     assert body == b"hello world" and decoder.done
+
+
+def test_launched_clients_send_a_configured_key_when_there_is_one(tmp_path):
+    def key_for(**values):
+        return I.launcher_key(I.Config(path=str(tmp_path / "c.json"), env={}, cli=values))
+    assert key_for() == "iflow2api"
+    assert key_for(custom_api_key="original-key-0123") == "original-key-0123"
+    assert key_for(api_keys=["first-key-0123"], custom_api_key="original-key-0123") == "first-key-0123"
+    assert key_for(api_keys=["enc:v1:unreadable"], custom_api_key="original-key-0123") == "original-key-0123"

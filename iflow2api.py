@@ -6811,6 +6811,16 @@ class BodyTimeoutError(Iflow2apiError):
     openai_type, anthropic_type = "invalid_request_error", "timeout_error"
 
 
+def admit_request_head(app, limits: Limits, method: str, target: str, headers: Headers):
+    """Framing, size and the app's checks of a request head, before any of its body is read
+    (both adapters); the framing: "chunked" or the length."""
+    framing = request_framing(headers.get_all("transfer-encoding"), headers.get_all("content-length"))
+    if framing != "chunked" and framing > limits.max_body_bytes:
+        raise RequestTooLargeError("request body is %d bytes; the limit is %d" % (framing, limits.max_body_bytes))
+    app.check_head(method, target, headers, framing != 0)
+    return framing
+
+
 def _arm_body_read(sock, deadline: float, per_read_s: float) -> None:
     """Set the socket timeout for the next body read: per read, within the body's deadline."""
     remaining = deadline - time.monotonic()
@@ -6986,16 +6996,11 @@ class _StdlibHandler(BaseHTTPRequestHandler):
         framer = _PlainFramer(True, False)
         send_response(self.connection, framer, error_response(exc, "openai"))
 
-    def _read_body(self) -> bytes:
+    def _read_body(self, headers: Headers) -> bytes:
         """The request body under max_body_bytes, within body_timeout_s in total, once
         the head passed the app's checks."""
         limits = self.server.limits
-        framing = request_framing(self.headers.get_all("transfer-encoding") or [],
-                                  self.headers.get_all("content-length") or [])
-        if framing != "chunked" and framing > limits.max_body_bytes:
-            raise RequestTooLargeError("request body is %d bytes; the limit is %d"
-                                       % (framing, limits.max_body_bytes))
-        self.server.app.check_head(self.command, self.path, Headers(self.headers.items()), framing != 0)
+        framing = admit_request_head(self.server.app, limits, self.command, self.path, headers)
         if framing == "chunked":
             return self._read_chunked(limits)
         deadline, parts, left = time.monotonic() + limits.body_timeout_s, [], framing
@@ -7032,8 +7037,9 @@ class _StdlibHandler(BaseHTTPRequestHandler):
 
     def _dispatch(self):
         self.rfile.head_done()
+        headers = Headers(self.headers.items())
         try:
-            body = self._read_body()
+            body = self._read_body(headers)
         except Iflow2apiError as exc:
             self.close_connection = True  # the unread body makes the connection unusable
             send_response(self.connection, _PlainFramer(True, False),
@@ -7044,8 +7050,8 @@ class _StdlibHandler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         self.connection.settimeout(self.server.limits.idle_timeout_s)
-        req = Request(self.command, self.path, Headers(self.headers.items()), body,
-                      self.client_address, self.connection, self.server.watcher)
+        req = Request(self.command, self.path, headers, body, self.client_address, self.connection,
+                      self.server.watcher)
         resp = self.server.app.handle(req)
         framer = _PlainFramer(self.request_version == "HTTP/1.1", not self.close_connection)
         if not send_response(self.connection, framer, resp, head_only=self.command == "HEAD"):
@@ -7168,7 +7174,9 @@ class _H11Handler(socketserver.BaseRequestHandler):
                 conn.receive_data(data)
             elif isinstance(event, h11.Request):
                 head, body_deadline = event, time.monotonic() + limits.body_timeout_s
-                self._check_head(event, limits)
+                self._target = head.target.decode("latin-1")
+                headers = Headers((k.decode("latin-1"), v.decode("latin-1")) for k, v in head.headers)
+                admit_request_head(self.server.app, limits, head.method.decode("ascii"), self._target, headers)
             elif isinstance(event, h11.Data):
                 size += len(event.data)
                 if size > limits.max_body_bytes:
@@ -7176,21 +7184,10 @@ class _H11Handler(socketserver.BaseRequestHandler):
                                                % limits.max_body_bytes)
                 body.append(event.data)
             elif isinstance(event, h11.EndOfMessage):
-                headers = Headers((k.decode("latin-1"), v.decode("latin-1")) for k, v in head.headers)
-                return Request(head.method.decode("ascii"), head.target.decode("latin-1"), headers,
-                               b"".join(body), self.client_address, sock, self.server.watcher)
+                return Request(head.method.decode("ascii"), self._target, headers, b"".join(body),
+                               self.client_address, sock, self.server.watcher)
             elif isinstance(event, h11.ConnectionClosed):
                 return None
-
-    def _check_head(self, head, limits: Limits) -> None:
-        """Framing, size and the app's checks, before any of the body is read."""
-        self._target = head.target.decode("latin-1")
-        headers = Headers((k.decode("latin-1"), v.decode("latin-1")) for k, v in head.headers)
-        framing = request_framing(headers.get_all("transfer-encoding"), headers.get_all("content-length"))
-        if framing != "chunked" and framing > limits.max_body_bytes:
-            raise RequestTooLargeError("request body is %d bytes; the limit is %d"
-                                       % (framing, limits.max_body_bytes))
-        self.server.app.check_head(head.method.decode("ascii"), self._target, headers, framing != 0)
 
     def _refuse(self, conn, sock, exc: Iflow2apiError, path: str = "") -> None:
         """Answer a request we will not read (too large, malformed) and close."""

@@ -24,7 +24,6 @@ Tests: tests/unit/test_gui_logic.py (no display), tests/e2e/test_gui.py (Xvfb).
 import argparse
 import base64
 import io
-import ipaddress
 import json
 import locale
 import logging
@@ -39,7 +38,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.parse
 import webbrowser
 
 import iflow2api
@@ -429,32 +427,12 @@ def codex_config(url: str, model: str = "glm-5") -> str:
             % (model, openai_base_url(url)))
 
 
-_HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
-PROXY_SCHEMES = ("http", "https", "socks5", "socks5h")
-
-
-def valid_host(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-        return True
-    except ValueError:
-        return bool(_HOSTNAME_RE.match(text))
-
-
 def parse_port(text) -> int:
     """The port as an int; ValueError unless it is 1-65535."""
     text = str(text).strip()
     if not text.isdigit() or not 0 < int(text) < 65536:
         raise ValueError("port")
     return int(text)
-
-
-def valid_proxy(text: str) -> bool:
-    parts = urllib.parse.urlsplit(text)
-    try:
-        return parts.scheme in PROXY_SCHEMES and bool(parts.hostname) and parts.port is not None
-    except ValueError:  # a port that is not a number
-        return False
 
 
 def is_loopback(host: str) -> bool:
@@ -676,7 +654,7 @@ class InstancesModel:
         errors = {}
         if not re.match(r"^[A-Za-z0-9_.-]{1,40}$", name or "") or name == "default":
             errors["name"] = "inst.needName"
-        if host and not valid_host(host):
+        if host and not iflow2api.is_host(host):  # the server's own check
             errors["host"] = "gui.err.host"
         try:
             parse_port(port)
@@ -756,7 +734,7 @@ class SettingsModel:
                     errors[key] = "gui.err.choice"
             elif kind == "text":
                 text = (raw or "").strip()
-                if valid_host(text):
+                if iflow2api.is_host(text):  # the same check as the CLI and the config file
                     values[key] = text
                 else:
                     errors[key] = "gui.err.host"
@@ -773,7 +751,7 @@ class SettingsModel:
                     errors[key] = "gui.err.concurrency"
             elif kind == "proxy":
                 text = (raw or "").strip()
-                if text and not valid_proxy(text) or (not text and form.get("upstream_proxy_enabled")):
+                if text and not iflow2api.is_proxy_url(text) or (not text and form.get("upstream_proxy_enabled")):
                     errors[key] = "gui.err.proxy"
                 else:
                     values[key] = text

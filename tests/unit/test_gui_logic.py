@@ -180,10 +180,19 @@ def test_client_snippets():
     assert 'wire_api = "responses"' in codex
 
 
+# A valid Settings form; each test changes one field.
+SETTINGS_FORM = {"host": "127.0.0.1", "port": "28000", "concurrency": "64", "upstream_proxy_enabled": False,
+                 "upstream_proxy": "", "preserve_reasoning_content": False, "theme_mode": "system",
+                 "language": "en", "start_minimized": False, "close_action": "quit", "auto_start": False,
+                 "auto_run_server": False}
+
+
 @pytest.mark.parametrize("text, ok", [("127.0.0.1", True), ("::1", True), ("0.0.0.0", True),
-                                      ("my-host.local", True), ("", False), ("a b", False), ("-x", False)])
-def test_host_validation(text, ok):
-    assert gui.valid_host(text) is ok
+                                      ("my-host.local", True), ("", False), ("a b", False), ("-x", False),
+                                      ("999.1.1.1", False)])
+def test_settings_check_hosts_with_the_servers_own_rule(text, ok):
+    _values, errors = gui.SettingsModel.validate(dict(SETTINGS_FORM, host=text))
+    assert ("host" not in errors) is ok and iflow2api.is_host(text) is ok
 
 
 @pytest.mark.parametrize("text, ok", [("1", True), ("65535", True), (" 8080 ", True), ("0", False),
@@ -197,10 +206,10 @@ def test_port_validation(text, ok):
 
 
 @pytest.mark.parametrize("text, ok", [("http://127.0.0.1:8080", True), ("socks5h://u:p@proxy:1080", True),
-                                      ("ftp://x:1", False), ("http://nohost", False), ("127.0.0.1:8080", False),
-                                      ("http://h:port", False)])
-def test_proxy_validation(text, ok):
-    assert gui.valid_proxy(text) is ok
+                                      ("ftp://x:1", False), ("127.0.0.1:8080", False), ("http://h:port", False)])
+def test_settings_check_proxies_with_the_servers_own_rule(text, ok):
+    _values, errors = gui.SettingsModel.validate(dict(SETTINGS_FORM, upstream_proxy=text))
+    assert ("upstream_proxy" not in errors) is ok and iflow2api.is_proxy_url(text) is ok
 
 
 def test_log_filter_keeps_tracebacks_with_their_record():

@@ -8607,6 +8607,8 @@ class Service:
             port = int(port)
         if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
             raise InvalidRequestError("port: a number from 1 to 65535")
+        if host is not None and (not isinstance(host, str) or not is_host(host)):
+            raise InvalidRequestError("host=%s: expected an IP address or a host name" % _shown(host))
         entry = {"name": name, "host": host or self.config["host"], "port": port}
         instance = self._start_entry(entry)
         self.config.update({"instances": list(self.config.get("instances") or []) + [entry]})

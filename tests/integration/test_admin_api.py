@@ -559,6 +559,8 @@ def test_instances_add_start_stop_remove(signed_in, server, fake_upstream):
                  {"name": "../evil", "port": free_port()}, {"name": "", "port": free_port()},
                  {"name": "third", "port": 0}, {"name": "third", "port": 70000},
                  {"name": "third", "port": "abc"}, {"name": "third", "port": True},
+                 {"name": "third", "host": "999.1.1.1", "port": free_port()},  # never looked up
+                 {"name": "third", "host": 5, "port": free_port()},
                  {"name": "third", "host": "127.0.0.1", "port": port}):  # taken by "second"
         answer = signed_in.post("/admin/api/instances", body)
         assert answer.status == 400, (body, answer)

@@ -4995,6 +4995,7 @@ class ConnectionPool:
         self.proxy = proxy
         self._idle = collections.defaultdict(list)
         self._lock = threading.Lock()
+        self._generation = 0  # bumped by use_proxy(): older connections are not pooled again
         self._tls = None
 
     def _new(self, key):
@@ -5030,7 +5031,22 @@ class ConnectionPool:
             return "http://%s:%d%s" % (key[1], key[2], path)
         return path
 
+    def use_proxy(self, proxy) -> None:
+        """Make new connections through proxy (None: directly) from now on: a config change
+        applies without a restart. Idle connections made the old way are closed; busy ones
+        finish their request and are then closed instead of pooled."""
+        with self._lock:
+            self.proxy = proxy
+            self._generation += 1
+            idle, self._idle = self._idle, collections.defaultdict(list)
+        for conns in idle.values():
+            for conn in conns:
+                conn.close()
+
     def put(self, key, conn) -> None:
+        if getattr(conn, "pool_generation", self._generation) != self._generation:
+            conn.close()
+            return
         with self._lock:
             idle = self._idle[key]
             if len(idle) < self.max_idle_per_host:
@@ -5057,6 +5073,7 @@ class ConnectionPool:
         while True:
             if conn is None:
                 conn = self._new(key)
+                conn.pool_generation = self._generation
             try:
                 conn.request(method, path, body=body, headers=headers)
                 sock = conn.sock  # getresponse() drops conn.sock when the answer closes the connection
@@ -6320,6 +6337,7 @@ class Backend:
         self.credentials = IFlowCredentials(config)
         self.pool = ConnectionPool(config["upstream_connect_timeout_s"], config["upstream_read_timeout_s"],
                                    proxy=proxy_from_config(config))
+        self._proxy_setting = (config["upstream_proxy_enabled"], config["upstream_proxy"])
         self.accounts = AccountPool(config, self.credentials)
         self.oauth = OAuthClient(config, self.pool)
         self.refresher = TokenRefresher(self.accounts, self.oauth, config)
@@ -6327,7 +6345,11 @@ class Backend:
         self.routes = self._build_routes()
 
     def reload(self) -> None:
-        """Rebuild the provider routes after a config change (keys, models, providers)."""
+        """Follow a config change: provider routes (keys, models, providers) and the proxy."""
+        proxy_setting = (self.config["upstream_proxy_enabled"], self.config["upstream_proxy"])
+        if proxy_setting != self._proxy_setting:
+            self.pool.use_proxy(proxy_from_config(self.config))
+            self._proxy_setting = proxy_setting
         self.routes = self._build_routes()
 
     def _build_routes(self):

@@ -694,8 +694,9 @@ SETTINGS_FIELDS = {
     "language": LANGUAGES, "start_minimized": "bool", "close_action": ("minimize_to_tray", "quit"),
     "auto_start": "bool", "auto_run_server": "bool",
 }
-# Changing these needs a server restart (the running instance keeps its socket and limits).
-RESTART_KEYS = ("host", "port", "concurrency", "upstream_proxy_enabled", "upstream_proxy")
+# Changing these needs a server restart (the running instance keeps its socket and limits);
+# a proxy change applies at once.
+RESTART_KEYS = ("host", "port", "concurrency")
 
 
 class SettingsModel:

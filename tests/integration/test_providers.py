@@ -889,3 +889,19 @@ def test_cli_added_provider_serves_requests(start_server, home, p1):
     assert ok_text(server, "mine/m-1") == "Hello world"
     assert p1.chat_requests()[-1].headers["authorization"] == "Bearer " + SECRET
     assert "mine/m-1" in model_ids(server)
+
+
+def test_a_proxy_set_while_running_applies_to_the_next_request(start_service, fake_upstream, home, closing):
+    """A running server follows its config (issue 14): no restart for a proxy change."""
+    write_settings(str(home), fake_upstream.url)
+    service = start_service()
+    server = service.instances["default"]
+    assert ok_text(server, "glm-5") == "Hello world"  # directly; the connection stays in the pool
+    proxy = closing(HttpProxy())
+    service.config_set({"upstream_proxy_enabled": True, "upstream_proxy": proxy.url()})
+    assert ok_text(server, "glm-5") == "Hello world"
+    assert proxy.entries(kind="forward", method="POST", path="/v1/chat/completions")
+    service.config_set({"upstream_proxy_enabled": False})
+    through_proxy = len(proxy.entries())
+    assert ok_text(server, "glm-5") == "Hello world"
+    assert len(proxy.entries()) == through_proxy  # directly again

@@ -248,6 +248,8 @@ def test_settings_save_changed_keys_and_say_when_a_restart_is_needed(service, ho
     saved = saved_config(home)
     assert saved["port"] == 28123 and saved["close_action"] == "quit" and saved["start_minimized"] is True
     assert model.save(form)["changed"] == []
+    form.update(upstream_proxy="socks5://127.0.0.1:1081")
+    assert model.save(form) == {"errors": {}, "changed": ["upstream_proxy"], "restart": False}  # applies at once
 
 
 def test_settings_autostart_goes_through_the_adapter(service, home, tmp_path):

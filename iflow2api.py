@@ -5561,11 +5561,8 @@ class ProviderRoute:
                 "max_output_tokens": self.quirks.get("max_output_tokens")}
 
 
-_TRANSLATION_FLAGS = ("max_tokens_field", "stream_usage", "accepts_top_k", "tool_choice_any",
-                      "parallel_tool_calls", "thinking_style", "replay_reasoning", "reasoning_placeholder",
-                      "needs_user_first", "inline_think_tags", "supports_pdf",
-                      "drop_tool_choice_when_thinking", "drop_sampling_params", "strict_schema",
-                      "reasoning_split", "accepts_strict_tools")
+# Every translation flag may be set in a provider's quirks (one list: the documented defaults).
+_TRANSLATION_FLAGS = tuple(_PROFILE_DEFAULTS)
 
 
 def provider_settings(name: str, entry: dict) -> dict:

@@ -905,3 +905,13 @@ def test_a_proxy_set_while_running_applies_to_the_next_request(start_service, fa
     through_proxy = len(proxy.entries())
     assert ok_text(server, "glm-5") == "Hello world"
     assert len(proxy.entries()) == through_proxy  # directly again
+
+
+def test_every_translation_flag_can_be_set_in_a_providers_quirks(routed, p1):
+    """One list: the documented defaults are what quirks may set (send_user was unreachable)."""
+    assert set(I._TRANSLATION_FLAGS) == set(I._PROFILE_DEFAULTS)
+    server = routed(providers={"p1": p1_entry(p1, quirks={"send_user": True})})
+    anthropic_create(server, model="p1/alpha-1", max_tokens=50, metadata={"user_id": "user-123"},
+                     messages=[{"role": "user", "content": "hi"}])
+    sent = p1.last_json()["user"]
+    assert len(sent) == 16 and "user-123" not in sent

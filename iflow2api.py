@@ -2081,7 +2081,33 @@ class StreamState:
 # Errors:   an error chunk before the start raises UpstreamError (the HTTP layer can still
 #           answer with a status or retry); after the start it becomes one `error` event.
 
-class AnthropicStream:
+class _StreamUsage:
+    """What both stream state machines (Anthropic, Responses) report for the access log."""
+
+    def usage_for_log(self):
+        """(input_tokens, output_tokens) as sent to the client, or the current estimate."""
+        usage = self.final_usage or self._final_usage()
+        return usage["input_tokens"], usage["output_tokens"]
+
+
+def _choice_delta(choice) -> dict:
+    """The delta of a chunk's choice (a replayed completion carries a message instead)."""
+    delta = choice.get("delta")
+    if isinstance(delta, dict):
+        return delta
+    return choice.get("message") if isinstance(choice.get("message"), dict) else {}
+
+
+def _delta_tool_calls(delta) -> list:
+    """A delta's tool_calls entries (the legacy single function_call as one entry)."""
+    if isinstance(delta.get("tool_calls"), list):
+        return delta["tool_calls"]
+    if isinstance(delta.get("function_call"), dict):
+        return [dict(delta["function_call"], index=0, _legacy=True)]
+    return []
+
+
+class AnthropicStream(_StreamUsage):
     """Sans-IO converter from OpenAI stream chunks (dicts) to Anthropic SSE events.
 
     feed(chunk) -> list of (event_name, data); start() forces message_start + ping;
@@ -2184,17 +2210,10 @@ class AnthropicStream:
             return []
         return [_event("error", error={"type": error_type, "message": message})]
 
-    def usage_for_log(self):
-        """(input_tokens, output_tokens) as sent to the client, or the current estimate."""
-        usage = self.final_usage or self._final_usage()
-        return usage["input_tokens"], usage["output_tokens"]
-
     # -- per chunk --
 
     def _feed_choice(self, choice, out):
-        delta = choice.get("delta")
-        if not isinstance(delta, dict):
-            delta = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+        delta = _choice_delta(choice)
         reasoning = _reasoning_text(delta)
         if reasoning:
             self._on_reasoning(reasoning, out)
@@ -2202,11 +2221,7 @@ class AnthropicStream:
         if content:
             for kind, text in self._think_parser.feed(content):
                 self._on_parsed(kind, text, out)
-        tool_calls = delta.get("tool_calls")
-        if isinstance(tool_calls, list):
-            merge_tool_call_chunks(self.state.tools, tool_calls)
-        elif isinstance(delta.get("function_call"), dict):  # legacy single call
-            merge_tool_call_chunks(self.state.tools, [dict(delta["function_call"], index=0, _legacy=True)])
+        merge_tool_call_chunks(self.state.tools, _delta_tool_calls(delta))
         finish = choice.get("finish_reason")
         if finish and isinstance(finish, str):  # an upstream's odd value (a list...) is no reason
             self.state.finish_reason = finish
@@ -3911,7 +3926,7 @@ class ResponsesStreamState:
 #           answer with a status or retry); after the start, fail() closes the open item
 #           and emits response.failed. Nothing is emitted after the terminal event.
 
-class ResponsesStream:
+class ResponsesStream(_StreamUsage):
     """Sans-IO converter from chat-completion chunks (dicts) to Responses event dicts.
 
     feed(chunk) -> events; start() forces response.created + response.in_progress (the
@@ -4018,17 +4033,10 @@ class ResponsesStream:
         out.append(self._event("response.failed", response=response))
         return out
 
-    def usage_for_log(self):
-        """(input_tokens, output_tokens) as sent to the client, or the current estimate."""
-        usage = self.final_usage or self._final_usage()
-        return usage["input_tokens"], usage["output_tokens"]
-
     # -- per chunk --
 
     def _feed_choice(self, choice, out):
-        delta = choice.get("delta")
-        if not isinstance(delta, dict):
-            delta = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+        delta = _choice_delta(choice)
         reasoning = _reasoning_text(delta)
         if reasoning:
             self._on_text("reasoning", reasoning, out)
@@ -4036,11 +4044,7 @@ class ResponsesStream:
         if content:
             for kind, text in self._think_parser.feed(content):
                 self._on_text("reasoning" if kind == "reasoning" else "message", text, out)
-        tool_calls = delta.get("tool_calls")
-        if isinstance(tool_calls, list):
-            merge_tool_call_chunks(self.state.tools, tool_calls)
-        elif isinstance(delta.get("function_call"), dict):  # legacy single call
-            merge_tool_call_chunks(self.state.tools, [dict(delta["function_call"], index=0, _legacy=True)])
+        merge_tool_call_chunks(self.state.tools, _delta_tool_calls(delta))
         if choice.get("finish_reason") and isinstance(choice["finish_reason"], str):
             self.state.finish_reason = choice["finish_reason"]
             self._finish_items(out)

@@ -105,3 +105,13 @@ def run_cli(home, *args, stdin=None, env=None, timeout=30):
     """`python iflow2api.py ARGS` with cli_env(home, **env); the CompletedProcess (text)."""
     return subprocess.run([sys.executable, SOURCE] + list(args), env=cli_env(home, **(env or {})), input=stdin,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def stop_process(proc, timeout_s=5.0) -> None:
+    """SIGTERM, then SIGKILL when it has not exited within timeout_s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

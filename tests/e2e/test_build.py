@@ -14,7 +14,7 @@ import zipfile
 import pytest
 
 from fakes import FakeUpstream
-from helpers import ROOT, free_port, healthy, http, in_ci, wait_until, write_settings
+from helpers import ROOT, free_port, healthy, http, in_ci, stop_process, wait_until, write_settings
 
 BUILD = os.path.join(ROOT, "build.py")
 API_KEY = "sk-test-123456789"
@@ -108,12 +108,7 @@ def serve(python, pyz_path, tmp_path):
             pytest.fail("no /health after 8 s:\n%s" % log_path.read_text())
         yield base, fake
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         fake.close()
 
 

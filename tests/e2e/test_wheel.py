@@ -15,7 +15,7 @@ import zipfile
 import pytest
 
 from fakes import FakeUpstream
-from helpers import ROOT, free_port, healthy, http, in_ci, wait_until, write_settings
+from helpers import ROOT, free_port, healthy, http, in_ci, stop_process, wait_until, write_settings
 
 SOURCES = ("iflow2api.py", "iflow2api_gui.py", "pyproject.toml", "README.md", "static")
 
@@ -126,12 +126,7 @@ def _server(venv, tmp_path, binary=None):
         assert proc.poll() is None, log_path.read_text()
         yield base
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         fake.close()
 
 

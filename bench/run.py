@@ -232,7 +232,8 @@ class Server:
             cmd = [str(original_exe), "--host", "127.0.0.1", "--port", str(self.port)]
         else:
             config = {"concurrency": 512}
-            env.update(IFLOW2API_HOME=str(self.home / ".iflow2api"))
+            # no update check: nothing a bench starts may reach beyond 127.0.0.1
+            env.update(IFLOW2API_HOME=str(self.home / ".iflow2api"), IFLOW2API_NO_UPDATE_CHECK="1")
             cmd = [sys.executable, str(OURS), "--host", "127.0.0.1", "--port", str(self.port)]
         (self.home / ".iflow2api" / "config.json").write_text(json.dumps(config))
         self.log_path = self.home / "server.log"

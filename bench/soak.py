@@ -228,7 +228,8 @@ class Server:
                   "accounts": [{"id": "second", "api_key": "sk-soak-second-0123456789", "base_url": fake_url}]}
         (self.home / ".iflow2api" / "config.json").write_text(json.dumps(config))
         env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and not k.startswith("IFLOW2API_")}
-        env.update(HOME=str(self.home), IFLOW2API_HOME=str(self.home / ".iflow2api"), NO_PROXY="*")
+        env.update(HOME=str(self.home), IFLOW2API_HOME=str(self.home / ".iflow2api"), NO_PROXY="*",
+                   IFLOW2API_NO_UPDATE_CHECK="1")  # nothing the soak starts may reach beyond 127.0.0.1
         if adapter:
             env["IFLOW2API_HTTP"] = adapter
         self.log_path = self.home / "server.log"

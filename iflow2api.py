@@ -258,8 +258,9 @@ class Iflow2apiError(Exception):
     anthropic_type = "api_error"
 
     def __init__(self, message: str = "", status: int = None, code: str = None,
-                 openai_type: str = None, anthropic_type: str = None, headers=None):
+                 openai_type: str = None, anthropic_type: str = None, headers=None, param: str = None):
         super().__init__(message or self.__class__.__name__)
+        self.param = param  # the request field (or config key) at fault, when one is
         if status is not None:
             self.status = status
         if code is not None:
@@ -294,6 +295,12 @@ class MethodNotAllowedError(Iflow2apiError):
 class RequestTooLargeError(Iflow2apiError):
     status, code = 413, "request_too_large"
     openai_type, anthropic_type = "invalid_request_error", "request_too_large"
+
+
+class KeyRefusedError(Iflow2apiError):
+    """An API key the provider refused when it was checked before saving."""
+    status, code = 422, "key_refused"
+    openai_type, anthropic_type = "invalid_request_error", "invalid_request_error"
 
 
 class RateLimitError(Iflow2apiError):
@@ -466,6 +473,28 @@ CONFIG_HELP = {
     "admin_password_hash": "the web admin password's hash (iflow2api admin-password)",
     "instances": "more servers on other ports, started by serve",
 }
+
+# Where each key is shown (the admin's config page, in this order).
+CONFIG_GROUPS = (
+    ("server", ("host", "port", "log_level", "concurrency", "queue_timeout_s", "max_connections",
+                "allowed_hosts", "cors_allow_origins", "shutdown_grace_s", "instances")),
+    ("upstream", ("base_url", "upstream_proxy_enabled", "upstream_proxy", "upstream_connect_timeout_s",
+                  "upstream_read_timeout_s")),
+    ("models", ("default_model", "default_provider", "model_map", "model_routes", "vision_model",
+                "vision_fallback", "preserve_reasoning_content", "models_cache_s", "providers")),
+    ("accounts", ("allow_remote_without_key", "account_cooldown_s", "api_key", "custom_api_key",
+                  "api_keys", "accounts", "admin_password_hash")),
+    ("desktop", ("theme_mode", "language", "auto_start", "start_minimized", "close_action",
+                 "auto_run_server", "check_update_on_startup", "skip_version")),
+    ("advanced", ("max_body_bytes", "header_timeout_s", "idle_timeout_s", "body_timeout_s",
+                  "update_check_url", "oauth_authorize_url", "oauth_token_url", "oauth_userinfo_url",
+                  "oauth_client_id", "oauth_client_secret", "oauth_callback_port", "oauth_refresh_before_s",
+                  "oauth_refresh_check_s")),
+)
+
+# Keys a running server cannot follow: where it listens (and the desktop app's keys, read
+# when the app starts). Every other key applies within seconds of a change to the file.
+RESTART_KEYS = frozenset(("host", "port", "instances") + dict(CONFIG_GROUPS)["desktop"])
 
 # Original key names that map to one of ours when ours is absent.
 _LEGACY_KEYS = {"api_concurrency": "concurrency"}
@@ -775,7 +804,8 @@ def _cross_key_problem(values: dict):
 def unknown_key_error(key) -> ConfigError:
     """"unknown key 'x'; did you mean 'y'?" (the nearest DEFAULT_CONFIG key, when one is near)."""
     near = difflib.get_close_matches(str(key), list(DEFAULT_CONFIG), n=1)
-    return ConfigError("unknown key %s%s" % (_shown(key), "; did you mean %r?" % near[0] if near else ""))
+    return ConfigError("unknown key %s%s" % (_shown(key), "; did you mean %r?" % near[0] if near else ""),
+                       param=str(key))
 
 
 PROXY_SCHEMES = {"http": 80, "https": 443, "socks5": 1080, "socks5h": 1080}  # default ports
@@ -807,16 +837,16 @@ def validate_config_value(key: str, value):
     """value converted to key's type and checked (ConfigError names the key, the value
     and what is allowed); text anywhere in it must be encodable (no lone surrogates)."""
     if find_lone_surrogate(value):
-        raise ConfigError("%s: text with an invalid character (a lone surrogate)" % key)
+        raise ConfigError("%s: text with an invalid character (a lone surrogate)" % key, param=key)
     if key not in DEFAULT_CONFIG:
         raise unknown_key_error(key)
     try:
         coerced = _coerce(value, DEFAULT_CONFIG[key])
     except (TypeError, ValueError, OverflowError) as exc:
-        raise ConfigError("%s=%s: %s" % (key, _shown(value), exc)) from None
+        raise ConfigError("%s=%s: %s" % (key, _shown(value), exc), param=key) from None
     problem = _out_of_range(key, coerced)
     if problem:
-        raise ConfigError(problem)
+        raise ConfigError(problem, param=key)
     return coerced
 
 
@@ -846,39 +876,77 @@ def _names_to_names(value) -> bool:
     return all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
 
 
+# Allowed values of the enum keys (the admin shows a select, the GUI a combo box).
+CONFIG_CHOICES = {
+    "vision_fallback": ("route", "reject"),
+    "theme_mode": ("system", "light", "dark"),
+    "language": ("zh", "en"),
+    "close_action": ("minimize_to_tray", "quit"),
+    "log_level": ("DEBUG", "INFO", "WARNING", "ERROR"),  # any case is accepted
+}
+
+# Number ranges: key -> (lowest, highest or None, whether the lowest itself is allowed).
+CONFIG_NUMBER_BOUNDS = {
+    "port": (0, 65535, True),
+    "oauth_callback_port": (0, 65535, True),
+    "concurrency": (1, None, True),
+    "max_connections": (1, None, True),
+    "max_body_bytes": (1, None, True),
+    "queue_timeout_s": (0, None, True),
+    "shutdown_grace_s": (0, 3600, True),
+    "header_timeout_s": (0, None, False),
+    "idle_timeout_s": (0, None, False),
+    "body_timeout_s": (0, None, False),
+    "upstream_connect_timeout_s": (0, None, False),
+    "upstream_read_timeout_s": (0, None, False),
+}
+
+
+def _within(bounds):
+    low, high, low_allowed = bounds
+    return lambda v: (v >= low if low_allowed else v > low) and (high is None or v <= high)
+
+
+def _bounds_text(key, bounds) -> str:
+    low, high, low_allowed = bounds
+    if key.endswith("port"):
+        return "a port from %d to %d" % (low, high)
+    unit = " seconds" if key.endswith("_s") else " byte" if key.endswith("_bytes") else ""
+    if high is not None:
+        return "%s to %s%s" % (low, high, unit)
+    if not low_allowed:
+        return "more than %s%s" % (low, unit)
+    return ("at least %s%s" if low else "%s or more%s") % (low, unit)
+
+
+def _choices_text(allowed) -> str:
+    quoted = ['"%s"' % choice for choice in allowed]
+    return ", ".join(quoted[:-1]) + " or " + quoted[-1]
+
+
+_HTTPS_TEXT = "an https:// URL (http:// only for this machine)"
+
 # Checks beyond the type: key -> (test, what is expected).
 _RANGE_CHECKS = {
     "host": (is_host, "an IP address or host name of this machine, e.g. 127.0.0.1 (this machine "
                       "only) or 0.0.0.0 (all interfaces)"),
-    "port": (lambda v: 0 <= v <= 65535, "a port from 0 to 65535"),
-    "concurrency": (lambda v: v >= 1, "at least 1"),
-    "max_connections": (lambda v: v >= 1, "at least 1"),
-    "queue_timeout_s": (lambda v: v >= 0, "0 or more seconds"),
-    "max_body_bytes": (lambda v: v >= 1, "at least 1 byte"),
-    "header_timeout_s": (lambda v: v > 0, "more than 0 seconds"),
-    "idle_timeout_s": (lambda v: v > 0, "more than 0 seconds"),
-    "body_timeout_s": (lambda v: v > 0, "more than 0 seconds"),
-    "shutdown_grace_s": (lambda v: 0 <= v <= 3600, "0 to 3600 seconds"),
-    "upstream_connect_timeout_s": (lambda v: v > 0, "more than 0 seconds"),
-    "upstream_read_timeout_s": (lambda v: v > 0, "more than 0 seconds"),
     "model_map": (_names_to_names, "an object of names to model names"),
     "model_routes": (_names_to_names, "an object of model names to providers"),
-    "vision_fallback": (lambda v: v in ("route", "reject"), '"route" or "reject"'),
-    "theme_mode": (lambda v: v in ("system", "light", "dark"), '"system", "light" or "dark"'),
-    "language": (lambda v: v in ("zh", "en"), '"zh" or "en"'),
-    "close_action": (lambda v: v in ("minimize_to_tray", "quit"), '"minimize_to_tray" or "quit"'),
-    "log_level": (lambda v: v.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "DEBUG, INFO, WARNING or ERROR"),
+    "log_level": (lambda v: v.upper() in CONFIG_CHOICES["log_level"], "DEBUG, INFO, WARNING or ERROR"),
     "upstream_proxy": (lambda v: not v or is_proxy_url(v),
                        "http://, https://, socks5:// or socks5h:// with a host, e.g. http://127.0.0.1:7890"),
-    "base_url": (lambda v: not v or is_safe_endpoint(v), "an https:// URL (http:// only for this machine)"),
-    "oauth_authorize_url": (is_safe_endpoint, "an https:// URL (http:// only for this machine)"),
-    "update_check_url": (lambda v: not v or is_safe_endpoint(v), "an https:// URL (http:// only for this machine)"),
-    "oauth_token_url": (is_safe_endpoint, "an https:// URL (http:// only for this machine)"),
-    "oauth_userinfo_url": (is_safe_endpoint, "an https:// URL (http:// only for this machine)"),
-    "oauth_callback_port": (lambda v: 0 <= v <= 65535, "a port from 0 to 65535"),
+    "base_url": (lambda v: not v or is_safe_endpoint(v), _HTTPS_TEXT),
+    "oauth_authorize_url": (is_safe_endpoint, _HTTPS_TEXT),
+    "update_check_url": (lambda v: not v or is_safe_endpoint(v), _HTTPS_TEXT),
+    "oauth_token_url": (is_safe_endpoint, _HTTPS_TEXT),
+    "oauth_userinfo_url": (is_safe_endpoint, _HTTPS_TEXT),
     "cors_allow_origins": (lambda v: all(isinstance(o, str) for o in v), "a list of origins"),
     "allowed_hosts": (lambda v: all(isinstance(h, str) for h in v), "a list of host names"),
 }
+_RANGE_CHECKS.update({key: (_within(bounds), _bounds_text(key, bounds))
+                      for key, bounds in CONFIG_NUMBER_BOUNDS.items()})
+_RANGE_CHECKS.update({key: (lambda v, allowed=allowed: v in allowed, _choices_text(allowed))
+                      for key, allowed in CONFIG_CHOICES.items() if key not in _RANGE_CHECKS})
 
 
 def _out_of_range(key, value):
@@ -944,7 +1012,7 @@ class Config:
             if set(checked) & {"upstream_proxy_enabled", "upstream_proxy"}:
                 problem = _cross_key_problem(resolve_config(data, self.env, self.cli)[0])
                 if problem:
-                    raise ConfigError(problem)
+                    raise ConfigError(problem, param="upstream_proxy")
             if save:
                 self._write(data)
             self.file_data = data
@@ -1240,9 +1308,7 @@ def validate_chat_request(body) -> dict:
 
 
 def _field_error(param, message):
-    exc = InvalidRequestError(message)
-    exc.param = param
-    return exc
+    return InvalidRequestError(message, param=param)
 
 
 def completion_to_chunks(resp: dict) -> list:
@@ -5427,6 +5493,25 @@ class ModelCatalogue:
             return []
 
 
+def check_api_key(provider, account, pool: ConnectionPool) -> str:
+    """What the provider says of account's key when asked for its /models: "ok", "refused"
+    (401 or 403), or "unreachable" (no answer, or an answer that says nothing about the
+    key: 404, 429, 5xx). Only a refusal means the key is bad."""
+    url, headers = provider.models_request(account)
+    try:
+        resp = pool.request("GET", url, headers)
+        try:
+            resp.read()
+        finally:
+            resp.close()
+    except (Iflow2apiError, OSError, http.client.HTTPException) as exc:
+        log.info("key check: %s unreachable (%s)", url, exc)
+        return "unreachable"
+    if resp.status in (401, 403):
+        return "refused"
+    return "ok" if resp.status < 300 else "unreachable"
+
+
 # -- Providers: iFlow and any OpenAI-compatible API -----------------------------------------------
 # A provider profile in config `providers` ({name: {...}}) gives type "openai" (or
 # "iflow"), base_url, api_keys, headers, models or discovery, aliases and quirks.
@@ -6382,6 +6467,11 @@ class Backend:
                                          settings["vision_models"])
         return routes
 
+    def default_model(self) -> str:
+        """The model of requests that name none: config default_model, else the iFlow
+        CLI's chosen model, else glm-5."""
+        return self.config.get("default_model") or self.credentials.model_name or DEFAULT_MODEL
+
     @property
     def default_route(self):
         routes = self.routes
@@ -6570,7 +6660,7 @@ def error_response(exc: Iflow2apiError, dialect: str, request_id: str = "") -> R
     if dialect == "anthropic":
         body = anthropic_error_body(exc.anthropic_type, str(exc), request_id or None)
         return Response.json(body, exc.status, exc.headers)
-    body = openai_error_body(str(exc), exc.openai_type, exc.code, getattr(exc, "param", None))
+    body = openai_error_body(str(exc), exc.openai_type, exc.code, exc.param)
     # Anthropic's 529 "overloaded" has no OpenAI equivalent: 503
     return Response.json(body, 503 if exc.status == 529 else exc.status, exc.headers)
 
@@ -7526,8 +7616,7 @@ class Api:
         with client_input_errors():
             body = validate_chat_request(body)
             if not body.get("model"):
-                body["model"] = (self.config.get("default_model") or self.credentials.model_name
-                                 or DEFAULT_MODEL)
+                body["model"] = self.backend.default_model()
             route, upstream_model = self._route(body["model"], openai_has_images(body))
             req.log["model"] = _log_model(route, upstream_model)
             body["model"] = upstream_model
@@ -7850,7 +7939,7 @@ class Api:
         model = body.get("model")
         if model is not None and not isinstance(model, str):
             raise InvalidRequestError("model: expected a string")
-        name = model or self.config.get("default_model") or self.credentials.model_name or DEFAULT_MODEL
+        name = model or self.backend.default_model()
         route, upstream_model = self._route(name, responses_has_images(body))
         ctx = ResponsesContext(client_model=name, upstream_model=upstream_model, new_id=new_random_id,
                                profile=route.profile(upstream_model), model_info=route.model_info(upstream_model),
@@ -8564,6 +8653,9 @@ class Service:
         """{"latest", "current", "url"} when a newer release exists, else None."""
         return self.backend.update.notice()
 
+    def default_model(self) -> str:
+        return self.backend.default_model()
+
     def has_credentials(self) -> bool:
         """Whether some enabled provider has a usable key (an iFlow login, an account or a
         provider key): the GUI shows its sign-in call to action when not."""
@@ -8602,7 +8694,7 @@ class Service:
                "keys_required": ClientKeys(self.config).required,
                "latency_ms": latency_summary(latencies), "instances": self.instance_list(),
                "accounts": self.accounts(), "providers": self.providers(),
-               "update": self.update_notice()}
+               "credentials": self.has_credentials(), "update": self.update_notice()}
         out.update(totals)
         out.update({k: dict(v) for k, v in counters.items()})
         return out
@@ -8699,6 +8791,26 @@ class Service:
         """Config keys the admin may change directly (secrets and lists with their own pages excluded)."""
         return sorted(k for k in DEFAULT_CONFIG if k not in _MANAGED_KEYS)
 
+    def config_schema(self) -> dict:
+        """How each editable key is edited: {key: {"group", "type", "choices"?, "min"?, "max"?,
+        "restart", "secret", "password"}} ("password": changing it needs the admin password)."""
+        types = {bool: "bool", int: "int", float: "float", str: "str", list: "list", dict: "object"}
+        group_of = {key: group for group, keys in CONFIG_GROUPS for key in keys}
+        schema = {}
+        for key in self.editable_keys():
+            entry = {"group": group_of[key], "type": types[type(DEFAULT_CONFIG[key])],
+                     "restart": key in RESTART_KEYS, "secret": key in SECRET_FIELDS,
+                     "password": key in CREDENTIAL_ROUTING_KEYS}
+            if key in CONFIG_CHOICES:
+                entry["choices"] = list(CONFIG_CHOICES[key])
+            if key in CONFIG_NUMBER_BOUNDS:
+                low, high, _low_allowed = CONFIG_NUMBER_BOUNDS[key]
+                entry["min"] = low
+                if high is not None:
+                    entry["max"] = high
+            schema[key] = entry
+        return schema
+
     def config_set_editable(self, changes: dict, may_redirect_credentials: bool = False) -> None:
         """Change editable keys. Keys that decide where credentials are sent (OAuth and
         iFlow URLs, the proxy) need may_redirect_credentials: the admin asks for the
@@ -8773,13 +8885,26 @@ class Service:
         log.info("logged in%s as account %s", " (%s)" % result["user"] if result["user"] else "", account_id)
         return account_id
 
-    def login_api_key(self, api_key: str, add: bool = False, base_url: str = None) -> str:
-        """Use a pasted iFlow API key instead of OAuth; returns the account id."""
+    def login_api_key(self, api_key: str, add: bool = False, base_url: str = None, force: bool = False) -> dict:
+        """Use a pasted iFlow API key instead of OAuth, after asking the iFlow API's /models
+        with it: {"id": account id, "check": "ok" | "unreachable" | "refused"}. A refused key
+        is saved only with force (KeyRefusedError otherwise); an unreachable API is no
+        verdict on the key, so that key is saved."""
         api_key = (api_key or "").strip()
         if not api_key or any(c.isspace() for c in api_key):
             raise InvalidRequestError("that does not look like an API key")
         register_secret(api_key)
-        return save_login(self.backend.accounts, {"api_key": api_key, "base_url": base_url}, add)
+        if base_url and not is_safe_endpoint(base_url):
+            raise ConfigError("base URL %s: expected %s" % (_shown(base_url), _HTTPS_TEXT), param="base_url")
+        checked_at = (base_url or self.backend.credentials.base_url).rstrip("/")  # an extra account too
+        account = Account("key-check")
+        account.api_key, account.base_url = api_key, checked_at
+        check = check_api_key(IFlowProvider(), account, self.backend.pool)
+        if check == "refused" and not force:
+            raise KeyRefusedError("%s refused this API key (nothing was saved); check the key, or save it "
+                                  "anyway" % checked_at)
+        login = {"api_key": api_key, "base_url": checked_at if add else base_url}  # None keeps settings.json's
+        return {"id": save_login(self.backend.accounts, login, add), "check": check}
 
     def logout(self, account_id: str = Account.PRIMARY) -> bool:
         """Remove an account's credentials; False when there was no such account."""
@@ -8877,6 +9002,7 @@ def _key_id(key: str) -> str:
 # Before an admin password exists, only this machine may set one; nobody else gets in.
 
 SESSION_COOKIE = "iflow2api_admin"
+BROWSER_COOKIE = "iflow2api_browser"  # tells browsers on this machine apart for the sign-in limit
 _LOOPBACK_CLIENTS = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
 
 
@@ -8885,6 +9011,9 @@ class AdminApi:
 
     def __init__(self, service, sessions: AdminSessions, limiter: LoginLimiter):
         self.service, self.sessions, self.limiter = service, sessions, limiter
+        # Wrong passwords from this machine count per browser (the owner mistyping is not
+        # locked out by another tab or a script), under a ceiling for the whole machine.
+        self.local_limiter = LoginLimiter(attempts=50)
         self.logins = {}  # OAuth login sessions started from the browser, by id
         self._setup_lock = threading.Lock()
         self._password_hash_seen = service.config.get("admin_password_hash")
@@ -8944,7 +9073,7 @@ class AdminApi:
         """Before a body is read: only a signed-in admin may send one (but to sign in or set up)."""
         if has_body and path.startswith("/admin/api/") and path not in ("/admin/api/setup", "/admin/api/login"):
             if self.sessions.csrf_for(_cookie_of(headers, SESSION_COOKIE)) is None:
-                raise AuthenticationError("sign in to the admin first")
+                raise AuthenticationError("sign in to the admin first", code="admin_session")
 
     def _signed_in(self, handler):
         """handler behind the session check, and the CSRF check for changes."""
@@ -8952,7 +9081,7 @@ class AdminApi:
             self._follow_password_file()
             csrf = self.sessions.csrf_for(_cookie(req, SESSION_COOKIE))
             if csrf is None:
-                raise AuthenticationError("sign in to the admin first")
+                raise AuthenticationError("sign in to the admin first", code="admin_session")
             if req.method not in ("GET", "HEAD") and not hmac.compare_digest(req.headers.get("x-csrf-token") or "",
                                                                              csrf):
                 raise Iflow2apiError("missing or wrong X-CSRF-Token header", status=403, code="csrf",
@@ -8971,8 +9100,13 @@ class AdminApi:
     def session(self, req: Request) -> Response:
         self._follow_password_file()
         csrf = self.sessions.csrf_for(_cookie(req, SESSION_COOKIE))
+        headers = []
+        if not _cookie(req, BROWSER_COOKIE):
+            headers.append(("set-cookie", "%s=%s; Path=/admin; HttpOnly; SameSite=Strict"
+                            % (BROWSER_COOKIE, new_token()[:16])))
         return Response.json({"logged_in": csrf is not None, "needs_setup": not self._has_password(),
-                              "setup_allowed": _is_local(req), "csrf": csrf, "version": __version__})
+                              "setup_allowed": _is_local(req), "csrf": csrf, "version": __version__},
+                             headers=headers)
 
     def setup(self, req: Request) -> Response:
         # Loopback alone is not enough: a web page on this machine (any site, or a DNS
@@ -8998,22 +9132,37 @@ class AdminApi:
     def login(self, req: Request) -> Response:
         self._follow_password_file()
         _require_same_origin_json(req)
-        client = req.client[0] if req.client else ""
-        wait = self.limiter.retry_after(client)
-        if wait > 0:
-            raise RateLimitError("too many sign-in attempts; try again in %d s" % (wait + 1),
-                                 headers=[("retry-after", "%d" % (wait + 1))])
+        self._refuse_while_limited(req, "too many sign-in attempts")
         if not self._has_password():
             raise Iflow2apiError("no admin password yet: set one first", status=409, code="needs_setup",
                                  openai_type="invalid_request_error")
         body = req.json()
         password = body.get("password") if isinstance(body, dict) else None
         if not isinstance(password, str) or not verify_password(password, self.service.config["admin_password_hash"]):
-            self.limiter.failed(client)
-            log.warning("admin sign-in failed from %s", client)
-            raise AuthenticationError("wrong password")
-        self.limiter.succeeded(client)
+            self._attempt_failed(req)
+            log.warning("admin sign-in failed from %s", req.client[0] if req.client else "?")
+            raise AuthenticationError("wrong password", code="wrong_password")
+        self.limiter.succeeded(self._attempt_key(req))
         return self._new_session()
+
+    def _attempt_key(self, req: Request) -> str:
+        """Whose wrong passwords count together: a remote address, or one browser here."""
+        if _is_local(req):
+            return "local:" + (_cookie(req, BROWSER_COOKIE) or _cookie(req, SESSION_COOKIE))
+        return req.client[0] if req.client else ""
+
+    def _refuse_while_limited(self, req: Request, what: str) -> None:
+        wait = self.limiter.retry_after(self._attempt_key(req))
+        if _is_local(req):
+            wait = max(wait, self.local_limiter.retry_after("local"))
+        if wait > 0:
+            raise RateLimitError("%s; try again in %d s" % (what, wait + 1),
+                                 headers=[("retry-after", "%d" % (wait + 1))])
+
+    def _attempt_failed(self, req: Request) -> None:
+        self.limiter.failed(self._attempt_key(req))
+        if _is_local(req):
+            self.local_limiter.failed("local")
 
     def _new_session(self) -> Response:
         token, csrf = self.sessions.create()
@@ -9029,27 +9178,19 @@ class AdminApi:
         """Whether a re-entered admin password is right (rate limited like sign-in)."""
         if not isinstance(password, str) or not password:
             return False
-        client = req.client[0] if req.client else ""
-        wait = self.limiter.retry_after(client)
-        if wait > 0:
-            raise RateLimitError("too many wrong passwords; try again in %d s" % (wait + 1),
-                                 headers=[("retry-after", "%d" % (wait + 1))])
+        self._refuse_while_limited(req, "too many wrong passwords")
         if not verify_password(password, self.service.config["admin_password_hash"]):
-            self.limiter.failed(client)
-            raise AuthenticationError("the admin password is wrong")
+            self._attempt_failed(req)
+            raise AuthenticationError("the admin password is wrong", code="wrong_password")
         return True
 
     def change_password(self, req: Request) -> Response:
-        client = req.client[0] if req.client else ""
-        wait = self.limiter.retry_after(client)
-        if wait > 0:
-            raise RateLimitError("too many wrong passwords; try again in %d s" % (wait + 1),
-                                 headers=[("retry-after", "%d" % (wait + 1))])
+        self._refuse_while_limited(req, "too many wrong passwords")
         body = req.json()
         current = body.get("current") if isinstance(body, dict) else None
         if not isinstance(current, str) or not verify_password(current, self.service.config["admin_password_hash"]):
-            self.limiter.failed(client)
-            raise AuthenticationError("the current password is wrong")
+            self._attempt_failed(req)
+            raise AuthenticationError("the current password is wrong", code="wrong_password")
         self.service.config_set({"admin_password_hash": hash_password(_password_field(req, "new"))})
         self._password_hash_seen = self.service.config.get("admin_password_hash")
         self.sessions.drop_all()
@@ -9058,7 +9199,9 @@ class AdminApi:
     # -- dashboard ----------------------------------------------------------------------
 
     def status(self, req: Request) -> Response:
-        return Response.json(self.service.dashboard())
+        dashboard = self.service.dashboard()
+        _mark_this_page(req, dashboard["instances"])
+        return Response.json(dashboard)
 
     def logs(self, req: Request) -> Response:
         count = _int_param(req, "n", 200)
@@ -9080,7 +9223,7 @@ class AdminApi:
     # -- management -----------------------------------------------------------------------
 
     def instances(self, req: Request) -> Response:
-        return Response.json({"instances": self.service.instance_list()})
+        return Response.json({"instances": _mark_this_page(req, self.service.instance_list())})
 
     def add_instance(self, req: Request) -> Response:
         body = _object(req)
@@ -9099,7 +9242,9 @@ class AdminApi:
         return Response.json({"ok": True})
 
     def config(self, req: Request) -> Response:
-        return Response.json({"config": self.service.config_get(), "editable": self.service.editable_keys()})
+        return Response.json({"config": self.service.config_get(), "editable": self.service.editable_keys(),
+                              "groups": [group for group, _keys in CONFIG_GROUPS],
+                              "schema": self.service.config_schema()})
 
     def set_config(self, req: Request) -> Response:
         body = _object(req)
@@ -9114,7 +9259,8 @@ class AdminApi:
 
     def add_api_key_account(self, req: Request) -> Response:
         body = _object(req)
-        return Response.json({"id": self.service.login_api_key(body.get("api_key"), bool(body.get("add")))})
+        return Response.json(self.service.login_api_key(body.get("api_key"), bool(body.get("add")),
+                                                        force=bool(body.get("force"))))
 
     def remove_account(self, req: Request) -> Response:
         if not self.service.logout(req.params["account_id"]):
@@ -9198,7 +9344,8 @@ class AdminApi:
         return Response.json({"ok": True})
 
     def models(self, req: Request) -> Response:
-        return Response.json({"models": [m for m, _d, _o in self.service.backend.public_model_ids()]})
+        return Response.json({"models": [m for m, _d, _o in self.service.backend.public_model_ids()],
+                              "default": self.service.default_model()})
 
     def playground(self, req: Request) -> Response:
         """A chat completion for a signed-in admin (no client key needed), on the first instance;
@@ -9225,6 +9372,17 @@ def _cookie_of(headers, name: str) -> str:
             if key == name:
                 return value
     return ""
+
+
+def _mark_this_page(req: Request, instances: list) -> list:
+    """Flag the instance this request came in on ("this_page"): stopping it ends the page."""
+    try:
+        port = req.sock.getsockname()[1] if req.sock is not None else None
+    except OSError:
+        port = None
+    for instance in instances:
+        instance["this_page"] = bool(instance["running"]) and instance["port"] == port
+    return instances
 
 
 def _is_local(req: Request) -> bool:
@@ -9361,6 +9519,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="use an iFlow API key instead of OAuth (asked for when not given)")
     login.add_argument("--add", action="store_true",
                        help="add an extra account to the pool instead of the iFlow CLI's login")
+    login.add_argument("--base-url", metavar="URL",
+                       help="with --api-key: the iFlow API it belongs to (default: the current one)")
+    login.add_argument("--force", action="store_true",
+                       help="with --api-key: save the key even when the API refuses it")
     login.add_argument("--no-browser", action="store_true", help="do not open a browser")
     login.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the browser")
     logout = sub.add_parser("logout", help="remove an account's credentials")
@@ -9684,10 +9846,7 @@ def _cmd_config(config: Config, key, value) -> int:
 
 def _cmd_login(service: Service, args) -> int:
     if args.api_key is not None:
-        key = args.api_key or ask("iFlow API key (input hidden): ", secret=True)
-        account_id = service.login_api_key(key, add=args.add)
-        print("Saved the API key as account %s." % account_id)
-        return 0
+        return _login_with_key(service, args)
     session = service.login_start(headless=args.headless)
     print("Open this address in a browser and log in to iFlow:\n\n  %s\n" % session.url)
     if args.headless:
@@ -9706,6 +9865,24 @@ def _cmd_login(service: Service, args) -> int:
     where = "~/.iflow/settings.json (shared with the iFlow CLI)" if account_id == Account.PRIMARY \
         else "the iflow2api config"
     print("Logged in: account %s, saved in %s." % (account_id, where))
+    return 0
+
+
+def _login_with_key(service: Service, args) -> int:
+    """Check the key with the iFlow API, then save it; a refused key only when confirmed."""
+    key = args.api_key or ask("iFlow API key (input hidden): ", secret=True)
+    try:
+        saved = service.login_api_key(key, add=args.add, base_url=args.base_url, force=args.force)
+    except KeyRefusedError as exc:
+        if not sys.stdin.isatty():
+            raise SystemExit("iflow2api: %s (--force saves it anyway)" % str(exc).split(";")[0])
+        if ask("%s. Save it anyway? [y/N] " % str(exc).split(";")[0]).strip().lower() not in ("y", "yes"):
+            print("Nothing saved.")
+            return 1
+        saved = service.login_api_key(key, add=args.add, base_url=args.base_url, force=True)
+    verdicts = {"ok": "the iFlow API accepted it", "refused": "the iFlow API refused it (saved anyway)",
+                "unreachable": "the iFlow API could not be reached to check it"}
+    print("Saved the API key as account %s; %s." % (saved["id"], verdicts[saved["check"]]))
     return 0
 
 

@@ -99,6 +99,8 @@ GUI_STRINGS = {
                             "(shown once): {key}",
         "gui.oauthCancelled": "cancelled",
         "gui.accountsList": "Accounts",
+        "gui.keyRefused": "The iFlow API refused this key, so it was not saved. Save it anyway?",
+        "gui.keyUnchecked": "Account {id} added. The iFlow API could not be reached, so the key is not checked yet.",
         "gui.providersList": "Providers",
         "gui.presetNotes": "Notes",
         "gui.baseUrlOptional": "Base URL (optional)",
@@ -177,6 +179,8 @@ GUI_STRINGS = {
         "gui.generatedKey": "该地址可从网络访问，已生成客户端 API 密钥（只显示一次）：{key}",
         "gui.oauthCancelled": "已取消",
         "gui.accountsList": "账号列表",
+        "gui.keyRefused": "iFlow API 拒绝了这个密钥，因此没有保存。仍然保存吗？",
+        "gui.keyUnchecked": "已添加账号 {id}。无法连接 iFlow API，密钥尚未验证。",
         "gui.providersList": "服务商列表",
         "gui.presetNotes": "说明",
         "gui.baseUrlOptional": "Base URL（可选）",
@@ -567,11 +571,12 @@ class AccountsModel:
     def accounts(self) -> list:
         return self.service.accounts()
 
-    def add_api_key(self, key: str, extra: bool = False) -> str:
+    def add_api_key(self, key: str, extra: bool = False, force: bool = False) -> dict:
+        """{"id", "check"} (see Service.login_api_key); KeyRefusedError unless force."""
         key = (key or "").strip()
         if not key:
             raise ValueError("acc.needKey")
-        return self.service.login_api_key(key, add=extra)
+        return self.service.login_api_key(key, add=extra, force=force)
 
     def remove(self, account_id: str) -> bool:
         return self.service.logout(account_id)
@@ -1536,13 +1541,20 @@ class AccountsPage(Page):
         if not accounts:
             self.say("acc.none")
 
-    def add_key(self) -> None:
+    def add_key(self, force: bool = False) -> None:
         key, extra = self.key_var.get(), self.extra_var.get()
-        self.app.run(lambda: self.model.add_api_key(key, extra), on_done=self._key_added, on_error=self.fail)
+        self.app.run(lambda: self.model.add_api_key(key, extra, force), on_done=self._key_added,
+                     on_error=self._key_failed)
 
-    def _key_added(self, account_id) -> None:
+    def _key_failed(self, exc) -> None:
+        if isinstance(exc, iflow2api.KeyRefusedError) and self.app.confirm("gui.keyRefused"):
+            self.add_key(force=True)
+        else:
+            self.fail(exc)
+
+    def _key_added(self, saved) -> None:
         self.key_var.set("")
-        self.say("acc.added", id=account_id)
+        self.say("gui.keyUnchecked" if saved["check"] == "unreachable" else "acc.added", id=saved["id"])
         self.on_show()
         self.app.refresh_status()
 

@@ -1,7 +1,9 @@
 """Shared fixtures: a fake upstream, a temp HOME with iFlow credentials, and the
 real server started in-process on 127.0.0.1 port 0 with either HTTP adapter. Plain helpers
 (no fixtures) live in helpers.py; test modules import them from there."""
+import ipaddress
 import os
+import socket
 import sys
 
 import pytest
@@ -12,6 +14,28 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import iflow2api  # noqa: E402
 from fakes import FakeUpstream  # noqa: E402
 from helpers import in_ci, write_settings  # noqa: E402
+
+
+_real_getaddrinfo = socket.getaddrinfo
+
+
+def _loopback_only_getaddrinfo(host, *args, **kwargs):
+    """Tests never reach beyond 127.0.0.0/8: a name or address elsewhere fails here, in
+    the test process, before any packet is sent (a safety net for a forgotten base URL)."""
+    name = host.decode() if isinstance(host, bytes) else host
+    if name not in (None, "", "localhost", "0.0.0.0", "::"):
+        try:
+            allowed = ipaddress.ip_address(name.strip("[]").split("%")[0]).is_loopback
+        except ValueError:
+            allowed = False
+        if not allowed:
+            raise socket.gaierror(socket.EAI_NONAME, "tests may not look up %r (loopback only)" % name)
+    return _real_getaddrinfo(host, *args, **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def loopback_only(monkeypatch):
+    monkeypatch.setattr(socket, "getaddrinfo", _loopback_only_getaddrinfo)
 
 
 @pytest.fixture

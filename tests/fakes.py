@@ -125,6 +125,8 @@ class FakeUpstream:
         self.requests = []
         self.script = collections.deque()
         self.models = ["glm-5", "upstream-only-model"]
+        self.refused_keys = set()  # GET /models with one of these keys: 401
+        self.models_status = 200  # GET /models answers this (an error body when not 200)
         self.lock = threading.Lock()
         self.closed_connections = 0
         self.active_streams = 0
@@ -138,7 +140,12 @@ class FakeUpstream:
 
             def do_GET(self):
                 self._record(b"")
-                if self.path.rstrip("/").endswith("/models"):
+                key = (self.headers.get("authorization") or "").partition(" ")[2]
+                if self.path.rstrip("/").endswith("/models") and key in fake.refused_keys:
+                    self._send(Reply(401, {"error": {"message": "invalid api key", "type": "authentication_error"}}))
+                elif self.path.rstrip("/").endswith("/models") and fake.models_status != 200:
+                    self._send(Reply(fake.models_status, {"error": {"message": "models unavailable"}}))
+                elif self.path.rstrip("/").endswith("/models"):
                     self._send(Reply(body={"object": "list", "data": [{"id": m, "object": "model"}
                                                                       for m in fake.models]}))
                 else:

@@ -151,9 +151,14 @@ def test_log_in_with_an_api_key_then_serve_with_it(make_app, home, fake_upstream
     app.status_page.sign_in_button.invoke()
     page = app.accounts_page
     assert app.current_page() is page
+    asked = []
+    app.confirm = lambda key, **values: asked.append(key) or True  # "Save it anyway?" answered yes
+    fake_upstream.refused_keys.add(FAKE_KEY)
     page.key_var.set(FAKE_KEY)
     page.add_key_button.invoke()
     pump_until(app, lambda: len(page.tree.get_children()) == 1)
+    assert asked == ["gui.keyRefused"]  # refused first, saved only once the user said yes
+    fake_upstream.refused_keys.clear()
     row = page.tree.item(page.tree.get_children()[0], "values")
     assert FAKE_KEY not in " ".join(row) and row[2].startswith(FAKE_KEY[:3])
     assert page.key_var.get() == ""

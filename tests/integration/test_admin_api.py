@@ -936,3 +936,112 @@ def test_admin_password_from_the_command_line_applies_to_the_running_server(sign
     assert fresh.post("/admin/api/login", {"password": "a forgotten one reset"}).status == 200
     short = run_cli(home, "admin-password", "--stdin", stdin="short\n", env=env)
     assert short.returncode == 1 and "8 characters" in short.stderr
+
+
+# -- what the admin pages are built from (issue 14) ---------------------------------------
+
+def test_only_the_admins_own_session_expiry_says_admin_session(signed_in, server, fake_upstream):
+    assert Client(server.url).get("/admin/api/status").json()["error"]["code"] == "admin_session"
+    # The playground's upstream refusing its key is a 401 too, but not the admin's: no sign-out.
+    fake_upstream.push(Reply(401, {"error": {"message": "invalid api key", "type": "authentication_error"}}))
+    answer = signed_in.post("/admin/api/playground", dict(CHAT, stream=False))
+    assert answer.status == 401 and answer.json()["error"]["code"] != "admin_session", answer
+    assert signed_in.get("/admin/api/status").status == 200
+    wrong = signed_in.post("/admin/api/password", {"current": "not it at all", "new": "another password 123"})
+    assert wrong.status == 401 and wrong.json()["error"]["code"] == "wrong_password"
+
+
+def test_config_schema_gives_each_editable_key_its_group_control_and_restart_flag(signed_in):
+    data = signed_in.get("/admin/api/config").json()
+    schema, groups = data["schema"], data["groups"]
+    assert groups == ["server", "upstream", "models", "accounts", "desktop", "advanced"]
+    assert set(schema) == set(data["editable"])
+    assert all(entry["group"] in groups for entry in schema.values())
+    assert schema["port"] == {"group": "server", "type": "int", "min": 0, "max": 65535, "restart": True,
+                              "secret": False, "password": False}
+    assert schema["concurrency"]["min"] == 1 and "max" not in schema["concurrency"]
+    assert schema["concurrency"]["restart"] is False  # a running server follows it
+    assert schema["log_level"]["choices"] == ["DEBUG", "INFO", "WARNING", "ERROR"]
+    assert schema["vision_fallback"]["choices"] == ["route", "reject"]
+    assert schema["upstream_proxy"]["password"] is True and schema["upstream_proxy"]["group"] == "upstream"
+    assert schema["preserve_reasoning_content"]["type"] == "bool"
+    assert schema["model_map"]["type"] == "object" and schema["allowed_hosts"]["type"] == "list"
+    assert schema["oauth_token_url"]["group"] == "advanced"
+    assert schema["theme_mode"]["group"] == "desktop" and schema["theme_mode"]["restart"] is True
+    # Every key of the config has a group (a key added later cannot be forgotten).
+    grouped = [key for _group, keys in iflow2api.CONFIG_GROUPS for key in keys]
+    assert sorted(grouped) == sorted(iflow2api.DEFAULT_CONFIG)
+
+
+@pytest.mark.parametrize("changes,param", [
+    ({"port": 70000}, "port"), ({"concurrency": "abc"}, "concurrency"), ({"log_level": "LOUD"}, "log_level"),
+    ({"queue_timeout_s": 1, "header_timeout_s": 0}, "header_timeout_s"), ({"no_such_key": 1}, "no_such_key")])
+def test_a_refused_config_value_names_its_key_in_param(signed_in, server, changes, param):
+    on_disk = read_config_file(server)
+    error = signed_in.put("/admin/api/config", {"changes": changes}).json()["error"]
+    assert error["param"] == param and param in error["message"], error
+    assert read_config_file(server) == on_disk
+
+
+def test_the_instance_serving_the_page_is_marked(signed_in, server):
+    port = free_port()
+    assert signed_in.post("/admin/api/instances", {"name": "other", "port": port}).status == 200
+    marked = {i["name"]: i["this_page"] for i in signed_in.get("/admin/api/instances").json()["instances"]}
+    assert marked == {"default": True, "other": False}
+    assert {i["name"]: i["this_page"] for i in signed_in.get("/admin/api/status").json()["instances"]} == marked
+    # Seen through the other instance, the other one is this page.
+    other = Client("http://127.0.0.1:%d" % port)
+    other.opener, other.csrf = signed_in.opener, signed_in.csrf  # the same browser (cookies are per host)
+    assert {i["name"]: i["this_page"] for i in other.get("/admin/api/instances").json()["instances"]} == \
+        {"default": False, "other": True}
+
+
+def test_dashboard_says_whether_there_are_credentials(start_server, home, fake_upstream):
+    client = Client(start_server().url)
+    assert client.setup().status == 200
+    assert client.get("/admin/api/status").json()["credentials"] is False
+    write_settings(str(home), fake_upstream.url)
+    assert wait_until(lambda: client.get("/admin/api/status").json()["credentials"] is True, 5)
+
+
+def test_models_name_the_default_model(signed_in, server):
+    data = signed_in.get("/admin/api/models").json()
+    assert data["default"] == "glm-5" and "glm-5" in data["models"]
+    assert signed_in.put("/admin/api/config", {"changes": {"default_model": "upstream-only-model"}}).status == 200
+    assert signed_in.get("/admin/api/models").json()["default"] == "upstream-only-model"
+
+
+def test_adding_an_api_key_account_checks_the_key_first(signed_in, server, fake_upstream):
+    fake_upstream.refused_keys.add("sk-admin-refused-0123456789")
+    body = {"api_key": "sk-admin-refused-0123456789", "add": True}
+    answer = signed_in.post("/admin/api/accounts", body)
+    assert answer.status == 422 and answer.json()["error"]["code"] == "key_refused", answer
+    assert "nothing was saved" in answer.json()["error"]["message"]
+    assert len(signed_in.get("/admin/api/accounts").json()["accounts"]) == 1
+    answer = signed_in.post("/admin/api/accounts", dict(body, force=True))
+    assert answer.status == 200 and answer.json()["check"] == "refused"
+    assert len(signed_in.get("/admin/api/accounts").json()["accounts"]) == 2
+
+
+def _browser(server):
+    """A client that first loads the page's session call, as a browser does (its cookie)."""
+    client = Client(server.url)
+    assert client.get("/admin/api/session").status == 200
+    return client
+
+
+def test_wrong_passwords_from_this_machine_lock_only_that_browser(signed_in, server):
+    mistyping = _browser(server)
+    for _ in range(5):
+        assert mistyping.login("wrong password").status == 401
+    assert mistyping.login().status == 429  # this browser waits...
+    assert _browser(server).login().status == 200  # ...the owner's other browser does not
+
+
+def test_many_browsers_on_this_machine_share_a_ceiling(signed_in, server):
+    for _ in range(10):  # 10 browsers x 5 wrong passwords: the ceiling of 50 for the machine
+        browser = _browser(server)
+        for _ in range(5):
+            assert browser.login("wrong password").status == 401
+    answer = _browser(server).login()
+    assert answer.status == 429 and int(answer.header("retry-after")) > 0

@@ -354,15 +354,18 @@ def test_headless_login_rejects_foreign_or_broken_answers(make_service, oauth, h
 
 # == API-key mode ==========================================================================
 
-def test_api_key_login_replaces_the_oauth_login_and_keeps_other_keys(make_service, oauth, home):
-    write_settings(str(home), "https://apis.iflow.cn/v1")
+def test_api_key_login_replaces_the_oauth_login_and_keeps_other_keys(make_service, oauth, home, fake_upstream):
+    write_settings(str(home), fake_upstream.url)
     service = make_service()
     headless_login(service)
     assert "oauth_refresh_token" in read_settings(home)
-    assert service.login_api_key("  sk-pasted-0123456789abcdef  ") == "iflow-cli"
+    assert service.login_api_key("  sk-pasted-0123456789abcdef  ") == {"id": "iflow-cli", "check": "ok"}
+    (check,) = [r for r in fake_upstream.requests if r.path.endswith("/models")]
+    assert check.headers["authorization"] == "Bearer sk-pasted-0123456789abcdef"
+    assert check.headers["user-agent"].startswith("iFlow-Cli")  # asked the way the CLI asks
     data = read_settings(home)
     assert data == {"selectedAuthType": "api-key", "apiKey": "sk-pasted-0123456789abcdef",
-                    "baseUrl": "https://apis.iflow.cn/v1", "modelName": "glm-5", "theme": "Default"}
+                    "baseUrl": fake_upstream.url, "modelName": "glm-5", "theme": "Default"}
     (account,) = service.accounts()
     assert account["auth_type"] == "api-key" and account["expires_at"] is None
     assert account["api_key"] == "sk-...cdef"
@@ -377,8 +380,9 @@ def test_api_key_login_rejects_non_keys(make_service, home, bad):
 
 def test_api_key_login_add_goes_to_config_sealed(make_service, home):
     service = make_service()
-    account_id = service.login_api_key("sk-extra-0123456789abcdef", add=True, base_url="http://127.0.0.1:9/v1")
-    assert account_id.startswith("acct-")
+    saved = service.login_api_key("sk-extra-0123456789abcdef", add=True, base_url="http://127.0.0.1:9/v1")
+    account_id = saved["id"]
+    assert account_id.startswith("acct-") and saved["check"] == "unreachable"  # nothing listens on port 9
     assert not os.path.exists(settings_path(home))  # the iFlow CLI's login is untouched
     raw = open(service.config.path).read()
     assert "sk-extra-0123456789abcdef" not in raw
@@ -395,6 +399,31 @@ def test_api_key_login_uses_the_base_url_it_is_given(make_service, home):
     write_settings(str(home), "https://apis.iflow.cn/v1")
     make_service().login_api_key("sk-pasted-0123456789abcdef", base_url="http://127.0.0.1:9/v1")
     assert read_settings(home)["baseUrl"] == "http://127.0.0.1:9/v1"
+
+
+def test_a_refused_key_is_saved_only_when_forced(make_service, home, fake_upstream):
+    fake_upstream.refused_keys.add("sk-refused-0123456789abcdef")
+    service = make_service()
+    with pytest.raises(I.KeyRefusedError) as refused:
+        service.login_api_key("sk-refused-0123456789abcdef", base_url=fake_upstream.url)
+    assert refused.value.status == 422 and "refused this API key (nothing was saved)" in str(refused.value)
+    assert fake_upstream.url in str(refused.value) and "sk-refused" not in str(refused.value)
+    assert not os.path.exists(settings_path(home))
+    with pytest.raises(I.KeyRefusedError):
+        service.login_api_key("sk-refused-0123456789abcdef", add=True, base_url=fake_upstream.url)
+    assert service.config.get("accounts") == []
+    forced = service.login_api_key("sk-refused-0123456789abcdef", base_url=fake_upstream.url, force=True)
+    assert forced == {"id": "iflow-cli", "check": "refused"}
+    assert read_settings(home)["apiKey"] == "sk-refused-0123456789abcdef"
+
+
+def test_a_key_check_against_an_answer_that_says_nothing_of_the_key_saves_it(make_service, home, fake_upstream):
+    service = make_service()
+    fake_upstream.models_status = 500  # no verdict on the key
+    saved = service.login_api_key("sk-maybe-0123456789abcdef", base_url=fake_upstream.url)
+    assert saved == {"id": "iflow-cli", "check": "unreachable"}
+    with pytest.raises(I.ConfigError):  # credentials go only to https or this machine
+        service.login_api_key("sk-maybe-0123456789abcdef", base_url="http://example.invalid/v1")
 
 
 def test_logout_removes_only_credentials(make_service, oauth, home):
@@ -462,15 +491,16 @@ def assert_no_secrets(text, secrets_):
     assert not leaked, "secrets leaked: %r in %r" % (leaked, text[:2000])
 
 
-def test_cli_api_key_login_accounts_and_logout(home, oauth):
+def test_cli_api_key_login_accounts_and_logout(home, oauth, fake_upstream):
     cfg = cli_config(home, oauth)
     key, extra_key = "sk-cli-0123456789abcdef01", "sk-cli-extra-abcdef0123456"
-    out = run_cli(home, "login", "--api-key", key, "--config", cfg)
+    out = run_cli(home, "login", "--api-key", key, "--base-url", fake_upstream.url, "--config", cfg)
     assert out.returncode == 0, out.stderr
-    assert "Saved the API key as account iflow-cli" in out.stdout
-    assert read_settings(home) == {"selectedAuthType": "api-key", "apiKey": key,
-                                   "baseUrl": "https://apis.iflow.cn/v1"}
-    out2 = run_cli(home, "login", "--api-key", extra_key, "--add", "--config", cfg)
+    assert "Saved the API key as account iflow-cli; the iFlow API accepted it." in out.stdout
+    assert read_settings(home) == {"selectedAuthType": "api-key", "apiKey": key, "baseUrl": fake_upstream.url}
+    out2 = run_cli(home, "login", "--api-key", extra_key, "--add", "--base-url", "http://127.0.0.1:9/v1",
+                   "--config", cfg)
+    assert "the iFlow API could not be reached to check it" in out2.stdout
     assert out2.returncode == 0, out2.stderr
     extra_id = re.search(r"account (acct-\w+)", out2.stdout).group(1)
     raw = open(cfg).read()
@@ -488,7 +518,7 @@ def test_cli_api_key_login_accounts_and_logout(home, oauth):
 
     out3 = run_cli(home, "logout", "--config", cfg)
     assert out3.returncode == 0 and "Logged out of account iflow-cli" in out3.stdout
-    assert read_settings(home) == {"baseUrl": "https://apis.iflow.cn/v1"}
+    assert read_settings(home) == {"baseUrl": fake_upstream.url}
     again = run_cli(home, "logout", "--config", cfg)
     assert again.returncode != 0 and "no account" in again.stderr
     assert run_cli(home, "logout", extra_id, "--config", cfg).returncode == 0
@@ -552,10 +582,24 @@ def test_cli_browser_login_waits_for_the_callback(home, oauth):
     assert_no_secrets(output, oauth.secrets())
 
 
-def test_cli_api_key_can_be_typed_in_instead_of_given_on_the_command_line(home, oauth):
+def test_cli_refused_key_needs_force(home, oauth, fake_upstream):
+    cfg = cli_config(home, oauth)
+    key = "sk-cli-refused-0123456789ab"
+    fake_upstream.refused_keys.add(key)
+    out = run_cli(home, "login", "--api-key", key, "--base-url", fake_upstream.url, "--config", cfg)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "refused this API key (nothing was saved) (--force saves it anyway)" in out.stderr
+    assert not os.path.exists(settings_path(home))
+    forced = run_cli(home, "login", "--api-key", key, "--base-url", fake_upstream.url, "--force", "--config", cfg)
+    assert forced.returncode == 0 and "the iFlow API refused it (saved anyway)" in forced.stdout
+    assert read_settings(home)["apiKey"] == key
+    assert_no_secrets(out.stdout + out.stderr + forced.stdout + forced.stderr, [key])
+
+
+def test_cli_api_key_can_be_typed_in_instead_of_given_on_the_command_line(home, oauth, fake_upstream):
     cfg = cli_config(home, oauth)
     key = "sk-typed-0123456789abcdef"
-    out = run_cli(home, "login", "--api-key", "--config", cfg, stdin=key + "\n")
+    out = run_cli(home, "login", "--api-key", "--base-url", fake_upstream.url, "--config", cfg, stdin=key + "\n")
     assert out.returncode == 0, out.stderr
     assert read_settings(home)["apiKey"] == key
     assert_no_secrets(out.stdout + out.stderr, [key])

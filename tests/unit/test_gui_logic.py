@@ -274,12 +274,20 @@ def test_theme_and_language_save_at_once_but_only_known_values(service, home):
         model.set_now("language", "fr")
 
 
-def test_accounts_model_adds_an_api_key_and_lists_it_masked(service, home):
+def test_accounts_model_adds_an_api_key_and_lists_it_masked(service, home, fake_upstream):
+    service.config.update({"base_url": fake_upstream.url})  # where the key is checked
     model = gui.AccountsModel(service)
     assert model.accounts() == []
     with pytest.raises(ValueError, match="acc.needKey"):
         model.add_api_key("  ")
-    account_id = model.add_api_key(" %s " % FAKE_KEY)
+    fake_upstream.refused_keys.add(FAKE_KEY)
+    with pytest.raises(iflow2api.KeyRefusedError):
+        model.add_api_key(FAKE_KEY)
+    assert model.accounts() == []
+    fake_upstream.refused_keys.clear()
+    saved = model.add_api_key(" %s " % FAKE_KEY)
+    assert saved["check"] == "ok"
+    account_id = saved["id"]
     listed = model.accounts()
     assert [a["id"] for a in listed] == [account_id]
     assert FAKE_KEY not in json.dumps(listed)

@@ -1423,7 +1423,7 @@ def resolve_model(name, model_map, known_models, default_model) -> str:
 
     Order: exact known id; the name without `[1m]` / `-YYYYMMDD` as a known id; an alias
     in model_map (full name, then stripped name); the family words haiku/sonnet/opus as
-    model_map keys; then default_model for Claude names. Other names pass through with
+    model_map keys in a Claude name; then default_model for Claude names. Other names pass through with
     only `[1m]` removed (`deepseek-chat` -> `deepseek-chat`).
     """
     model_map = model_map or {}
@@ -1440,11 +1440,11 @@ def resolve_model(name, model_map, known_models, default_model) -> str:
         if candidate in model_map:
             return model_map[candidate]
     lower = base.lower()
+    if not lower.startswith("claude"):  # "anthropic/claude-sonnet-4" is another provider's id
+        return without_1m
     for family in _FAMILIES:
         if family in lower and family in model_map:
             return model_map[family]
-    if not lower.startswith("claude"):
-        return without_1m
     return default_model or without_1m
 
 
@@ -6413,6 +6413,22 @@ class LoginLimiter:
 
 # -- The upstream side of a service ---------------------------------------------------------------
 
+def _refuse_unknown_provider(model: str, default, routes, configured: dict) -> None:
+    """400 for "nope/glm-5": a prefix that names no provider, when the default provider's
+    model list (fetched once, cached) does not hold the whole id either. Providers whose ids
+    hold a slash (OpenRouter's "anthropic/claude-...", vLLM's "org/model"), or that list no
+    models, get such names whole: their list may lag, and the upstream judges."""
+    prefix, sep, rest = model.partition("/")
+    if not (sep and prefix and rest):
+        return
+    known = [m for m, _d, _k in default.catalogue.models()]
+    if not known or model in known or any("/" in m for m in known):
+        return
+    problem = "provider %r is disabled" % prefix if prefix in configured else "unknown provider %r" % prefix[:40]
+    raise InvalidRequestError("%s in model %r; providers: %s (send provider/model, or a model name alone)"
+                              % (problem, model[:100], ", ".join(routes)), param="model")
+
+
 class Backend:
     """The upstream side, shared by every server instance of a service: connection
     pool (with the proxy), iFlow accounts, OAuth login and token refresh, and the
@@ -6504,6 +6520,7 @@ class Backend:
         for route in [default] + [r for r in routes.values() if r is not default]:
             if model in route.catalogue.static_ids():
                 return route, model
+        _refuse_unknown_provider(model, default, routes, self.config.get("providers") or {})
         return default, model
 
     def public_model_ids(self):
@@ -7504,6 +7521,7 @@ class Api:
         self.started_at = clock()
         self.image_resolver = None  # socket.getaddrinfo; tests inject one (no lookups leave the machine)
         self.stored_responses = ResponseStore()
+        self.extra_endpoints = {}  # what route sets over the same server add (the web admin's pages)
 
     def router(self) -> Router:
         r = Router()
@@ -7511,7 +7529,8 @@ class Api:
         r.add("GET", "/health", self.health)
         for path in ("/v1/models", "/models"):
             r.add("GET", path, self.list_models)
-        r.add("GET", "/v1/models/{model_id:.+}", self.get_model)  # ids may hold a "/" (provider/model)
+        for prefix in ("/v1", ""):  # ids may hold a "/" (provider/model)
+            r.add("GET", prefix + "/models/{model_id:.+}", self.get_model)
         r.add("GET", "/v1/vision-models", self.list_vision_models)
         for path in ("/v1/chat/completions", "/v1/chat/completions/", "/chat/completions",
                      "/chat/completions/", "/api/v1/chat/completions", "/api/v1/chat/completions/"):
@@ -7545,9 +7564,12 @@ class Api:
     # -- small endpoints -------------------------------------------------------
 
     def root(self, req: Request) -> Response:
+        endpoints = {"openai": "/v1/chat/completions", "anthropic": "/v1/messages",
+                     "count_tokens": "/v1/messages/count_tokens", "responses": "/v1/responses",
+                     "models": "/v1/models", "health": "/health"}
+        endpoints.update(self.extra_endpoints)
         return Response.json({"name": "iflow2api", "version": __version__, "status": "running",
-                              "endpoints": {"openai": "/v1/chat/completions", "models": "/v1/models",
-                                            "health": "/health"}})
+                              "endpoints": endpoints})
 
     def health(self, req: Request) -> Response:
         accounts = [a for route in self.backend.routes.values() for a in route.accounts.accounts()]
@@ -7615,19 +7637,21 @@ class Api:
         """A chat completion for an already authorised caller (the admin playground too)."""
         with client_input_errors():
             body = validate_chat_request(body)
-            if not body.get("model"):
-                body["model"] = self.backend.default_model()
-            route, upstream_model = self._route(body["model"], openai_has_images(body))
+            client_model = body.get("model") or self.backend.default_model()
+            route, upstream_model = self._route(self._routing_name(client_model), openai_has_images(body))
             req.log["model"] = _log_model(route, upstream_model)
             body["model"] = upstream_model
             if route.quirks.get("inline_image_urls"):
                 body = inline_image_urls(body, self._image_fetcher(route).fetch)
         is_stream = bool(body.get("stream"))
         upstream, release = _watched(req, *self._open_upstream(body, route, req.log))
+        renamed = client_model if client_model != upstream_model else None
         if is_stream and "text/event-stream" in upstream.content_type:
-            return self._stream_response(req, upstream, release)
+            return self._stream_response(req, upstream, release, renamed)
         result = _parse_completion(_read_all(upstream, release))
         _log_usage(req, result.get("usage"))
+        if renamed:
+            result["model"] = renamed
         if is_stream:  # the upstream answered a stream request with one JSON body
             chunks = completion_to_chunks(result)
             return _sse_response(b"".join(encode_sse_data(json.dumps(c, ensure_ascii=False))
@@ -7637,6 +7661,17 @@ class Api:
             if isinstance(choice, dict) and isinstance(choice.get("message"), dict):
                 normalize_reasoning_message(choice["message"], preserve)
         return Response.json(result)
+
+    def _routing_name(self, client_model: str) -> str:
+        """The name routing resolves, on every route: "provider/model" and model_routes names
+        as sent; others through model_map (Claude names and tiers, translation.md 1.1), so the
+        names /v1/models lists are accepted everywhere."""
+        routes = self.backend.routes
+        if split_provider(client_model, routes)[0] or client_model in (self.config.get("model_routes") or {}):
+            return client_model
+        known = [m for route in routes.values() for m in route.catalogue.static_ids()]
+        return resolve_model(client_model, self.config["model_map"], known,
+                             self.config.get("default_model") or DEFAULT_MODEL)
 
     def _route(self, model: str, has_images: bool):
         """(route, upstream model); requests with images for a text-only model go to
@@ -7731,7 +7766,7 @@ class Api:
             return "next"
         return "stop"
 
-    def _stream_response(self, req: Request, upstream: UpstreamResponse, release) -> Response:
+    def _stream_response(self, req: Request, upstream: UpstreamResponse, release, renamed=None) -> Response:
         """Relay the upstream SSE stream; an error in the first event is still an HTTP error."""
         try:
             first = upstream.read_some()
@@ -7749,7 +7784,8 @@ class Api:
                     release()
                     raise problem
         merger = ReasoningMerger(self.config.get("preserve_reasoning_content"))
-        return _sse_response(self._relay(req, upstream, release, first, merger))
+        relayed = self._relay(req, upstream, release, first, merger)
+        return _sse_response(_renamed_model(relayed, renamed) if renamed else relayed)
 
     def _relay(self, req, upstream, release, first: bytes, merger):
         """Forward upstream bytes as they arrive; only rewrite events that need it."""
@@ -7940,7 +7976,7 @@ class Api:
         if model is not None and not isinstance(model, str):
             raise InvalidRequestError("model: expected a string")
         name = model or self.backend.default_model()
-        route, upstream_model = self._route(name, responses_has_images(body))
+        route, upstream_model = self._route(self._routing_name(name), responses_has_images(body))
         ctx = ResponsesContext(client_model=name, upstream_model=upstream_model, new_id=new_random_id,
                                profile=route.profile(upstream_model), model_info=route.model_info(upstream_model),
                                preserve_reasoning=self.config["preserve_reasoning_content"],
@@ -7992,10 +8028,7 @@ class Api:
         client_model = body.get("model")
         if not isinstance(client_model, str) or not client_model.strip():
             raise InvalidRequestError("model: Field required")
-        known = [m for route in self.backend.routes.values() for m in route.catalogue.static_ids()]
-        name = resolve_model(client_model, self.config["model_map"], known,
-                             self.config.get("default_model") or DEFAULT_MODEL)
-        route, upstream_model = self._route(name, anthropic_has_images(body))
+        route, upstream_model = self._route(self._routing_name(client_model), anthropic_has_images(body))
         ctx = TranslationContext(client_model=client_model, upstream_model=upstream_model,
                                  new_id=new_random_id, profile=route.profile(upstream_model),
                                  model_info=route.model_info(upstream_model),
@@ -8265,6 +8298,17 @@ def _parse_completion(raw: bytes) -> dict:
     if not isinstance(result, dict) or not isinstance(result.get("choices"), list):
         raise UpstreamError(502, "api_error", "upstream returned no choices")
     return result
+
+
+_MODEL_FIELD_RE = re.compile(rb'"model"\s*:\s*"(?:[^"\\]|\\.)*"')
+
+
+def _renamed_model(pieces, client_model: str):
+    """Stream pieces with every chunk's "model" saying the name the client sent (only used
+    when routing changed the name: a stream whose names agree is passed through untouched)."""
+    field = b'"model":' + json.dumps(client_model, ensure_ascii=False).encode("utf-8")
+    for piece in pieces:
+        yield _MODEL_FIELD_RE.sub(lambda _m: field, piece)
 
 
 def _watched(req: Request, upstream: UpstreamResponse, release):
@@ -8553,6 +8597,7 @@ class Instance:
         for route_set in route_sets:  # more routes over the same server (the web admin)
             route_set.register(router)
             head_checks.append(route_set.head_check)
+            self.api.extra_endpoints.update(route_set.endpoints)
         self.app = App(router, config["cors_allow_origins"], self.stats, head_checks)
         self.server = None
 
@@ -9008,6 +9053,8 @@ _LOOPBACK_CLIENTS = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
 
 class AdminApi:
     """The web admin's JSON API over a Service (passed in: it lives in section 9)."""
+
+    endpoints = {"admin": "/admin", "docs": "/docs", "redoc": "/redoc", "openapi": "/openapi.json"}
 
     def __init__(self, service, sessions: AdminSessions, limiter: LoginLimiter):
         self.service, self.sessions, self.limiter = service, sessions, limiter

@@ -344,3 +344,70 @@ def test_one_log_line_per_request_with_tokens_and_no_secrets(server, fake_upstre
     assert all("POST /v1/chat/completions model=glm-5 status=200" in line for line in lines)
     assert all("tokens=12+3" in line for line in lines)
     assert FAKE_KEY not in caplog.text
+
+
+# -- model names on the OpenAI route (issue 14) ---------------------------------------------
+
+@pytest.mark.parametrize("sent,upstream", [("sonnet", "glm-5"), ("claude-sonnet-4-5-20250929", "glm-5"),
+                                           ("haiku", "glm-5"), ("local/tiny-1", "tiny-1")])
+def test_listed_names_are_accepted_and_the_answer_names_what_the_client_sent(start_server, fake_upstream, home,
+                                                                            sent, upstream):
+    write_settings(str(home), fake_upstream.url)
+    server = start_server(providers={"local": {"base_url": fake_upstream.url, "models": ["tiny-1"]}})
+    assert sent in [m.id for m in client(server).models.list()] or sent.startswith("claude-")
+    resp = ask(server, model=sent)
+    assert resp.model == sent and fake_upstream.last_json()["model"] == upstream
+    stream = ask(server, model=sent, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks and {c.model for c in chunks} == {sent}
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello world"
+    assert fake_upstream.last_json()["model"] == upstream
+
+
+def test_an_answer_whose_name_routing_kept_is_passed_through(server, fake_upstream):
+    """Routing kept the name: the bytes pass untouched (no per-chunk work on the fast path)."""
+    fake_upstream.push(Reply(stream=[{"model": "glm-5-0414", "choices": [{"index": 0, "delta": {"content": "x"}}]},
+                                     "[DONE]"]))
+    assert [c.model for c in ask(server, model="glm-5", stream=True)] == ["glm-5-0414"]  # the upstream's own
+    fake_upstream.push(Reply(body=dict(completion(), model="glm-5-0414")))
+    assert ask(server, model="glm-5").model == "glm-5-0414"
+
+
+def test_an_unknown_provider_prefix_is_a_400_naming_the_providers(start_server, fake_upstream, home):
+    write_settings(str(home), fake_upstream.url)
+    server = start_server(providers={"local": {"base_url": fake_upstream.url, "models": ["tiny-1"]}})
+    with pytest.raises(openai.BadRequestError) as refused:
+        ask(server, model="nope/glm-5")
+    error = refused.value.body
+    assert error["param"] == "model" and "unknown provider 'nope'" in error["message"]
+    assert "providers: iflow, local" in error["message"]
+    status, _h, body = http(server, "POST", "/v1/messages", json.dumps(
+        {"model": "nope/glm-5", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}).encode(),
+        {"content-type": "application/json"})
+    assert status == 400 and "unknown provider 'nope'" in json.loads(body)["error"]["message"]
+    status, _h, body = http(server, "POST", "/v1/responses", json.dumps({"model": "nope/glm-5", "input": "hi"}).encode(),
+                            {"content-type": "application/json"})
+    assert status == 400 and "unknown provider 'nope'" in json.loads(body)["error"]["message"]
+    assert fake_upstream.chat_requests() == []
+    assert ask(server, model="local/tiny-1").model == "local/tiny-1"  # a configured prefix routes
+
+
+def test_slash_ids_reach_a_provider_whose_models_hold_slashes(start_server, fake_upstream, home):
+    fake_upstream.models = ["anthropic/claude-sonnet-4", "openai/gpt-4o"]  # an OpenRouter-like list
+    server = start_server(providers={"router": {"base_url": fake_upstream.url, "discover_models": True,
+                                                "api_keys": ["sk-router-0123456789abcdef"]}},
+                          default_provider="router")
+    assert ask(server, model="anthropic/claude-sonnet-4").choices[0].message.content == "Hello world"
+    assert ask(server, model="meta/llama-not-listed-yet").choices[0].message.content == "Hello world"
+    assert [json.loads(r.body)["model"] for r in fake_upstream.chat_requests()] == [
+        "anthropic/claude-sonnet-4", "meta/llama-not-listed-yet"]
+
+
+def test_root_lists_every_public_endpoint_and_models_ids_work_without_v1(server):
+    endpoints = json.loads(http(server, "GET", "/")[2])["endpoints"]
+    assert {"openai": "/v1/chat/completions", "anthropic": "/v1/messages", "responses": "/v1/responses",
+            "models": "/v1/models", "health": "/health", "admin": "/admin", "docs": "/docs"}.items() <= endpoints.items()
+    for path in endpoints.values():
+        assert http(server, "GET", path)[0] in (200, 405), path  # every one exists (POST-only ones: 405)
+    assert json.loads(http(server, "GET", "/models/glm-5")[2])["id"] == "glm-5"
+    assert http(server, "GET", "/models/nope")[0] == 404

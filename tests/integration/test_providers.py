@@ -180,12 +180,16 @@ def test_generic_provider_gets_no_iflow_model_tweaks(routed, p2):
         assert field not in body
 
 
-def test_unconfigured_prefix_reaches_the_default_provider_whole(routed, fake_upstream, p1, p2):
+def test_an_unconfigured_prefix_is_refused_when_the_default_provider_has_no_such_ids(routed, fake_upstream,
+                                                                                     p1, p2):
+    """iFlow's ids hold no slash, so "p9/x" is a typo, not a model: 400 naming the providers
+    (a provider whose ids hold slashes gets such names whole: test_openai_api.py)."""
     server = routed()
-    ok_text(server, "anthropic/claude-sonnet-4")
-    ok_text(server, "p9/x")
-    assert [model_gets(r) for r in fake_upstream.chat_requests()] == ["anthropic/claude-sonnet-4", "p9/x"]
-    assert not p1.chat_requests() and not p2.chat_requests()
+    for model in ("anthropic/claude-sonnet-4", "p9/x"):
+        status, body = chat(server, model)
+        assert status == 400 and "unknown provider %r" % model.split("/")[0] in body["error"]["message"], body
+        assert "providers: iflow, p1, p2" in body["error"]["message"]
+    assert not fake_upstream.chat_requests() and not p1.chat_requests() and not p2.chat_requests()
 
 
 def test_model_routes_send_models_to_a_provider(routed, fake_upstream, p1, p2):
@@ -236,9 +240,9 @@ def test_default_provider_switch(routed, fake_upstream, p1, p2):
 
 def test_disabled_provider_is_not_a_route(routed, fake_upstream, p1, p2):
     server = routed(providers={"p1": p1_entry(p1), "p2": p2_entry(p2, enabled=False)})
-    ok_text(server, "p2/beta-1")
-    assert model_gets(fake_upstream.chat_requests()[-1]) == "p2/beta-1"
-    assert not p2.requests
+    status, body = chat(server, "p2/beta-1")
+    assert status == 400 and "provider 'p2' is disabled" in body["error"]["message"], body
+    assert not p2.requests and not fake_upstream.chat_requests()
     assert not any(i.startswith("p2/") for i in model_ids(server))
 
 

@@ -1,15 +1,19 @@
 #!/usr/bin/env python3
 """Side-by-side benchmark: our iflow2api.py vs the original iflow2api 1.6.10 vs
-the fake upstream called directly.
+the fake upstream called directly (and, with --peers, vs LiteLLM's proxy and
+claude-code-router).
 
     python3 bench/run.py            # 3 rounds, ~3-5 minutes
     python3 bench/run.py --quick    # 1 round, small streams, < 1 minute
+    python3 bench/run.py --peers litellm,ccr   # peers too, ~10 minutes
 
 Builds the Rust tools in bench/tools (std only, offline), creates
 bench/.venv-original with `pip install iflow2api==1.6.10` if missing, starts
 one fake upstream, then for every round starts each server fresh (order
-rotated between rounds), measures it, stops it. Prints a markdown report and
-writes it to bench/results.md (raw numbers per round: bench/results.json).
+rotated between rounds), measures it, stops it. Peers are installed on first
+use into bench/.venv-litellm (pip) and bench/.cache-ccr (npm). Prints a
+markdown report and writes it to bench/results.md (raw numbers per round:
+bench/results.json).
 See bench/README.md for what each metric means.
 """
 
@@ -37,8 +41,21 @@ TOOLS = BENCH / "tools"
 BIN = TOOLS / "target" / "release"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 ORIGINAL_VERSION = "1.6.10"
+# Peers (--peers). LiteLLM: the newest litellm[proxy] whose exact pins resolve from the PyPI
+# index this machine reaches (1.108.8 to 1.110.2 pin litellm-enterprise / litellm-proxy-extras /
+# litellm-proxy releases that it does not have). claude-code-router: the 2.x release.
+LITELLM_VERSION = "1.108.7"
+CCR_PACKAGE = "@musistudio/claude-code-router"
+CCR_VERSION = "2.0.0"
 TARGETS = ("direct", "original", "ours")
-LABELS = {"direct": "direct (fake upstream)", "original": f"original {ORIGINAL_VERSION}", "ours": "ours"}
+PEERS = ("litellm", "ccr")
+COLUMNS = ("ours", "original", "litellm", "ccr", "direct")  # report column order
+LABELS = {"direct": "direct (fake upstream)", "original": f"original {ORIGINAL_VERSION}", "ours": "ours",
+          "litellm": f"LiteLLM {LITELLM_VERSION}", "ccr": f"claude-code-router {CCR_VERSION}"}
+# Subjects without the OpenAI face: their OpenAI and Responses phases are n/a, not failures.
+ANTHROPIC_ONLY = {"ccr": "it serves only the Anthropic route (/v1/messages)"}
+# LiteLLM's /health calls every configured model upstream; its liveness probe is the cheap one.
+HEALTH_PATHS = {"litellm": "/health/liveliness"}
 
 
 def log(msg):
@@ -62,6 +79,44 @@ def ensure_original_venv(venv):
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", f"iflow2api=={ORIGINAL_VERSION}"], check=True)
     return exe
+
+
+def ensure_litellm_venv(venv):
+    """LiteLLM's proxy (litellm[proxy], pinned) in its own venv, installed on first use or when
+    the venv holds another version. Returns its `litellm` command."""
+    exe = venv / "bin" / "litellm"
+    if exe.exists() and list(venv.glob(f"lib/python*/site-packages/litellm-{LITELLM_VERSION}.dist-info")):
+        return exe
+    log(f"installing litellm[proxy]=={LITELLM_VERSION} into {venv} (one time, a few minutes)...")
+    if not (venv / "bin" / "pip").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", f"litellm[proxy]=={LITELLM_VERSION}"], check=True)
+    return exe
+
+
+def ensure_ccr(prefix):
+    """claude-code-router (pinned) from npm into `prefix`, installed on first use or when the
+    cache holds another version. Returns its CLI entry file (a single bundled .js)."""
+    package = prefix / "node_modules" / CCR_PACKAGE
+    manifest = package / "package.json"
+    if not manifest.exists() or json.loads(manifest.read_text()).get("version") != CCR_VERSION:
+        if shutil.which("npm") is None or shutil.which("node") is None:
+            raise OSError("node and npm are needed for claude-code-router")
+        log(f"installing {CCR_PACKAGE}@{CCR_VERSION} into {prefix} (one time)...")
+        prefix.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["npm", "install", "--prefix", str(prefix), "--no-audit", "--no-fund", "--loglevel=error",
+                        f"{CCR_PACKAGE}@{CCR_VERSION}"], check=True)
+    return package / json.loads(manifest.read_text())["bin"]["ccr"]
+
+
+def package_versions(python, names):
+    """'name version, ...' of the named distributions installed for `python` ('?' if it fails)."""
+    out = subprocess.run([str(python), "-c", "import importlib.metadata as m, sys\n"
+                          "for p in sys.argv[1:]:\n"
+                          "    try: print(p, m.version(p))\n"
+                          "    except m.PackageNotFoundError: pass", *names],
+                         capture_output=True, text=True)
+    return ", ".join(out.stdout.split("\n")[:-1]) or "?"
 
 
 def free_port():
@@ -211,31 +266,98 @@ def stop_group(proc):
             proc.wait()
 
 
+def write_json(path, data):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1))
+
+
+def write_iflow_settings(home, fake):
+    """The iFlow CLI's settings, which both iflow2api versions read their upstream from."""
+    write_json(home / ".iflow" / "settings.json",
+               {"apiKey": "sk-bench", "baseUrl": f"{fake.url}/v1", "selectedAuthType": "api-key"})
+
+
+# How each subject is configured and started: setup(home, port, fake, exe) writes its config
+# into the temporary HOME and returns (command, extra environment).
+
+def setup_original(home, port, fake, exe):
+    write_iflow_settings(home, fake)
+    # api_concurrency 10 is its maximum; no update check (it only runs from the GUI anyway).
+    write_json(home / ".iflow2api" / "config.json", {"host": "127.0.0.1", "port": port, "api_concurrency": 10,
+                                                     "check_update_on_startup": False})
+    return [str(exe), "--host", "127.0.0.1", "--port", str(port)], {}
+
+
+def setup_ours(home, port, fake, exe):
+    write_iflow_settings(home, fake)
+    write_json(home / ".iflow2api" / "config.json", {"concurrency": 512})
+    # no update check: nothing a bench starts may reach beyond 127.0.0.1
+    env = {"IFLOW2API_HOME": str(home / ".iflow2api"), "IFLOW2API_NO_UPDATE_CHECK": "1"}
+    return [sys.executable, str(exe), "--host", "127.0.0.1", "--port", str(port)], env
+
+
+# LiteLLM's own switches for a quiet, offline, auth-free proxy (read from its 1.108 source).
+LITELLM_ENV = {
+    "LITELLM_LOG": "ERROR",                       # log errors only
+    "LITELLM_LOCAL_MODEL_COST_MAP": "True",       # the bundled model price map, not a download at start
+    "LITELLM_TELEMETRY_DISABLED": "true",         # its telemetry veto (it sends nothing without a destination)
+    "LITELLM_DONT_SHOW_FEEDBACK_BOX": "true",     # no banner
+    # Without a master key it refuses to start; with one every request needs it. The other
+    # subjects run without client auth too.
+    "LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY": "true",
+    "HF_HUB_OFFLINE": "1",                        # some model names count tokens with a tokenizer from the hub
+    # The fake sends the same token in every chunk, which LiteLLM's loop guard (100 identical
+    # chunks in a row) takes for a stuck model: it ends the stream with an error. The check
+    # itself still runs on every chunk.
+    "REPEATED_STREAMING_CHUNK_LIMIT": "1000000000",
+}
+
+
+def setup_litellm(home, port, fake, exe):
+    """Every model name goes to the fake as an OpenAI-compatible provider; no database."""
+    config = {
+        "model_list": [{"model_name": "*", "litellm_params": {
+            "model": "openai/*", "api_base": f"{fake.url}/v1", "api_key": "sk-bench",
+            # /v1/responses: bridge to the upstream's chat completions (default: its /v1/responses,
+            # which the fake, like iFlow, does not have).
+            "use_chat_completions_api": True}}],
+        # /v1/messages: the same, for the Anthropic face (default for openai/ models: the Responses API).
+        "litellm_settings": {"set_verbose": False, "drop_params": True,
+                             "use_chat_completions_url_for_anthropic_messages": True},
+    }
+    write_json(home / "litellm.yaml", config)  # JSON is YAML
+    return [str(exe), "--config", str(home / "litellm.yaml"), "--host", "127.0.0.1", "--port", str(port)], LITELLM_ENV
+
+
+def setup_ccr(home, port, fake, exe):
+    """One OpenAI-compatible provider (the fake), every request routed to it. No APIKEY: then it
+    listens on 127.0.0.1 only and checks no client key. Its update check runs only when its web
+    UI asks (/api/update/check); it has no telemetry."""
+    write_json(home / ".claude-code-router" / "config.json", {
+        "HOST": "127.0.0.1", "PORT": port, "LOG": False,
+        "Providers": [{"name": "fake", "api_base_url": f"{fake.url}/v1/chat/completions",
+                       "api_key": "sk-bench", "models": ["glm-4.6"]}],
+        "Router": {"default": "fake,glm-4.6"},
+    })
+    # `ccr start` runs the server in the foreground of this process (no daemon).
+    return [shutil.which("node") or "node", str(exe), "start"], {}
+
+
+SETUPS = {"original": setup_original, "ours": setup_ours, "litellm": setup_litellm, "ccr": setup_ccr}
+
+
 class Server:
     """A proxy under test, started fresh with its own temporary HOME."""
 
-    def __init__(self, name, fake, original_exe):
+    def __init__(self, name, fake, exe):
         self.name = name
         self.home = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        (self.home / ".iflow").mkdir()
-        (self.home / ".iflow2api").mkdir()
-        (self.home / ".iflow" / "settings.json").write_text(json.dumps(
-            {"apiKey": "sk-bench", "baseUrl": f"{fake.url}/v1", "selectedAuthType": "api-key"}))
+        self.health_url = self.url + HEALTH_PATHS.get(name, "/health")
+        cmd, extra_env = SETUPS[name](self.home, self.port, fake, exe)
         env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-        env.update(HOME=str(self.home), NO_PROXY="*")
-        if name == "original":
-            # api_concurrency 10 is its maximum; no update check (it only runs from the GUI anyway).
-            config = {"host": "127.0.0.1", "port": self.port, "api_concurrency": 10,
-                      "check_update_on_startup": False}
-            cmd = [str(original_exe), "--host", "127.0.0.1", "--port", str(self.port)]
-        else:
-            config = {"concurrency": 512}
-            # no update check: nothing a bench starts may reach beyond 127.0.0.1
-            env.update(IFLOW2API_HOME=str(self.home / ".iflow2api"), IFLOW2API_NO_UPDATE_CHECK="1")
-            cmd = [sys.executable, str(OURS), "--host", "127.0.0.1", "--port", str(self.port)]
-        (self.home / ".iflow2api" / "config.json").write_text(json.dumps(config))
+        env.update(HOME=str(self.home), NO_PROXY="*", **extra_env)
         self.log_path = self.home / "server.log"
         self.log_file = open(self.log_path, "wb")
         self.t0 = time.perf_counter()
@@ -248,10 +370,10 @@ class Server:
         while time.perf_counter() - self.t0 < timeout:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"exited with code {self.proc.returncode} before /health answered")
-            if http("GET", f"{self.url}/health", timeout=1.0)[0] == 200:
+            if http("GET", self.health_url, timeout=1.0)[0] == 200:
                 return time.perf_counter() - self.t0
             time.sleep(0.005)
-        raise RuntimeError(f"/health did not answer 200 within {timeout:.0f} s")
+        raise RuntimeError(f"{self.health_url} did not answer 200 within {timeout:.0f} s")
 
     def log_tail(self, n=8):
         try:
@@ -284,67 +406,36 @@ def stream_test(fake, url, pid, chunks, streams, concurrency, api="openai", time
     return r
 
 
-def measure(name, fake, args, original_exe):
+def measure(name, fake, args, exe):
     """All metrics for one target in one round. Returns (metrics, note)."""
     m = {}
     server = None
     if name == "direct":
         base, pid = fake.url, None
     else:
-        server = Server(name, fake, original_exe)
+        server = Server(name, fake, exe)
         pid = server.pid
         base = server.url
-    chat = f"{base}/v1/chat/completions"
     fake_errors = len(fake.error_lines())
     try:
         if server:
             m["healthy_s"] = server.wait_healthy()
             time.sleep(0.5)
             m["idle_rss_mb"] = memory_mb(pid, "VmRSS")
-            status, body = http("POST", chat, {"model": "glm-4.6", "messages": [{"role": "user", "content": "hi"}]})
-            if status != 200:
-                raise RuntimeError(f"smoke test: non-stream chat completion answered {status}: {body[:200]!r}")
-
-        # Non-streaming requests/s and latency.
-        loadgen("nonstream", "--url", chat, "--concurrency", 32, "--duration", 0.3)  # warm-up
-        for c in (1, 32):
-            r = loadgen("nonstream", "--url", chat, "--concurrency", c, "--duration", args.duration)
-            m[f"rps_c{c}"] = r["requests_per_s"]
-            m[f"p50_c{c}_ms"] = r["latency_p50_ms"]
-            m[f"p99_c{c}_ms"] = r["latency_p99_ms"]
-            m[f"nonstream_errors_c{c}"] = r["errors"]
-
-        # Time to first chunk: sequential short streams.
-        fake.configure(20)
-        r = loadgen("stream", "--url", chat, "--concurrency", 1, "--streams", args.ttfc_samples, "--expect", 20,
-                    "--show-tail")
-        if r["errors"]:
-            raise RuntimeError(f"smoke test: streaming failed: {r['error_samples']}")
-        m["ttfc_ms"] = r["first_event_p50_ms"]
-
-        # Streamed chunks/s through 32 concurrent streams, and CPU per 1000 chunks.
-        r = stream_test(fake, chat, pid, args.chunks, 32, 32, tail=False)
-        m["chunks_per_s"] = r["chunks_per_s"]
-        m["events_per_s"] = r["events_per_s"]
-        m["stream32_errors"] = r["errors"]
-        if r["errors"]:
-            m["stream32_error_samples"] = r["error_samples"]
-        m["fake_cpu_per_1k"] = 1000 * r["fake_cpu_s"] / max(r["upstream_chunks"], 1)
-        m["loadgen_cpu_per_1k"] = 1000 * r["cpu_s"] / max(r["events"], 1)
-        if pid:
-            m["cpu_per_1k"] = 1000 * r["proxy_cpu_s"] / max(r["upstream_chunks"], 1)
-
-        # 256 concurrent streams.
-        r = stream_test(fake, chat, pid, args.chunks256, 256, 256)
-        m["s256_errors"] = r["errors"]
-        m["s256_time_s"] = r["elapsed_s"]
-        if r["errors"]:
-            m["s256_error_samples"] = r["error_samples"]
+        if name in ANTHROPIC_ONLY:
+            m["openai_note"] = f"n/a: {ANTHROPIC_ONLY[name]}"
+        else:
+            measure_openai(fake, args, m, f"{base}/v1/chat/completions", pid, smoke=server is not None)
 
         # Anthropic /v1/messages and OpenAI Responses /v1/responses (proxies only).
         if server:
             for prefix in ROUTES:
+                if name in ANTHROPIC_ONLY and prefix != "a":
+                    m[f"{prefix}_note"] = f"n/a: {ANTHROPIC_ONLY[name]}"
+                    continue
                 measure_route(server, fake, args, m, prefix)
+            if name in ANTHROPIC_ONLY and m.get("a_note"):
+                raise RuntimeError(f"smoke test: {m['a_note']}")  # nothing else to measure
 
         if pid:
             m["peak_rss_mb"] = memory_mb(pid, "VmHWM")
@@ -363,6 +454,51 @@ def measure(name, fake, args, original_exe):
             server.stop()
 
 
+def measure_openai(fake, args, m, chat, pid, smoke):
+    """The OpenAI chat completions phases; pid None for direct (no proxy CPU)."""
+    if smoke:
+        status, body = http("POST", chat, {"model": "glm-4.6", "messages": [{"role": "user", "content": "hi"}]},
+                            timeout=30)
+        if status != 200:
+            raise RuntimeError(f"smoke test: non-stream chat completion answered {status}: {body[:200]!r}")
+
+    # Non-streaming requests/s and latency.
+    loadgen("nonstream", "--url", chat, "--concurrency", 32, "--duration", 0.3)  # warm-up
+    for c in (1, 32):
+        r = loadgen("nonstream", "--url", chat, "--concurrency", c, "--duration", args.duration)
+        m[f"rps_c{c}"] = r["requests_per_s"]
+        m[f"p50_c{c}_ms"] = r["latency_p50_ms"]
+        m[f"p99_c{c}_ms"] = r["latency_p99_ms"]
+        m[f"nonstream_errors_c{c}"] = r["errors"]
+
+    # Time to first chunk: sequential short streams.
+    fake.configure(20)
+    r = loadgen("stream", "--url", chat, "--concurrency", 1, "--streams", args.ttfc_samples, "--expect", 20,
+                "--show-tail")
+    if r["errors"]:
+        raise RuntimeError(f"smoke test: streaming failed: {r['error_samples']}")
+    m["ttfc_ms"] = r["first_event_p50_ms"]
+
+    # Streamed chunks/s through 32 concurrent streams, and CPU per 1000 chunks.
+    r = stream_test(fake, chat, pid, args.chunks, 32, 32, tail=False)
+    m["chunks_per_s"] = r["chunks_per_s"]
+    m["events_per_s"] = r["events_per_s"]
+    m["stream32_errors"] = r["errors"]
+    if r["errors"]:
+        m["stream32_error_samples"] = r["error_samples"]
+    m["fake_cpu_per_1k"] = 1000 * r["fake_cpu_s"] / max(r["upstream_chunks"], 1)
+    m["loadgen_cpu_per_1k"] = 1000 * r["cpu_s"] / max(r["events"], 1)
+    if pid:
+        m["cpu_per_1k"] = 1000 * r["proxy_cpu_s"] / max(r["upstream_chunks"], 1)
+
+    # 256 concurrent streams.
+    r = stream_test(fake, chat, pid, args.chunks256, 256, 256)
+    m["s256_errors"] = r["errors"]
+    m["s256_time_s"] = r["elapsed_s"]
+    if r["errors"]:
+        m["s256_error_samples"] = r["error_samples"]
+
+
 # The other client faces over the same upstream call, streamed 32 at a time;
 # metric keys start with the prefix. prefix: (path, loadgen --api, non-streaming probe body)
 ROUTES = {
@@ -373,13 +509,13 @@ ROUTES = {
 
 
 def measure_route(server, fake, args, m, prefix):
-    """Time to first event and 32 streams through one of ROUTES; skipped with a
-    note (`<prefix>_note`) when its non-streaming probe does not answer 200."""
+    """Time to first event and 32 streams through one of ROUTES; n/a with the
+    reason (`<prefix>_note`) when its non-streaming probe does not answer 200."""
     path, api, probe = ROUTES[prefix]
     url = f"{server.url}{path}"
-    status, body = http("POST", url, probe)
+    status, body = http("POST", url, probe, timeout=30)  # a peer's first request may load a lot
     if status != 200:
-        m[f"{prefix}_note"] = f"skipped: POST {path} answered {status}" + (f": {body[:120]!r}" if status != 404 else "")
+        m[f"{prefix}_note"] = f"n/a: POST {path} answered {status}" + (f": {body[:120]!r}" if status != 404 else "")
         return
     fake.configure(20)
     r = loadgen("stream", "--url", url, "--api", api, "--concurrency", 1,
@@ -400,6 +536,21 @@ def measure_route(server, fake, args, m, prefix):
 
 ERROR_KEYS = ("s256_errors", "stream32_errors", "a_errors", "r_errors")
 RESPONSES_CPU_TARGET = 1.2  # Responses CPU per 1000 upstream chunks / Anthropic's, ours
+# Targets for ratios of ours to another subject in the same run, by metric key.
+OPENAI_TARGETS = {"ttfc_overhead_ms": 1 / 3, "chunks_per_s": 5.0, "cpu_per_1k": 0.2, "idle_rss_mb": 0.5,
+                  "healthy_ms": 0.5}  # ours/original
+ANTHROPIC_TARGETS = {"cpu_per_1k": 0.3}  # ours/original
+CCR_TARGETS = {"events_per_s": 1.3, "cpu_per_1k": 0.6}  # ours/claude-code-router (issue 16)
+# Rows about the process, not a route: shown for every proxy, whichever routes it serves.
+PROCESS_KEYS = {"idle_rss_mb", "peak_rss_mb", "healthy_ms"}
+METRIC_KEYS = ["rps_c1", "p50_c1_ms", "p99_c1_ms", "rps_c32", "p50_c32_ms", "p99_c32_ms", "ttfc_ms",
+               "chunks_per_s", "cpu_per_1k", "idle_rss_mb", "peak_rss_mb", "healthy_s", "s256_errors",
+               "s256_time_s", "stream32_errors", "fake_cpu_per_1k", "loadgen_cpu_per_1k", "events_per_s"]
+
+
+def note_key(prefix):
+    """Where a route's n/a reason is kept: '' is the OpenAI route, 'a_' / 'r_' the ROUTES."""
+    return f"{prefix}note" if prefix else "openai_note"
 
 
 def median(rounds, key):
@@ -417,6 +568,22 @@ def overhead(rounds_by_target, name, key):
         if mine.get(key) is not None and direct.get("ttfc_ms") is not None:
             diffs.append(mine[key] - direct["ttfc_ms"])
     return statistics.median(diffs) if diffs else None
+
+
+def medians(rounds, t):
+    """One subject's report numbers: medians over its rounds, first-chunk overheads against
+    direct, and the first n/a reason of each route."""
+    med = {k: median(rounds.get(t, []), k) for k in METRIC_KEYS}
+    for p in ROUTES:
+        for k in ("ttfe_ms", "events_per_s", "chunks_per_s", "cpu_per_1k", "errors"):
+            med[f"{p}_{k}"] = median(rounds.get(t, []), f"{p}_{k}")
+    for k, src in [("ttfc_overhead_ms", "ttfc_ms")] + [(f"{p}_ttfe_overhead_ms", f"{p}_ttfe_ms") for p in ROUTES]:
+        med[k] = overhead(rounds, t, src) if t != "direct" else None
+    med["healthy_ms"] = med["healthy_s"] * 1000 if med["healthy_s"] is not None else None
+    for prefix in ["", *(f"{p}_" for p in ROUTES)]:
+        reasons = [m[note_key(prefix)] for m in rounds.get(t, []) if m.get(note_key(prefix))]
+        med[note_key(prefix)] = reasons[0] if reasons else None
+    return med
 
 
 def fmt(v, digits=None):
@@ -441,131 +608,45 @@ def ratio_cell(ours, orig, target, higher_is_better):
     return f"{r:.2f}x", ("PASS" if ok else "FAIL")
 
 
-def build_report(results, notes, args, meta):
-    rounds = {t: [m for m in results[t]] for t in results}
-    med = {t: {} for t in TARGETS}
-    keys = ["rps_c1", "p50_c1_ms", "p99_c1_ms", "rps_c32", "p50_c32_ms", "p99_c32_ms", "ttfc_ms",
-            "chunks_per_s", "cpu_per_1k", "idle_rss_mb", "peak_rss_mb", "healthy_s", "s256_errors",
-            "s256_time_s", "stream32_errors", "fake_cpu_per_1k", "loadgen_cpu_per_1k", "events_per_s"]
-    keys += [f"{p}_{k}" for p in ROUTES for k in ("ttfe_ms", "events_per_s", "chunks_per_s", "cpu_per_1k", "errors")]
-    for t in TARGETS:
-        for k in keys:
-            med[t][k] = median(rounds.get(t, []), k)
-        for k, src in [("ttfc_overhead_ms", "ttfc_ms")] + [(f"{p}_ttfe_overhead_ms", f"{p}_ttfe_ms") for p in ROUTES]:
-            med[t][k] = overhead(rounds, t, src) if t != "direct" else None
-        if med[t]["healthy_s"] is not None:
-            med[t]["healthy_ms"] = med[t]["healthy_s"] * 1000
-        else:
-            med[t]["healthy_ms"] = None
+def target_text(target, higher):
+    if target is None:
+        return ""
+    return ("≥ " if higher else "≤ ") + ("1/3" if target == 1 / 3 else f"{target:.2f}x")
 
-    # (label, key, target ratio ours/original, higher is better)
-    rows = [
-        ("Non-stream c=1: requests/s", "rps_c1", None, True),
-        ("Non-stream c=1: p50 latency (ms)", "p50_c1_ms", None, False),
-        ("Non-stream c=1: p99 latency (ms)", "p99_c1_ms", None, False),
-        ("Non-stream c=32: requests/s", "rps_c32", None, True),
-        ("Non-stream c=32: p50 latency (ms)", "p50_c32_ms", None, False),
-        ("Non-stream c=32: p99 latency (ms)", "p99_c32_ms", None, False),
-        ("Stream: time to first chunk (ms)", "ttfc_ms", None, False),
-        ("Stream: first-chunk overhead vs direct (ms)", "ttfc_overhead_ms", 1 / 3, False),
-        ("32 streams: chunks/s at client", "chunks_per_s", 5.0, True),
-        ("32 streams: SSE events/s at client", "events_per_s", None, True),
-        ("32 streams: proxy CPU s per 1000 chunks", "cpu_per_1k", 0.2, False),
-        ("Idle RSS (MB)", "idle_rss_mb", 0.5, False),
-        ("Peak RSS (MB)", "peak_rss_mb", None, False),
-        ("Time to healthy (ms)", "healthy_ms", 0.5, False),
-        (f"256 streams x {args.chunks256} chunks: errors (worst round)", "s256_errors", None, False),
-        (f"256 streams x {args.chunks256} chunks: total time (s)", "s256_time_s", None, False),
-    ]
 
-    def route_rows(cpu_target):
-        """Rows of a client face's table; keys without the route prefix."""
-        return [
-            ("32 streams: events/s at client", "events_per_s", None, True),
-            ("32 streams: content chunks/s at client", "chunks_per_s", None, True),
-            ("32 streams: proxy CPU s per 1000 upstream chunks", "cpu_per_1k", cpu_target, False),
-            ("Time to first event (ms)", "ttfe_ms", None, False),
-            ("First-event overhead vs direct first chunk (ms)", "ttfe_overhead_ms", None, False),
-            ("32 streams: errors (worst round)", "errors", None, False),
-        ]
+def table(rows, cols, ratios):
+    """A markdown table. rows: (label, metric key, higher is better); cols: (header, medians, key
+    prefix), one value column each ("n/a" where that subject lacks the route); ratios: (header,
+    numerator col, denominator col, targets by metric key), one ratio column each, followed by
+    target and verdict columns when it has targets."""
+    head = ["Metric"] + [header for header, _, _ in cols]
+    for header, _, _, targets in ratios:
+        head += [header] + (["target", ""] if targets else [])
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, key, higher in rows:
+        cells = [label] + ["n/a" if med.get(note_key(prefix)) and key not in PROCESS_KEYS
+                           else fmt(med.get(prefix + key)) for _, med, prefix in cols]
+        for _, (_, num, num_prefix), (_, den, den_prefix), targets in ratios:
+            ours = num.get(num_prefix + key)
+            ratio, verdict = ratio_cell(ours, den.get(den_prefix + key), targets.get(key), higher)
+            tgt = target_text(targets.get(key), higher)
+            if key == "s256_errors":  # an absolute target: none may fail
+                ratio, tgt, verdict = "", "0", ("PASS" if ours == 0 else "FAIL") if ours is not None else "—"
+            cells += [ratio] + ([tgt, verdict] if targets else [])
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
 
-    def table(rows, cols, ratio_head="ours/original"):
-        """cols: (header, metrics, key prefix); the ratio column is the last column over the one before."""
-        head = ["Metric"] + [c[0] for c in cols] + [ratio_head, "target", ""]
-        out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for label, key, target, higher in rows:
-            vals = [metrics.get(prefix + key) for _, metrics, prefix in cols]
-            o, u = vals[-2], vals[-1]
-            ratio, verdict = ratio_cell(u, o, target, higher)
-            if key == "s256_errors":
-                ratio, verdict = "", ("PASS" if u == 0 else "FAIL") if u is not None else "—"
-                tgt = "0"
-            elif target is None:
-                tgt = ""
-            else:
-                tgt = ("≥ " if higher else "≤ ") + (f"{target:.2f}x" if target != 1 / 3 else "1/3")
-            cells = [label] + [fmt(v) for v in vals] + [ratio, tgt, verdict]
-            out.append("| " + " | ".join(cells) + " |")
-        return "\n".join(out)
 
-    lines = [
-        "## Results",
-        "",
-        f"Run: {meta['date']}, {meta['rounds']} round(s), medians; {args.chunks} chunks per stream"
-        f"{', paced ' + str(args.pace_us) + ' µs' if args.pace_us else ', unpaced'}; "
-        f"machine: {meta['machine']}; 1-min load average {meta['load']}.",
-        f"Original: iflow2api {ORIGINAL_VERSION} ({meta['original_stack']}), api_concurrency=10. "
-        f"Ours: {meta['ours']}, concurrency=512.",
-        "",
-        "### OpenAI path: POST /v1/chat/completions",
-        "",
-        table(rows, [(LABELS[t], med[t], "") for t in TARGETS]),
-        "",
-        "### Anthropic path: POST /v1/messages (streaming)",
-        "",
-        "The fake upstream speaks only OpenAI chat completions, so there is no direct column; the "
-        "first-event overhead is against direct's first chunk on /v1/chat/completions.",
-        "",
-    ]
-    def route_notes(prefix):
-        """The first skip note of each proxy for this route, as list items."""
-        items = []
-        for t in ("original", "ours"):
-            skipped = [m[f"{prefix}_note"] for m in rounds.get(t, []) if m.get(f"{prefix}_note")]
-            items += [f"- {LABELS[t]}: {skipped[0]}"] if skipped else []
-        return [""] + items if items else []
+def route_notes(med, subjects, prefix):
+    """Why a subject's cells are n/a on a route, as list items."""
+    items = [f"- {LABELS[t]}: {med[t][note_key(prefix)]}" for t in subjects if med[t][note_key(prefix)]]
+    return [""] + items if items else []
 
-    lines.append(table(route_rows(0.3), [(LABELS[t], med[t], "a_") for t in ("original", "ours")]))
-    lines += route_notes("a")
-    ra = ratio_cell(med["ours"]["r_cpu_per_1k"], med["ours"]["a_cpu_per_1k"], RESPONSES_CPU_TARGET, False)
-    lines += [
-        "",
-        "### Responses path: POST /v1/responses (streaming), side by side with the Anthropic path",
-        "",
-        "Ours only (the original has no /v1/responses). Events are `response.output_text.delta` events, "
-        "the first event is the first delta, a stream succeeds when `response.completed` arrives.",
-        "",
-        table(route_rows(RESPONSES_CPU_TARGET),
-              [(f"ours {ROUTES[p][0]}", med["ours"], f"{p}_") for p in ("a", "r")], "Responses/Anthropic"),
-        "",
-        f"Responses CPU per 1000 chunks / Anthropic: {ra[0]} (target ≤ {RESPONSES_CPU_TARGET:.1f}x)"
-        + (f": {ra[1]}" if ra[1] else ""),
-    ]
-    lines += route_notes("r")
-    d = med["direct"]
-    lines += [
-        "",
-        "### Tool headroom",
-        "",
-        f"Direct (load generator ↔ fake upstream, no proxy): {fmt(d['chunks_per_s'])} chunks/s at 32 streams. "
-        f"Fake upstream CPU: {fmt(d['fake_cpu_per_1k'], 4)} s per 1000 chunks; load generator CPU: "
-        f"{fmt(d['loadgen_cpu_per_1k'], 4)} s per 1000 events (medians, direct runs).",
-    ]
-    for t in ("original", "ours"):
-        if med[t]["fake_cpu_per_1k"] is not None:
-            lines.append(f"During {LABELS[t]} runs: fake {fmt(med[t]['fake_cpu_per_1k'], 4)} s per 1000 chunks, "
-                         f"load generator {fmt(med[t]['loadgen_cpu_per_1k'], 4)} s per 1000 events.")
-    for t in TARGETS:
+
+def round_notes(rounds, subjects):
+    """Errors and their samples, per subject and round."""
+    notes = []
+    for t in subjects:
         for i, m in enumerate(rounds.get(t, []), 1):
             for key, what in (("nonstream_errors_c1", "non-stream c=1 errors"),
                               ("nonstream_errors_c32", "non-stream c=32 errors"),
@@ -580,6 +661,108 @@ def build_report(results, notes, args, meta):
                 if m.get(key):
                     samples = (str(x).replace("\n", "\\n").replace("`", "'") for x in m[key][:3])
                     notes.append(f"{LABELS[t]} round {i} samples: " + "; ".join(f"`{x}`" for x in samples))
+    return notes
+
+
+def build_report(rounds, notes, args, meta):
+    shown = [t for t in COLUMNS if t in rounds]  # ours, original, the peers asked for, direct
+    proxies = [t for t in shown if t != "direct"]
+    med = {t: medians(rounds, t) for t in COLUMNS}
+    col = {t: (LABELS[t], med[t], "") for t in COLUMNS}  # the OpenAI route's columns
+
+    # (label, key, higher is better)
+    rows = [
+        ("Non-stream c=1: requests/s", "rps_c1", True),
+        ("Non-stream c=1: p50 latency (ms)", "p50_c1_ms", False),
+        ("Non-stream c=1: p99 latency (ms)", "p99_c1_ms", False),
+        ("Non-stream c=32: requests/s", "rps_c32", True),
+        ("Non-stream c=32: p50 latency (ms)", "p50_c32_ms", False),
+        ("Non-stream c=32: p99 latency (ms)", "p99_c32_ms", False),
+        ("Stream: time to first chunk (ms)", "ttfc_ms", False),
+        ("Stream: first-chunk overhead vs direct (ms)", "ttfc_overhead_ms", False),
+        ("32 streams: chunks/s at client", "chunks_per_s", True),
+        ("32 streams: SSE events/s at client", "events_per_s", True),
+        ("32 streams: proxy CPU s per 1000 chunks", "cpu_per_1k", False),
+        ("Idle RSS (MB)", "idle_rss_mb", False),
+        ("Peak RSS (MB)", "peak_rss_mb", False),
+        ("Time to healthy (ms)", "healthy_ms", False),
+        (f"256 streams x {args.chunks256} chunks: errors (worst round)", "s256_errors", False),
+        (f"256 streams x {args.chunks256} chunks: total time (s)", "s256_time_s", False),
+    ]
+    # Rows of a client face's table; keys without the route prefix.
+    route_rows = [
+        ("32 streams: events/s at client", "events_per_s", True),
+        ("32 streams: content chunks/s at client", "chunks_per_s", True),
+        ("32 streams: proxy CPU s per 1000 upstream chunks", "cpu_per_1k", False),
+        ("Time to first event (ms)", "ttfe_ms", False),
+        ("First-event overhead vs direct first chunk (ms)", "ttfe_overhead_ms", False),
+        ("32 streams: errors (worst round)", "errors", False),
+    ]
+    lines = [
+        "## Results",
+        "",
+        f"Run: {meta['date']}, {meta['rounds']} round(s), medians; {args.chunks} chunks per stream"
+        f"{', paced ' + str(args.pace_us) + ' µs' if args.pace_us else ', unpaced'}; "
+        f"machine: {meta['machine']}; 1-min load average {meta['load']}.",
+        f"Original: iflow2api {ORIGINAL_VERSION} ({meta['original_stack']}), api_concurrency=10. "
+        f"Ours: {meta['ours']}, concurrency=512.",
+    ]
+    if meta.get("peers"):
+        lines.append(f"Peers: {meta['peers']}.")
+    lines += [
+        "",
+        "### OpenAI path: POST /v1/chat/completions",
+        "",
+        table(rows, [col[t] for t in shown], [("ours/original", col["ours"], col["original"], OPENAI_TARGETS)]),
+    ]
+    lines += route_notes(med, proxies, "")
+    a_col = {t: (LABELS[t], med[t], "a_") for t in COLUMNS}
+    a_ratios = [("ours/original", a_col["ours"], a_col["original"], ANTHROPIC_TARGETS)]
+    if "ccr" in shown:
+        a_ratios.append(("ours/ccr", a_col["ours"], a_col["ccr"], CCR_TARGETS))
+    lines += [
+        "",
+        "### Anthropic path: POST /v1/messages (streaming)",
+        "",
+        "The fake upstream speaks only OpenAI chat completions, so there is no direct column; the "
+        "first-event overhead is against direct's first chunk on /v1/chat/completions."
+        + (" ours/ccr: issue 16's targets against claude-code-router." if "ccr" in shown else ""),
+        "",
+        table(route_rows, [a_col[t] for t in proxies], a_ratios),
+    ]
+    lines += route_notes(med, proxies, "a_")
+    ours_a, ours_r = ("ours /v1/messages", med["ours"], "a_"), ("ours /v1/responses", med["ours"], "r_")
+    r_cols = [ours_a, ours_r] + [(f"{LABELS[t]} /v1/responses", med[t], "r_") for t in proxies
+                                 if t not in ("ours", "original", "ccr")]
+    ra = ratio_cell(med["ours"]["r_cpu_per_1k"], med["ours"]["a_cpu_per_1k"], RESPONSES_CPU_TARGET, False)
+    lines += [
+        "",
+        "### Responses path: POST /v1/responses (streaming), side by side with the Anthropic path",
+        "",
+        "The original" + (" and claude-code-router have" if "ccr" in shown else " has") + " no /v1/responses. "
+        "Events are `response.output_text.delta` events, the first event is the first delta, a stream "
+        "succeeds when `response.completed` arrives.",
+        "",
+        table(route_rows, r_cols, [("Responses/Anthropic", ours_r, ours_a, {"cpu_per_1k": RESPONSES_CPU_TARGET})]),
+        "",
+        f"Responses CPU per 1000 chunks / Anthropic: {ra[0]} (target ≤ {RESPONSES_CPU_TARGET:.1f}x)"
+        + (f": {ra[1]}" if ra[1] else ""),
+    ]
+    lines += route_notes(med, [t for t in proxies if t not in ("original", "ccr")], "r_")
+    d = med["direct"]
+    lines += [
+        "",
+        "### Tool headroom",
+        "",
+        f"Direct (load generator ↔ fake upstream, no proxy): {fmt(d['chunks_per_s'])} chunks/s at 32 streams. "
+        f"Fake upstream CPU: {fmt(d['fake_cpu_per_1k'], 4)} s per 1000 chunks; load generator CPU: "
+        f"{fmt(d['loadgen_cpu_per_1k'], 4)} s per 1000 events (medians, direct runs).",
+    ]
+    for t in proxies:
+        if med[t]["fake_cpu_per_1k"] is not None:
+            lines.append(f"During {LABELS[t]} runs: fake {fmt(med[t]['fake_cpu_per_1k'], 4)} s per 1000 chunks, "
+                         f"load generator {fmt(med[t]['loadgen_cpu_per_1k'], 4)} s per 1000 events.")
+    notes = notes + round_notes(rounds, shown)
     if float(meta["load"].split()[0]) > 1.0:
         notes.insert(0, f"the machine was busy before the run (load average {meta['load']}): "
                         "numbers are depressed and noisy, ratios too when the load changed between targets; "
@@ -594,8 +777,45 @@ def build_report(results, notes, args, meta):
 
 # ---------------------------------------------------------------- main
 
+def install_subjects(targets, args, notes):
+    """What each subject runs: installs the original and the peers on first use, snapshots ours.
+    A subject that cannot be set up is dropped from `targets` with a note. Returns
+    ({subject: its executable or entry file}, sha256 prefix of ours or None)."""
+    installs = {
+        "original": lambda: ensure_original_venv(Path(args.original_venv)),
+        "litellm": lambda: ensure_litellm_venv(Path(args.litellm_venv)),
+        "ccr": lambda: ensure_ccr(Path(args.ccr_dir)),
+    }
+    exes, ours_digest = {}, None
+    for name in [t for t in targets if t in installs]:
+        try:
+            exes[name] = installs[name]()
+        except (subprocess.CalledProcessError, OSError) as e:
+            notes.append(f"{LABELS[name]} skipped: could not install it ({e})")
+            targets.remove(name)
+    if "ours" in targets:
+        if not args.ours_path.exists():
+            notes.append(f"ours skipped: {args.ours_path} does not exist")
+            targets.remove("ours")
+        else:
+            exes["ours"], ours_digest = snapshot(args.ours_path)
+    return exes, ours_digest
+
+
+def peers_meta(exes):
+    """Versions and settings of the peers that ran, for the report's header."""
+    parts = []
+    if "litellm" in exes:
+        stack = package_versions(exes["litellm"].parent / "python", ("uvicorn", "fastapi", "aiohttp", "httpx", "uvloop"))
+        parts.append(f"LiteLLM {LITELLM_VERSION} (`litellm[proxy]`: {stack}), 1 worker, no database, "
+                     "every model to the fake as `openai/*`")
+    if "ccr" in exes:
+        node = subprocess.run([shutil.which("node") or "node", "--version"], capture_output=True, text=True)
+        parts.append(f"claude-code-router {CCR_VERSION} (Node {node.stdout.strip() or '?'}), one provider = the fake")
+    return "; ".join(parts)
+
+
 def main():
-    global OURS
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="1 round, short streams and durations (< 1 minute)")
     p.add_argument("--rounds", type=int, help="rounds (default 3, quick 1)")
@@ -604,12 +824,18 @@ def main():
     p.add_argument("--duration", type=float, help="seconds per non-stream test (default 2, quick 1)")
     p.add_argument("--ttfc-samples", type=int, help="sequential streams for first-chunk time (default 50, quick 20)")
     p.add_argument("--pace-us", type=int, default=0, help="fake upstream pause between chunks, µs (default 0)")
-    p.add_argument("--targets", default=",".join(TARGETS), help="comma list of direct,original,ours")
+    p.add_argument("--targets", default=",".join(TARGETS), help="comma list of direct,original,ours (and peers)")
+    p.add_argument("--peers", default="", help="comma list of peers to add: litellm (LiteLLM proxy), ccr "
+                                               "(claude-code-router, Anthropic route only); installed on first use")
     p.add_argument("--ours", default="build",
                    help="path of our server, or 'build' (default): build dist-style iflow2api.pyz from "
                         "this checkout with build.py and measure that, the file users download")
     p.add_argument("--original-venv", default=str(BENCH / ".venv-original"),
                    help="venv with iflow2api 1.6.10 (created if missing)")
+    p.add_argument("--litellm-venv", default=str(BENCH / ".venv-litellm"),
+                   help=f"venv with litellm[proxy]=={LITELLM_VERSION} (created if missing)")
+    p.add_argument("--ccr-dir", default=str(BENCH / ".cache-ccr"),
+                   help=f"npm prefix with {CCR_PACKAGE}@{CCR_VERSION} (installed if missing)")
     p.add_argument("--out", default=str(BENCH / "results.md"), help="markdown output ('' = don't write)")
     p.add_argument("--update-readme", action="store_true", help="also replace the Results section of bench/README.md")
     args = p.parse_args()
@@ -619,31 +845,27 @@ def main():
     args.chunks256 = args.chunks256 or (20 if q else 50)
     args.duration = args.duration or (1.0 if q else 2.0)
     args.ttfc_samples = args.ttfc_samples or (20 if q else 50)
-    OURS = build_pyz() if args.ours == "build" else Path(args.ours).resolve()
-    ours_name, ours_digest = os.path.relpath(OURS, REPO) if OURS.is_relative_to(REPO) else str(OURS), None
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    targets += [t.strip() for t in args.peers.split(",") if t.strip() and t.strip() not in targets]
+    unknown = [t for t in targets if t not in TARGETS + PEERS]
+    if unknown:
+        p.error(f"unknown target(s) {', '.join(unknown)}: choose from {', '.join(TARGETS + PEERS)}")
+    ours_name = "not run"
+    if "ours" in targets:
+        args.ours_path = build_pyz() if args.ours == "build" else Path(args.ours).resolve()
+        ours = args.ours_path
+        ours_name = os.path.relpath(ours, REPO) if ours.is_relative_to(REPO) else str(ours)
+    asked = list(targets)  # report columns, also for a subject that could not be set up
     notes = []
 
     build_tools()
-    original_exe = None
-    if "original" in targets:
-        try:
-            original_exe = ensure_original_venv(Path(args.original_venv))
-        except (subprocess.CalledProcessError, OSError) as e:
-            notes.append(f"original skipped: could not create its venv ({e})")
-            targets.remove("original")
-    if "ours" in targets:
-        if not OURS.exists():
-            notes.append(f"ours skipped: {OURS} does not exist")
-            targets.remove("ours")
-        else:
-            OURS, ours_digest = snapshot(OURS)
+    exes, ours_digest = install_subjects(targets, args, notes)
 
     load_start = os.getloadavg()[0]
     if load_start > 1.0:
         log(f"warning: load average {load_start:.1f} before the run; other work on this machine skews results")
     fake = Fake(args.pace_us)
-    results = {t: [] for t in TARGETS}
+    results = {t: [] for t in [*TARGETS, *asked]}
     failed = set()
     started = time.time()
     try:
@@ -655,7 +877,7 @@ def main():
                     continue
                 log(f"round {rnd + 1}/{args.rounds}: {name}...")
                 t0 = time.time()
-                m, note = measure(name, fake, args, original_exe)
+                m, note = measure(name, fake, args, exes.get(name))
                 log(f"  done in {time.time() - t0:.1f} s" + (f" -- FAILED: {note}" if note else ""))
                 if note:
                     notes.append(f"{LABELS[name]} (round {rnd + 1}): {note}; skipped from then on")
@@ -667,13 +889,9 @@ def main():
     log(f"total {time.time() - started:.0f} s")
 
     stack = "not run"
-    if original_exe:
-        py = Path(original_exe).parent / "python"
-        out = subprocess.run([str(py), "-c", "import importlib.metadata as m;print(', '.join("
-                              "f'{p} {m.version(p)}' for p in ('uvicorn','fastapi','httpx','uvloop','httptools')"
-                              " if __import__('importlib.util').util.find_spec(p)))"],
-                             capture_output=True, text=True)
-        stack = out.stdout.strip() or "?"
+    if "original" in exes:
+        stack = package_versions(exes["original"].parent / "python",
+                                 ("uvicorn", "fastapi", "httpx", "uvloop", "httptools"))
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "rounds": args.rounds,
@@ -682,13 +900,14 @@ def main():
         "original_stack": stack,
         "load": f"{load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end",
         "ours": f"`{ours_name}`" + (f" (sha256 {ours_digest}, copied at start)" if ours_digest else ""),
+        "peers": peers_meta(exes),
     }
     report = build_report(results, notes, args, meta)
     print(report)
     if args.out:
         Path(args.out).write_text(report)
         Path(args.out).with_suffix(".json").write_text(json.dumps(
-            {"meta": meta, "args": vars(args), "rounds": results, "notes": notes}, indent=1))
+            {"meta": meta, "args": vars(args), "rounds": results, "notes": notes}, indent=1, default=str))
         log(f"wrote {args.out}")
     if args.update_readme:
         readme = BENCH / "README.md"

@@ -972,11 +972,14 @@ class Config:
         self.warnings = []
         self._box = None
         self._stamp = None  # the file as we last read or wrote it: (mtime_ns, size)
-        if data is None:
+        from_file = data is None
+        if from_file:
             remove_stale_temp_files(self.path)
             data = self._read_file()
         self.file_data = data
         self._resolve()
+        if from_file and self._name_unnamed_entries():
+            self.save()
 
     def _read_file(self) -> dict:
         data, problem = read_json_file(self.path)
@@ -1026,7 +1029,28 @@ class Config:
                 return False
             self.file_data = self._read_file()
             self._resolve()
+            if self._name_unnamed_entries():
+                self.save()
             return True
+
+    def _name_unnamed_entries(self) -> bool:
+        """Give hand-written `accounts` entries an id and `instances` entries a name (both
+        are how the app refers to them, and the id is where refreshed tokens are saved);
+        True when something was added, so the file gets it too."""
+        added = []
+        for key, field, make in (("accounts", "id", lambda _e: "acct-" + uuid.uuid4().hex[:8]),
+                                 ("instances", "name", lambda e: "port-%s" % e.get("port"))):
+            entries = self.file_data.get(key)
+            if not isinstance(entries, list):
+                continue
+            for entry in entries:
+                if isinstance(entry, dict) and not entry.get(field):
+                    entry[field] = make(entry)
+                    added.append("%s %s" % (key, entry[field]))
+        if added:
+            self.warnings.append("%s: gave %s (entries without one)" % (self.path, ", ".join(added)))
+            self._resolve()
+        return bool(added)
 
     def save(self) -> None:
         """Write the file layer with every secret sealed (plaintext from older files too)."""
@@ -5937,6 +5961,7 @@ def client_key_of(headers) -> str:
 # -- Client API keys for remote binds -------------------------------------------------------------
 
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+_LOOPBACK_CLIENTS = ("127.0.0.1", "::1", "::ffff:127.0.0.1")  # source addresses of this machine
 
 
 def needs_client_key(config: Config, host: str) -> bool:
@@ -6447,7 +6472,10 @@ class Backend:
         self.routes = self._build_routes()
 
     def reload(self) -> None:
-        """Follow a config change: provider routes (keys, models, providers) and the proxy."""
+        """Follow a config change: provider routes (keys, models, providers), the proxy and the
+        upstream timeouts (new connections use them)."""
+        self.pool.connect_timeout_s = self.config["upstream_connect_timeout_s"]
+        self.pool.read_timeout_s = self.config["upstream_read_timeout_s"]
         proxy_setting = (self.config["upstream_proxy_enabled"], self.config["upstream_proxy"])
         if proxy_setting != self._proxy_setting:
             self.pool.use_proxy(proxy_from_config(self.config))
@@ -6935,6 +6963,10 @@ class Limits:
         return cls(config["max_body_bytes"], config["header_timeout_s"], config["idle_timeout_s"],
                    config["max_connections"], config["body_timeout_s"])
 
+    def follow(self, config) -> None:
+        """Take the config's values in place: the server reads them per request."""
+        self.__dict__.update(Limits.from_config(config).__dict__)
+
 
 class BodyTimeoutError(Iflow2apiError):
     status, code = 408, "timeout"
@@ -7382,7 +7414,7 @@ class HTTPServer:
         except OSError:
             self.watcher.close()
             raise
-        self.host = host
+        self.host, self.limits = host, limits  # limits: read per request, may change in place
         self.port = self._server.server_address[1]
         self._thread = None
 
@@ -7428,40 +7460,43 @@ NO_CREDENTIALS_MESSAGE = (
 
 
 class ConcurrencyLimiter:
-    """At most `limit` upstream calls at once; others wait up to timeout_s, then 429."""
+    """At most `limit` upstream calls at once; others wait up to timeout_s, then 429.
+    Both can change while requests run (a config change reaches a running server)."""
 
     def __init__(self, limit: int, timeout_s: float):
         self.limit, self.timeout_s = limit, timeout_s
-        self._sem = threading.Semaphore(limit)
-        self._lock = threading.Lock()
+        self._free = threading.Condition(threading.Lock())
         self.in_flight = 0
         self.waiting = 0
         self.rejected = 0
 
+    def resize(self, limit: int, timeout_s: float) -> None:
+        with self._free:
+            self.limit, self.timeout_s = limit, timeout_s
+            self._free.notify_all()  # a larger limit lets waiting requests in at once
+
     def acquire(self):
         """A release function for the taken slot; RateLimitError after the wait."""
-        with self._lock:
-            self.waiting += 1
-        try:
-            ok = self._sem.acquire(timeout=self.timeout_s)
-        finally:
-            with self._lock:
-                self.waiting -= 1
-                if ok:
-                    self.in_flight += 1
-                else:
+        with self._free:
+            if self.in_flight >= self.limit:
+                self.waiting += 1
+                try:
+                    ok = self._free.wait_for(lambda: self.in_flight < self.limit, self.timeout_s)
+                finally:
+                    self.waiting -= 1
+                if not ok:
                     self.rejected += 1
-        if not ok:
-            raise RateLimitError("too many concurrent requests (limit %d); retry shortly" % self.limit,
-                                 headers=[("retry-after", "1")])
+                    raise RateLimitError("too many concurrent requests (limit %d); retry shortly" % self.limit,
+                                         headers=[("retry-after", "1")])
+            self.in_flight += 1
         released = []
 
         def release():
             if not released:
                 released.append(True)
-                with self._lock:
+                with self._free:
                     self.in_flight -= 1
-                self._sem.release()
+                    self._free.notify()
         return release
 
 
@@ -7508,6 +7543,9 @@ def latency_summary(latencies_ms: list) -> dict:
     ordered = sorted(latencies_ms)
     pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
     return {"avg": round(sum(ordered) / len(ordered), 1), "p50": round(pick(0.5), 1), "p95": round(pick(0.95), 1)}
+
+
+_LIVE_ACCOUNT_FIELDS = ("id", "status", "message", "cooldown_s", "requests", "errors")
 
 
 class Api:
@@ -7589,6 +7627,10 @@ class Api:
             "requests": self.stats.snapshot()["requests"],
             "update": self.backend.update.notice(),
         }
+        if req.client and req.client[0] in _LOOPBACK_CLIENTS:  # `iflow2api accounts` shows the live state
+            now = time.time()
+            body["accounts"]["live"] = [{k: v for k, v in a.snapshot(now).items() if k in _LIVE_ACCOUNT_FIELDS}
+                                        for a in self.backend.accounts.accounts()]
         if not has_key:
             body["message"] = NO_CREDENTIALS_MESSAGE % self.config.path
         return Response.json(body)
@@ -8623,6 +8665,14 @@ class Instance:
             self.server.stop(timeout_s, grace_s)
             self.server = None
 
+    def follow_config(self) -> None:
+        """Take a changed config: concurrency, the queue wait, server limits and CORS origins
+        (where it listens needs a restart: RESTART_KEYS)."""
+        self.limiter.resize(self.config["concurrency"], self.config["queue_timeout_s"])
+        self.app.cors_origins = list(self.config["cors_allow_origins"] or [])
+        if self.server is not None:
+            self.server.limits.follow(self.config)
+
     def status(self) -> dict:
         stats = self.stats.snapshot()
         return {"name": self.name, "running": self.running, "url": self.url, "host": self.host,
@@ -8647,6 +8697,8 @@ class Service:
         # Objects with register(router) and head_check(...) whose routes every instance
         # started from now on serves too (add_web_admin puts the web admin here).
         self.route_sets = []
+        self._watch_stop = threading.Event()
+        self._watcher = None
 
     @classmethod
     def from_config(cls, overrides: dict = None, path: str = None, env=None) -> "Service":
@@ -8668,6 +8720,7 @@ class Service:
                 instance.generated_key = generated
                 instance.start()
                 self.instances[name] = instance
+                self._watch_config_file()
             return instance
 
     def stop(self, name: str = None, timeout_s: float = 5.0, grace_s: float = 0.0) -> None:
@@ -8682,6 +8735,9 @@ class Service:
             for thread in threads:
                 thread.join()
         if name is None:
+            self._watch_stop.set()
+            if self._watcher is not None:
+                self._watcher.join(5)
             self.backend.close()
             logging.getLogger("iflow2api").removeHandler(self.log_buffer)
 
@@ -8829,8 +8885,53 @@ class Service:
         return shown
 
     def config_set(self, changes: dict) -> None:
+        before = dict(self.config.values)
         self.config.update(changes)
+        self._apply_config(before)
+
+    # -- following the config file --
+
+    CONFIG_CHECK_S = 2.0  # how often a running server looks at its config file (one stat)
+
+    def _watch_config_file(self) -> None:
+        if self._watcher is None:
+            self._watcher = threading.Thread(target=self._watch_loop, name="iflow2api-config", daemon=True)
+            self._watcher.start()
+
+    def _watch_loop(self) -> None:
+        while not self._watch_stop.wait(self.CONFIG_CHECK_S):
+            try:
+                self.follow_config()
+            except Exception:  # a bad file must not end the watching
+                log.exception("could not apply the changed config file")
+
+    def follow_config(self) -> list:
+        """Apply the config file when another process changed it (`iflow2api config`, an
+        editor, the admin password command); the changed keys (names only: values may be
+        secrets) are logged, with those that wait for a restart. Returns the changed keys."""
+        before = dict(self.config.values)
+        if not self.config.refresh():
+            return []
+        changed = self._apply_config(before)
+        for warning in self.config.warnings:
+            log.warning("%s", warning)
+        del self.config.warnings[:]
+        if changed:
+            later = [key for key in changed if key in RESTART_KEYS]
+            log.info("config file changed: %s%s", ", ".join(changed) or "nothing",
+                     "; after a restart: %s" % ", ".join(later) if later else "")
+        return changed
+
+    def _apply_config(self, before: dict) -> list:
+        """Make the running parts follow config values that differ from `before`."""
+        now = self.config.values
+        changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+        if "log_level" in changed:
+            logging.getLogger("iflow2api").setLevel(getattr(logging, now["log_level"].upper(), logging.INFO))
         self.backend.reload()
+        for instance in list(self.instances.values()):
+            instance.follow_config()
+        return changed
 
     def editable_keys(self) -> list:
         """Config keys the admin may change directly (secrets and lists with their own pages excluded)."""
@@ -9004,8 +9105,7 @@ class Service:
         changes = {"providers": providers}
         if make_default:
             changes["default_provider"] = name
-        self.config.update(changes)
-        self.backend.reload()
+        self.config_set(changes)
         return next(p for p in self.providers() if p["name"] == name)
 
     def provider_remove(self, name: str) -> bool:
@@ -9016,8 +9116,7 @@ class Service:
         changes = {"providers": providers}
         if self.config["default_provider"] == name:
             changes["default_provider"] = "iflow"
-        self.config.update(changes)
-        self.backend.reload()
+        self.config_set(changes)
         return True
 
 
@@ -9048,7 +9147,6 @@ def _key_id(key: str) -> str:
 
 SESSION_COOKIE = "iflow2api_admin"
 BROWSER_COOKIE = "iflow2api_browser"  # tells browsers on this machine apart for the sign-in limit
-_LOOPBACK_CLIENTS = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
 
 
 class AdminApi:
@@ -9068,7 +9166,7 @@ class AdminApi:
     def _follow_password_file(self) -> None:
         """A password set or reset from the command line applies at once and signs out
         every browser (the config file changed under the running server)."""
-        self.service.config.refresh()
+        self.service.follow_config()
         current = self.service.config.get("admin_password_hash")
         if current != self._password_hash_seen:
             self._password_hash_seen = current
@@ -9806,18 +9904,25 @@ def _split_model_option(argv: list) -> tuple:
 
 def _running_server_url(config: Config):
     """The URL of an iflow2api already serving on the configured port, or None."""
+    return _running_server(config)[0]
+
+
+def _running_server(config: Config) -> tuple:
+    """(URL, its /health answer) of an iflow2api serving on the configured port, or (None, None)."""
     host = config["host"] if config["host"] in LOOPBACK_HOSTS else "127.0.0.1"
     url = "http://%s:%d" % ("[%s]" % host if ":" in host else host, config["port"])
     conn = http.client.HTTPConnection(host, config["port"], timeout=2)
     try:
         conn.request("GET", "/health")
         resp = conn.getresponse()
-        body = json.loads(resp.read(65536) or b"{}")
+        body = json.loads(resp.read(1 << 20) or b"{}")
     except (OSError, ValueError, http.client.HTTPException):
-        return None
+        return None, None
     finally:
         conn.close()
-    return url if isinstance(body, dict) and "http_adapter" in body and "version" in body else None
+    if isinstance(body, dict) and "http_adapter" in body and "version" in body:
+        return url, body
+    return None, None
 
 
 def _cmd_version(args) -> int:
@@ -9880,6 +9985,7 @@ def _cmd_config(config: Config, key, value) -> int:
         parsed = json.loads(value)
     except ValueError:
         parsed = value
+    running = _running_server_url(config)  # before the change: a new port is not where it listens
     try:
         config.update({key: parsed})
     except (TypeError, ValueError) as exc:
@@ -9888,6 +9994,10 @@ def _cmd_config(config: Config, key, value) -> int:
     if key == "upstream_proxy":  # all but its password
         shown = mask_url_password(config.get(key))
     print("%s = %s (saved to %s)" % (key, json.dumps(shown), config.path))
+    if running and key in RESTART_KEYS:
+        print("The server running at %s keeps its old %s until it is restarted." % (running, key))
+    elif running:
+        print("The server running at %s applies it within %d s." % (running, Service.CONFIG_CHECK_S))
     return 0
 
 
@@ -9941,7 +10051,7 @@ def _cmd_logout(service: Service, account_id: str) -> int:
 
 
 def _cmd_accounts(service: Service, as_json: bool) -> int:
-    accounts = service.accounts()
+    accounts = _with_live_state(service.accounts(), _running_server(service.config)[1])
     if as_json:
         print(json.dumps(accounts, indent=2, ensure_ascii=False))
         return 0
@@ -9950,10 +10060,21 @@ def _cmd_accounts(service: Service, as_json: bool) -> int:
         return 0
     print("%-14s %-10s %-16s %-20s %s" % ("ID", "TYPE", "KEY", "EXPIRES", "STATUS"))
     for a in accounts:
-        status = a["status"] + (": " + a["message"] if a["message"] else "")
+        status = a["status"] + (" %.0f s" % a["cooldown_s"] if a.get("cooldown_s") else "") + \
+            (": " + a["message"] if a["message"] else "")
         print("%-14s %-10s %-16s %-20s %s" % (a["id"], a["auth_type"], a["api_key"], a["expires_at"] or "-",
                                              status))
     return 0
+
+
+def _with_live_state(accounts: list, health) -> list:
+    """The accounts as the running server whose /health answer this is sees them (cooling
+    down, refused, counters): this process alone knows only the files."""
+    try:
+        live = {a["id"]: a for a in health["accounts"]["live"]}
+    except (KeyError, TypeError):
+        return accounts
+    return [dict(a, **{k: v for k, v in live.get(a["id"], {}).items() if k != "id"}) for a in accounts]
 
 
 def _cmd_providers(service: Service, args) -> int:

@@ -271,3 +271,76 @@ def test_config_echoes_a_secret_masked(tmp_path):
     run = run_cli(tmp_path, "config", "upstream_proxy", "http://user:proxy-pass-123456@127.0.0.1:3128")
     assert run.returncode == 0 and "proxy-pass-123456" not in run.stdout + run.stderr
     assert "http://user:***@127.0.0.1:3128" in run.stdout
+
+
+# -- a running server follows `iflow2api config` (issue 14) -----------------------------------
+
+def _health(url):
+    from helpers import http
+    return json.loads(http(url, "GET", "/health")[2])
+
+
+@pytest.fixture
+def running(start_service, fake_upstream, home, monkeypatch):
+    """A served Service whose config file and port the CLI finds (IFLOW2API_PORT), checking
+    its file every 0.1 s instead of every 2 s so the test is short."""
+    from helpers import free_port, write_settings
+    write_settings(str(home), fake_upstream.url)
+    monkeypatch.setattr(I.Service, "CONFIG_CHECK_S", 0.1)
+    port = free_port()
+    service = start_service(port=port)
+    return service, {"IFLOW2API_PORT": str(port)}
+
+
+def test_a_running_server_follows_config_changes_and_says_which_wait_for_a_restart(running, home, caplog):
+    service, env = running
+    url = service.instances["default"].url
+    assert _health(url)["concurrency"]["limit"] == 64
+    out = run_cli(home, "config", "concurrency", "3", env=env)
+    assert out.returncode == 0, out.stderr
+    assert "The server running at %s applies it within 2 s." % url in out.stdout
+    assert wait_until(lambda: _health(url)["concurrency"]["limit"] == 3, 5)
+    assert run_cli(home, "config", "max_body_bytes", "100", env=env).returncode == 0
+    assert wait_until(lambda: service.instances["default"].server.limits.max_body_bytes == 100, 5)
+    from helpers import http
+    assert http(url, "POST", "/v1/chat/completions", b"x" * 200, {"content-type": "application/json"})[0] == 413
+    assert run_cli(home, "config", "upstream_read_timeout_s", "7", env=env).returncode == 0
+    assert wait_until(lambda: service.backend.pool.read_timeout_s == 7.0, 5)
+
+    with caplog.at_level("INFO", logger="iflow2api"):
+        assert run_cli(home, "config", "theme_mode", "dark", env=env).returncode == 0
+        assert wait_until(lambda: any(r.getMessage() == "config file changed: theme_mode; after a restart: "
+                                      "theme_mode" for r in caplog.records), 5)
+    out = run_cli(home, "config", "host", "localhost", env=env)
+    assert "The server running at %s keeps its old host until it is restarted." % url in out.stdout
+    assert service.instances["default"].url == url  # still where it was
+
+
+def test_accounts_shows_the_live_state_of_a_running_server(running, home, fake_upstream):
+    from fakes import Reply
+    from helpers import http
+    service, env = running
+    fake_upstream.push(Reply(429, {"error": {"message": "slow down"}}, headers={"retry-after": "30"}))
+    body = json.dumps({"model": "glm-5", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    assert http(service.instances["default"].url, "POST", "/v1/chat/completions", body,
+                {"content-type": "application/json"})[0] == 429
+    listed = json.loads(run_cli(home, "accounts", "--json", env=env).stdout)
+    assert listed[0]["id"] == "iflow-cli" and listed[0]["status"] == "cooling_down", listed
+    assert listed[0]["cooldown_s"] > 0 and listed[0]["errors"] == 1
+    table = run_cli(home, "accounts", env=env).stdout
+    assert "cooling_down" in table
+    # Without a server, the files alone: nothing is cooling down.
+    alone = json.loads(run_cli(home, "accounts", "--json", env={"IFLOW2API_PORT": "9"}).stdout)
+    assert alone[0]["status"] == "ok"
+
+
+def test_hand_written_entries_without_an_id_or_name_get_one(home, fake_upstream):
+    write_config(home, {"accounts": [{"api_key": "sk-hand-written-0123456789", "base_url": fake_upstream.url}],
+                        "instances": [{"port": 28777}]})
+    listed = json.loads(run_cli(home, "accounts", "--json").stdout)
+    (account,) = listed
+    assert account["id"].startswith("acct-") and account["api_key"] == I.mask_secret("sk-hand-written-0123456789")
+    saved = read_config(home)
+    assert saved["accounts"][0]["id"] == account["id"] and saved["instances"][0]["name"] == "port-28777"
+    assert "sk-hand-written" not in json.dumps(saved)  # the rewrite sealed the key
+    assert json.loads(run_cli(home, "accounts", "--json").stdout)[0]["id"] == account["id"]  # stable

@@ -5,11 +5,13 @@ import json
 import logging
 import os
 import stat
+import threading
 
 import pytest
 from hypothesis import given, strategies as st
 
 import iflow2api as I
+from helpers import wait_until
 
 
 # -- iFlow protocol -------------------------------------------------------------
@@ -454,3 +456,22 @@ def test_launched_clients_send_a_configured_key_when_there_is_one(tmp_path):
     assert key_for(custom_api_key="original-key-0123") == "original-key-0123"
     assert key_for(api_keys=["first-key-0123"], custom_api_key="original-key-0123") == "first-key-0123"
     assert key_for(api_keys=["enc:v1:unreadable"], custom_api_key="original-key-0123") == "original-key-0123"
+
+
+def test_concurrency_limiter_can_grow_and_shrink_while_requests_wait():
+    limiter = I.ConcurrencyLimiter(1, 5.0)
+    first = limiter.acquire()
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(limiter.acquire()))
+    waiter.start()
+    assert wait_until(lambda: limiter.waiting == 1, 2)
+    limiter.resize(2, 5.0)  # a larger limit lets the waiting request in at once
+    waiter.join(2)
+    assert len(got) == 1 and limiter.in_flight == 2 and limiter.waiting == 0
+    limiter.resize(1, 0.05)  # smaller: nobody is cut, new requests wait for room
+    with pytest.raises(I.RateLimitError):
+        limiter.acquire()
+    first()
+    got[0]()
+    assert limiter.in_flight == 0 and limiter.rejected == 1
+    limiter.acquire()()  # room again

@@ -5179,10 +5179,15 @@ class ConnectionPool:
                 reused, conn = False, None  # stale keep-alive connection: try once on a new one
             except socket.timeout:
                 conn.close()
-                raise UpstreamTimeoutError("upstream timed out (%s)" % parts.hostname) from None
+                raise UpstreamTimeoutError("upstream timed out (%s%s)" % (parts.hostname, self._via())) from None
             except (OSError, http.client.HTTPException) as exc:
                 conn.close()
-                raise UpstreamError(502, "api_error", "cannot reach upstream %s: %s" % (parts.netloc, exc)) from None
+                raise UpstreamError(502, "api_error", "cannot reach upstream %s%s: %s"
+                                    % (parts.netloc, self._via(), exc)) from None
+
+    def _via(self) -> str:
+        """" through the proxy http://host:port" when one is used: its failure is not the upstream's."""
+        return " through the proxy %r" % self.proxy if self.proxy is not None else ""
 
     def close(self) -> None:
         with self._lock:

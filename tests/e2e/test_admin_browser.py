@@ -1039,8 +1039,16 @@ def test_config_page_groups_typed_controls_hints_and_field_errors(server, pages)
     expect(page.locator("#config-confirm")).to_be_hidden()
     page.fill("[data-config-key=upstream_proxy]", "http://127.0.0.1:9")
     expect(page.locator("#config-confirm")).to_be_visible()
-    page.click("#config-reload")
+    page.fill("#config-password", PASSWORD)
+    page.click("#config-save")
+    expect(page.locator("#toast")).to_contain_text("upstream_proxy")
+    expect(page.locator("#toast")).to_have_attribute("data-kind", "ok")
+    assert server.config["upstream_proxy"] == "http://127.0.0.1:9"
     expect(page.locator("#config-confirm")).to_be_hidden()
+    page.select_option("[data-config-key=close_action]", "quit")  # a key that waits for a restart says so
+    page.click("#config-save")
+    expect(page.locator("#toast")).to_have_text("Saved: close_action. Restart iflow2api to apply: close_action.")
+    page.click("#config-reload")
 
     def described(width, lang):
         expect(form.locator("details[data-group=upstream] > summary")).to_have_text(

@@ -4703,6 +4703,108 @@ def parse_chunk_size(line: bytes) -> int:
     return int(size, 16)
 
 
+# -- HTTP/1.1 heads of upstream calls ----------------------------------------------------------------
+# Our own request line, headers and answer head: http.client's header parsing goes through
+# the email package and cost about a third of a non-streamed request's CPU (issue 16).
+
+class Headers:
+    """Case-insensitive, multi-valued headers (of a request or an upstream answer) in arrival order."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items=()):
+        self._items = [(k.lower(), v) for k, v in items]
+
+    def get(self, name: str, default=None):
+        name = name.lower()
+        for key, value in self._items:
+            if key == name:
+                return value
+        return default
+
+    def get_all(self, name: str) -> list:
+        name = name.lower()
+        return [v for k, v in self._items if k == name]
+
+    def items(self) -> list:
+        return list(self._items)
+
+    def __contains__(self, name):
+        return self.get(name) is not None
+
+
+MAX_HEAD_BYTES = 64 * 1024
+_LINE_BREAK = re.compile(r"[\r\n\0]")
+
+
+def encode_request_head(method: str, target: str, host: str, headers: dict, body_length=None) -> bytes:
+    """Request line and headers of an upstream call, with Host, Accept-Encoding: identity and
+    Content-Length added as http.client adds them; ValueError for a line break in a header
+    (a config value must not smuggle a header in) or text beyond Latin-1."""
+    lines = ["%s %s HTTP/1.1" % (method, target), "Host: " + host]
+    given = set()
+    for name, value in headers.items():
+        value = str(value)
+        if _LINE_BREAK.search(name) or _LINE_BREAK.search(value):
+            raise ValueError("header %r holds a line break" % name[:40])
+        lines.append("%s: %s" % (name, value))
+        given.add(name.lower())
+    if "accept-encoding" not in given:
+        lines.append("Accept-Encoding: identity")  # no gzip: bodies are relayed as they come
+    if body_length is not None and "content-length" not in given:
+        lines.append("Content-Length: %d" % body_length)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+MAX_HEADER_COUNT = 100  # as http.client
+
+
+def parse_header_lines(lines) -> Headers:
+    """Headers from "Name: value" lines (bytes, line ends already removed); ValueError for a
+    line that is not one (folded lines included: HTTP/1.1 no longer allows them)."""
+    items = []
+    for line in lines:
+        name, sep, value = line.partition(b":")
+        if not sep or not name or name[-1:] in b" \t" or line[:1] in b" \t":
+            raise ValueError("malformed header line %r" % line[:60])
+        items.append((name.decode("latin-1"), value.strip(b" \t").decode("latin-1")))
+    if len(items) > MAX_HEADER_COUNT:
+        raise ValueError("more than %d headers" % MAX_HEADER_COUNT)
+    return Headers(items)
+
+
+def parse_response_head(head: bytes) -> tuple:
+    """(status, version, Headers) of an answer's head (without its blank line); ValueError
+    when it is not an HTTP/1.x answer."""
+    lines = head.split(b"\r\n")
+    version, _, rest = lines[0].partition(b" ")
+    status = rest[:3]
+    if version not in (b"HTTP/1.1", b"HTTP/1.0") or not status.isdigit() or len(status) != 3:
+        raise ValueError("not an HTTP/1.x answer: %r" % lines[0][:60])
+    return int(status), version.decode("ascii"), parse_header_lines(lines[1:])
+
+
+def response_framing(method: str, status: int, version: str, headers: Headers) -> tuple:
+    """(framing, keep_alive) of an answer's body: framing is "chunked", a byte count, or None
+    (until the connection closes, which then cannot be reused)."""
+    connection = (headers.get("connection") or "").lower()
+    keep_alive = "close" not in connection and (version == "HTTP/1.1" or "keep-alive" in connection)
+    if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+        return 0, keep_alive
+    codings = ",".join(headers.get_all("transfer-encoding")).lower()
+    if codings:
+        if codings.replace(" ", "").split(",")[-1] != "chunked":
+            return None, False  # not chunked last: the body ends with the connection
+        return "chunked", keep_alive
+    lengths = {v.strip() for value in headers.get_all("content-length") for v in value.split(",")}
+    if not lengths:
+        return None, False
+    length = lengths.pop()
+    if lengths or not length.isdigit() or not length.isascii():
+        raise ValueError("invalid Content-Length in the answer")
+    return int(length), keep_alive
+
+
 # == 5. Upstream: connection pool, proxies, providers, remote images ==============================
 # Keep-alive HTTP(S) connections per host over http.client (TCP_NODELAY, certifi
 # when present), the iFlow provider (headers, HMAC signature, per-model tweaks)
@@ -4983,17 +5085,18 @@ class UpstreamResponse:
     close() hands a fully read connection back to the pool, or closes it;
     abort() may be called from another thread to stop a blocked read at once."""
 
-    def __init__(self, pool, key, conn, resp, sock):
-        self._pool, self._key, self._conn, self._resp, self._sock = pool, key, conn, resp, sock
-        self.status = resp.status
-        self.headers = resp.headers
+    def __init__(self, pool, key, conn, sock, status: int, headers: Headers, framing, keep_alive: bool,
+                 buffered: bytes):
+        self._pool, self._key, self._conn, self._sock = pool, key, conn, sock
+        self.status, self.headers = status, headers
+        self._keep_alive = keep_alive
         self._closed = False
         self._lock = threading.Lock()  # abort() may race with close() from another thread
-        self._chunked = ChunkedDecoder() if resp.chunked else None
-        self._left = resp.length  # Content-Length bodies; None: until the connection closes
-        self._complete = resp.chunked is False and resp.length == 0
+        self._chunked = ChunkedDecoder() if framing == "chunked" else None
+        self._left = framing if isinstance(framing, int) else None  # None: until the connection closes
+        self._complete = framing == 0
         self._timeout = conn.read_timeout_s
-        self._buffered = None  # bytes http.client read ahead, taken on the first read
+        self._buffered = [buffered] if buffered else []  # body bytes read with the head
         self._abort_reason = ""  # why abort() cut the stream, when it says
 
     @property
@@ -5011,8 +5114,6 @@ class UpstreamResponse:
     def read_some(self, timeout_s: float = None):
         """Body bytes available now (b"" at the end); None when timeout_s passed silently."""
         while not self._complete:
-            if self._buffered is None:
-                self._buffered = self._take_buffered()
             if self._buffered:
                 raw = self._buffered.pop(0)
             else:
@@ -5042,26 +5143,6 @@ class UpstreamResponse:
             if data:
                 return data
         return b""
-
-    def _take_buffered(self) -> list:
-        """The body bytes http.client already read past the headers; from here on the
-        socket is read directly (a timeout on http.client's file object would make
-        every later read fail)."""
-        fp, sock, pieces = self._resp.fp, self._sock, []
-        if fp is None or sock is None:
-            return pieces
-        sock.settimeout(0.0)
-        try:
-            while True:
-                piece = fp.read1(65536)  # b"" when the buffer and the socket are both empty now
-                if not piece:
-                    break
-                pieces.append(piece)
-        except (BlockingIOError, ssl.SSLWantReadError):
-            pass
-        finally:
-            sock.settimeout(self._timeout)
-        return pieces
 
     def _recv(self, timeout_s):
         sock = self._sock
@@ -5094,13 +5175,34 @@ class UpstreamResponse:
             if self._closed:
                 return
             self._closed = True
-        reusable = self._complete and not self._resp.will_close
-        self._resp.close()  # done for http.client; the socket stays open while conn holds it
-        if reusable:
+        if self._complete and self._keep_alive:
             self._sock.settimeout(self._conn.read_timeout_s)
             self._pool.put(self._key, self._conn)
         else:
             self._conn.close()
+
+
+def _host_header(key) -> str:
+    """The Host header for (scheme, host, port): the port only when it is not the scheme's."""
+    scheme, host, port = key
+    host = "[%s]" % host if ":" in host else host
+    return host if port == (443 if scheme == "https" else 80) else "%s:%d" % (host, port)
+
+
+def _read_head(sock, data: bytes) -> tuple:
+    """(an answer's head, the bytes after its blank line), reading sock as needed."""
+    while True:
+        end = data.find(b"\r\n\r\n")
+        if end >= 0:
+            return data[:end], data[end + 4:]
+        if len(data) > MAX_HEAD_BYTES:
+            raise UpstreamStreamError("the upstream's answer head is larger than %d KiB" % (MAX_HEAD_BYTES // 1024))
+        more = sock.recv(65536)
+        if not more:
+            if data:
+                raise UpstreamStreamError("the upstream closed the connection in the middle of its answer's head")
+            raise http.client.RemoteDisconnected("the upstream closed the connection without answering")
+        data += more
 
 
 class ConnectionPool:
@@ -5186,6 +5288,10 @@ class ConnectionPool:
         path = self._request_target(parts, key)
         if path.startswith("http://") and self.proxy.basic_auth():
             headers = dict(headers, **{"Proxy-Authorization": self.proxy.basic_auth()})
+        try:
+            head = encode_request_head(method, path, _host_header(key), headers, None if body is None else len(body))
+        except ValueError as exc:
+            raise UpstreamError(502, "api_error", "cannot call upstream %s: %s" % (parts.netloc, exc)) from None
         conn = self._take(key)
         reused = conn is not None
         while True:
@@ -5193,9 +5299,10 @@ class ConnectionPool:
                 conn = self._new(key)
                 conn.pool_generation = self._generation
             try:
-                conn.request(method, path, body=body, headers=headers)
-                sock = conn.sock  # getresponse() drops conn.sock when the answer closes the connection
-                return UpstreamResponse(self, key, conn, conn.getresponse(), sock)
+                if conn.sock is None:
+                    conn.connect()  # http.client's: TCP, the proxy tunnel, TLS
+                conn.sock.sendall(head + body if body else head)
+                return self._answer(key, conn, method)
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
                 conn.close()
                 if not reused:
@@ -5208,6 +5315,19 @@ class ConnectionPool:
                 conn.close()
                 raise UpstreamError(502, "api_error", "cannot reach upstream %s%s: %s"
                                     % (parts.netloc, self._via(), exc)) from None
+
+    def _answer(self, key, conn, method: str) -> UpstreamResponse:
+        """The answer to the request just sent on conn, its head read and parsed here."""
+        sock, buffered = conn.sock, b""
+        while True:  # 1xx interim answers are skipped
+            head, buffered = _read_head(sock, buffered)
+            try:
+                status, version, headers = parse_response_head(head)
+                if not 100 <= status < 200:
+                    framing, keep_alive = response_framing(method, status, version, headers)
+                    return UpstreamResponse(self, key, conn, sock, status, headers, framing, keep_alive, buffered)
+            except ValueError as exc:
+                raise UpstreamStreamError("the upstream sent a malformed answer: %s" % exc) from None
 
     def _via(self) -> str:
         """" through the proxy http://host:port" when one is used: its failure is not the upstream's."""
@@ -6615,32 +6735,6 @@ def _provider_keys(settings: dict, env: dict):
 # body size, header/idle timeouts and connections, and a watcher that notices
 # clients leaving mid-stream. Tests: tests/integration/test_server.py (both adapters).
 
-class Headers:
-    """Case-insensitive, multi-valued request headers in arrival order."""
-
-    __slots__ = ("_items",)
-
-    def __init__(self, items=()):
-        self._items = [(k.lower(), v) for k, v in items]
-
-    def get(self, name: str, default=None):
-        name = name.lower()
-        for key, value in self._items:
-            if key == name:
-                return value
-        return default
-
-    def get_all(self, name: str) -> list:
-        name = name.lower()
-        return [v for k, v in self._items if k == name]
-
-    def items(self) -> list:
-        return list(self._items)
-
-    def __contains__(self, name):
-        return self.get(name) is not None
-
-
 _UNSET = object()
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
 
@@ -7178,6 +7272,44 @@ class _StdlibHandler(BaseHTTPRequestHandler):
     def log_message(self, format, *args):  # noqa: A002 - name fixed by http.server
         pass  # App logs one line per request
 
+    def parse_request(self) -> bool:
+        """The request line (read by http.server) and the headers, parsed here: http.server
+        parses headers with the email package, which cost a third of a request's CPU."""
+        words = self.raw_requestline.rstrip(b"\r\n").decode("latin-1").split()
+        self.command, self.request_version, self.close_connection = None, "HTTP/0.9", True
+        if len(words) == 3 and words[2] in ("HTTP/1.0", "HTTP/1.1"):
+            self.command, self.path, self.request_version = words
+        elif len(words) == 3 and words[2].startswith("HTTP/"):
+            self.send_error(505, "HTTP version %s is not supported" % words[2][:20])
+            return False
+        else:
+            self.send_error(400, "malformed request line")
+            return False
+        if self.path.startswith("//"):  # as http.server: never a scheme-relative URL downstream
+            self.path = "/" + self.path.lstrip("/")
+        lines, size = [], 0
+        while True:
+            line = self.rfile.readline(65537)
+            size += len(line)
+            if not line.endswith(b"\n") or size > MAX_HEAD_BYTES:
+                self.send_error(431 if line else 400, "request head too large" if line else "incomplete request head")
+                return False
+            line = line.rstrip(b"\r\n")
+            if not line:
+                break
+            lines.append(line)
+        try:
+            self.headers = parse_header_lines(lines)
+        except ValueError as exc:
+            self.send_error(431 if "headers" in str(exc) else 400, str(exc))
+            return False
+        connection = (self.headers.get("connection") or "").lower()
+        self.close_connection = "close" in connection or (self.request_version == "HTTP/1.0"
+                                                          and "keep-alive" not in connection)
+        if self.request_version == "HTTP/1.1" and (self.headers.get("expect") or "").lower() == "100-continue":
+            return self.handle_expect_100()
+        return True
+
     def send_error(self, code, message=None, explain=None):
         """Protocol errors found by http.server, answered in JSON."""
         self.close_connection = True
@@ -7228,7 +7360,7 @@ class _StdlibHandler(BaseHTTPRequestHandler):
 
     def _dispatch(self):
         self.rfile.head_done()
-        headers = Headers(self.headers.items())
+        headers = self.headers
         try:
             body = self._read_body(headers)
         except Iflow2apiError as exc:

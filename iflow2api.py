@@ -9095,8 +9095,9 @@ class Service:
         return changed
 
     def editable_keys(self) -> list:
-        """Config keys the admin may change directly (secrets and lists with their own pages excluded)."""
-        return sorted(k for k in DEFAULT_CONFIG if k not in _MANAGED_KEYS)
+        """Config keys the admin may change directly (secrets and lists with their own pages
+        excluded), in the order of CONFIG_GROUPS (the admin shows them so)."""
+        return [key for _group, keys in CONFIG_GROUPS for key in keys if key not in _MANAGED_KEYS]
 
     def config_schema(self) -> dict:
         """How each editable key is edited: {key: {"group", "type", "choices"?, "min"?, "max"?,
@@ -9208,8 +9209,7 @@ class Service:
         account.api_key, account.base_url = api_key, checked_at
         check = check_api_key(IFlowProvider(), account, self.backend.pool)
         if check == "refused" and not force:
-            raise KeyRefusedError("%s refused this API key (nothing was saved); check the key, or save it "
-                                  "anyway" % checked_at)
+            raise KeyRefusedError("%s refused this API key (nothing was saved)" % checked_at)
         login = {"api_key": api_key, "base_url": checked_at if add else base_url}  # None keeps settings.json's
         return {"id": save_login(self.backend.accounts, login, add), "check": check}
 
@@ -9220,7 +9220,8 @@ class Service:
     # -- providers --
 
     def providers(self) -> list:
-        """Presets and configured providers: name, base URL, key status (masked), models, notes."""
+        """Presets and configured providers: name, preset, base URL, masked keys (keyless: a
+        local server that needs none), notes."""
         configured = self.config.get("providers") or {}
         routes = self.backend.routes
         out = []
@@ -9233,10 +9234,11 @@ class Service:
                 settings["notes"] = PROVIDER_PRESETS.get(settings.get("preset") or name, {}).get("notes", "")
             route = routes.get(name)
             keys = [a.api_key for a in route.accounts.accounts()] if route else []
-            out.append({"name": name, "configured": name == "iflow" or name in configured,
+            preset = settings.get("preset") or (name if name in PROVIDER_PRESETS else "")
+            out.append({"name": name, "preset": preset, "configured": name == "iflow" or name in configured,
                         "enabled": route is not None, "default": name == self.config["default_provider"],
                         "base_url": settings["base_url"], "key_env": settings.get("key_env") or "",
-                        "keys": [mask_secret(k) if k else "(none needed)" for k in keys],
+                        "keys": [mask_secret(k) for k in keys if k], "keyless": bool(settings.get("keyless")),
                         "notes": settings["notes"]})
         return out
 
@@ -10193,8 +10195,8 @@ def _login_with_key(service: Service, args) -> int:
         saved = service.login_api_key(key, add=args.add, base_url=args.base_url, force=args.force)
     except KeyRefusedError as exc:
         if not sys.stdin.isatty():
-            raise SystemExit("iflow2api: %s (--force saves it anyway)" % str(exc).split(";")[0])
-        if ask("%s. Save it anyway? [y/N] " % str(exc).split(";")[0]).strip().lower() not in ("y", "yes"):
+            raise SystemExit("iflow2api: %s; --force saves it anyway" % exc)
+        if ask("%s. Save it anyway? [y/N] " % exc).strip().lower() not in ("y", "yes"):
             print("Nothing saved.")
             return 1
         saved = service.login_api_key(key, add=args.add, base_url=args.base_url, force=True)
@@ -10243,7 +10245,7 @@ def _cmd_providers(service: Service, args) -> int:
         added = service.provider_add(args.name, args.preset, args.api_key, args.base_url, args.models,
                                      args.default)
         print("Provider %s: %s, keys %s%s. Use models as %s/<model>." % (
-            added["name"], added["base_url"], ", ".join(added["keys"]) or "none",
+            added["name"], added["base_url"], ", ".join(added["keys"]) or ("none needed" if added["keyless"] else "none"),
             " (default)" if added["default"] else "", added["name"]))
         return 0
     if args.action == "remove":
@@ -10258,7 +10260,7 @@ def _cmd_providers(service: Service, args) -> int:
     print("%-11s %-8s %-50s %-22s %s" % ("NAME", "STATE", "BASE URL", "KEYS", "NOTES"))
     for p in providers:
         state = ("default" if p["default"] else "enabled") if p["enabled"] else "preset"
-        keys = ", ".join(p["keys"]) or ("$" + p["key_env"] if p["key_env"] else "-")
+        keys = ", ".join(p["keys"]) or ("none needed" if p["keyless"] else "$" + p["key_env"] if p["key_env"] else "-")
         print("%-11s %-8s %-50s %-22s %s" % (p["name"], state, p["base_url"], keys, p["notes"]))
     print("\nAdd one: iflow2api providers add deepseek --api-key sk-...   (any other: --base-url URL)")
     return 0

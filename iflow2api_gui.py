@@ -1695,7 +1695,8 @@ class ProvidersPage(Page):
         self.tree.delete(*self.tree.get_children())
         for p in self.providers:
             if p["configured"]:
-                keys = ", ".join(p["keys"]) or ("$" + p["key_env"] if p["key_env"] else "-")
+                keys = ", ".join(p["keys"]) or (self.t("prov.noKeyNeeded") if p["keyless"] else
+                                                ("$" + p["key_env"] if p["key_env"] else "-"))
                 self.tree.insert("", "end", iid=p["name"], values=(p["name"], self.t(self.model.state_key(p)),
                                                                    p["base_url"], keys))
 

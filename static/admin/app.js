@@ -1089,10 +1089,9 @@
     cell.appendChild(el('span', { class: 'badge ' + (p.enabled ? 'ok' : 'muted'), text: t(p.enabled ? 'prov.enabled' : (preset ? 'prov.isPreset' : 'prov.disabled')) }));
     setCell(row, 'base_url', p.base_url || '–', 'code small');
     // One unbreakable token per masked key: a key never wraps in its middle.
-    const keys = setCell(row, 'keys', (p.keys || []).length ? '' : '–', 'code small');
-    (p.keys || []).forEach(function (key) {
-      keys.appendChild(el('span', { class: 'token', text: key === '(none needed)' ? t('prov.noKeyNeeded') : key }));
-    });
+    const keys = setCell(row, 'keys', (p.keys || []).length || p.keyless ? '' : '–', 'code small');
+    (p.keys || []).forEach(function (key) { keys.appendChild(el('span', { class: 'token', text: key })); });
+    if (p.keyless) keys.appendChild(el('span', { class: 'token', text: t('prov.noKeyNeeded') }));
     setCell(row, 'notes', providerNote(p), 'small muted');
     row.querySelector('[data-action="add"]').hidden = !preset;
     row.querySelector('[data-action="default"]').hidden = !!p.default || !p.enabled;
@@ -1105,9 +1104,7 @@
    * provider made from a preset has that preset's note); otherwise the server's English note.
    */
   function providerNote(p) {
-    let source = p.name;
-    state.presets.forEach(function (preset, name) { if (p.notes && preset.notes === p.notes) source = name; });
-    const key = 'prov.note.' + source;
+    const key = 'prov.note.' + (p.preset || p.name);
     return window.I18n.has(key, window.I18n.getLanguage()) ? t(key) : (p.notes || '');
   }
 

@@ -588,7 +588,7 @@ def test_cli_refused_key_needs_force(home, oauth, fake_upstream):
     fake_upstream.refused_keys.add(key)
     out = run_cli(home, "login", "--api-key", key, "--base-url", fake_upstream.url, "--config", cfg)
     assert out.returncode == 1 and "Traceback" not in out.stderr
-    assert "refused this API key (nothing was saved) (--force saves it anyway)" in out.stderr
+    assert "refused this API key (nothing was saved); --force saves it anyway" in out.stderr
     assert not os.path.exists(settings_path(home))
     forced = run_cli(home, "login", "--api-key", key, "--base-url", fake_upstream.url, "--force", "--config", cfg)
     assert forced.returncode == 0 and "the iFlow API refused it (saved anyway)" in forced.stdout

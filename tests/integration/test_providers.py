@@ -863,7 +863,7 @@ def test_cli_add_custom_default_and_remove(home):
     assert config["providers"]["custom"] == {"base_url": "http://127.0.0.1:9/v1", "models": ["m1", "m2"]}
     listed = {p["name"]: p for p in json.loads(run_cli(home, "providers", "--json").stdout)}
     assert listed["custom"]["default"] and not listed["iflow"]["default"]
-    assert listed["custom"]["keys"] == ["(none needed)"]
+    assert listed["custom"]["keys"] == [] and listed["custom"]["keyless"] is True
     res = run_cli(home, "providers", "remove", "custom")
     assert res.returncode == 0, res.stderr
     config = json.loads(saved_config(home))

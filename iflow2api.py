@@ -2239,9 +2239,24 @@ class AnthropicStream(_StreamUsage):
         self._pending_thinking = ""
         self._used_tool_ids = set()
         self._generated = []  # all generated text, for the output estimate without usage
+        self._generated_literals = []  # text the fast path passed on, as JSON string literals
         self._saw_data = False
 
     # -- public surface --
+
+    def plain_text_block(self):
+        """The index of the open text block when a chunk that only adds text may skip this
+        state machine (nothing held back, no think tag in play, still streaming), else None."""
+        st = self.state
+        if st.open_kind == "text" and not st.done and self._think_parser.idle and not self._pending_text:
+            return st.open_index
+        return None
+
+    def took_plain_text(self, literal: bytes) -> None:
+        """Count text that the fast path sent on as it came (a JSON string literal); it is
+        decoded only for the output estimate, when the upstream reports no usage."""
+        self._saw_data = True
+        self._generated_literals.append(literal)
 
     def start(self) -> list:
         """Emit message_start + ping if not done yet (3.4: the HTTP layer's 10 s mark)."""
@@ -2462,9 +2477,10 @@ class AnthropicStream(_StreamUsage):
         usage = _anthropic_usage(self.state.usage)
         if usage is None:
             self.ctx.note("upstream sent no usage; token counts are estimated")
+            text = "".join(self._generated) + "".join(json.loads(raw) for raw in self._generated_literals)
             usage = {"input_tokens": self.ctx.estimated_input_tokens,
                      "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
-                     "output_tokens": estimate_text_tokens("".join(self._generated))}
+                     "output_tokens": estimate_text_tokens(text)}
         return usage
 
 
@@ -2714,6 +2730,11 @@ class _ThinkTagParser:
     def __init__(self):
         self.state = "before"
         self._buf = ""
+
+    @property
+    def idle(self) -> bool:
+        """Past any think block with nothing held back: more text is answer text as it is."""
+        return self.state == "after" and not self._buf
 
     def feed(self, text):
         self._buf += text
@@ -4512,6 +4533,38 @@ _TEXT_DELTA = ('event: content_block_delta\ndata: {"type":"content_block_delta",
 _STREAMED_DELTAS = {"text_delta": "text", "thinking_delta": "thinking"}
 
 
+# -- rule 3.1 fast path: a chunk that only adds text -------------------------------------------
+# Nearly every chunk of a long answer adds a few characters of text and nothing else. Such a
+# chunk skips JSON decoding, the state machine and JSON encoding: its content's JSON string
+# literal goes into a pre-built event as it came (measured: CPU per 1000 upstream chunks on
+# the Anthropic route 20 -> 9 ms). Anything else in the chunk, or JSON written with spaces
+# (the checks below read compact JSON only), takes the full path.
+
+# A delta of content alone (the role may come along): no tool calls, reasoning or refusal.
+_PLAIN_TEXT_DELTA = re.compile(rb'"delta":\{(?:"role":"assistant",)?"content":("(?:[^"\\<]|\\[^u]|\\u(?!003))+")'
+                               rb'(?:,"role":"assistant")?\}')
+
+
+def plain_text_literal(data: bytes):
+    """The content of a chunk (its data bytes) that only adds answer text, as the JSON string
+    literal it holds; None for any other chunk (a finish reason, usage, tool calls, reasoning,
+    an error, several choices, or a "<" that may start a think tag, also as \\u003c)."""
+    found = _PLAIN_TEXT_DELTA.search(data)
+    if found is None or data.count(b'"delta"') != 1 or b'"error"' in data:
+        return None
+    for field in (b'"finish_reason"', b'"usage"'):  # absent, or null as compact JSON writes it
+        at = data.find(field)
+        if at != -1 and not data.startswith(b":null", at + len(field)):
+            return None
+    return found.group(1)
+
+
+def encode_plain_text_delta(index: int, literal: bytes) -> bytes:
+    """The text_delta event of the fast path: the literal as the upstream wrote it."""
+    return b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,' \
+           b'"delta":{"type":"text_delta","text":%s}}\n\n' % (index, literal)
+
+
 def encode_anthropic_event(event) -> bytes:
     """Encode one (name, data) event as SSE bytes (3.1).
 
@@ -4628,29 +4681,33 @@ class ChunkedDecoder:
         return max(0, 2 - len(self._buf)) if self._state == "crlf" else 0
 
     def feed(self, data: bytes) -> bytes:
-        buf, out = self._buf + data, []
+        # Positions into one buffer, not slices of it: a read holds hundreds of small
+        # chunks, and cutting the rest off after each one copied the read quadratically.
+        buf = self._buf + data if self._buf else data
+        pos, size_of_buf, out = 0, len(buf), []
         while self._state != "done":
             if self._state == "data":
-                piece = buf[:self._left]
-                out.append(piece)
-                self._left -= len(piece)
-                buf = buf[len(piece):]
+                take = min(self._left, size_of_buf - pos)
+                out.append(buf[pos:pos + take])
+                pos += take
+                self._left -= take
                 if self._left:
                     break
                 self._state = "crlf"
             elif self._state == "crlf":
-                if len(buf) < 2:
+                if size_of_buf - pos < 2:
                     break
-                if buf[:2] != b"\r\n":
+                if buf[pos:pos + 2] != b"\r\n":
                     raise ValueError("chunk data not followed by CRLF")
-                buf, self._state = buf[2:], "size"
+                pos += 2
+                self._state = "size"
             else:  # "size" or "trailer": one line each
-                end = buf.find(b"\n")
+                end = buf.find(b"\n", pos)
                 if end == -1:
-                    if len(buf) > 4096:
+                    if size_of_buf - pos > 4096:
                         raise ValueError("chunk size line too long")
                     break
-                line, buf = buf[:end].rstrip(b"\r"), buf[end + 1:]
+                line, pos = buf[pos:end].rstrip(b"\r"), end + 1
                 if self._state == "trailer":
                     if not line:
                         self._state = "done"
@@ -4663,7 +4720,7 @@ class ChunkedDecoder:
                     self._state = "trailer"
                 else:
                     self._left, self._state = size, "data"
-        self._buf = buf
+        self._buf = buf[pos:]
         return b"".join(out)
 
 
@@ -4697,7 +4754,7 @@ _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 def parse_chunk_size(line: bytes) -> int:
     """The size in a chunk-size line (extensions after ";" ignored); ValueError
     unless it is 1-16 hex digits."""
-    size = line.split(b";", 1)[0].strip(b" \t")
+    size = line.split(b";", 1)[0].strip(b" \t") if b";" in line or b" " in line or b"\t" in line else line
     if not _CHUNK_SIZE.fullmatch(size):
         raise ValueError("malformed chunk size %r" % size[:20])
     return int(size, 16)
@@ -8074,7 +8131,7 @@ class Api:
             if "text/event-stream" in upstream.content_type:
                 reader = ChunkReader(upstream)
                 events = _until_started(reader, stream, ANTHROPIC_START_AFTER_S if is_stream else None,
-                                        self.clock)
+                                        self.clock, fast=is_stream and isinstance(stream, AnthropicStream))
             else:  # one JSON body: replay it through the same state machine
                 events = _feed_items(stream, completion_to_chunks(_parse_completion(_read_all(upstream)))
                                      + [ChunkReader.DONE])
@@ -8102,7 +8159,7 @@ class Api:
                         events = [PING_EVENT]
                     else:
                         silent_s = 0.0
-                        events = _feed_items(stream, items)
+                        events = _feed_items(stream, items, fast=True)
                 except (OSError, http.client.HTTPException) as exc:
                     message = stream_failure_message(exc)
                     req.log["error"] = message
@@ -8364,34 +8421,42 @@ class ChunkReader:
 
     def __init__(self, upstream: UpstreamResponse):
         self.upstream = upstream
-        self.parser = SSEParser()
+        self.splitter = EventSplitter()
 
     def next(self, timeout_s):
-        """Items from the next read; None when nothing came within timeout_s (None: wait)."""
+        """Items from the next read: each event's data (bytes), DONE or EOF; None when
+        nothing came within timeout_s."""
         data = self.upstream.read_some(timeout_s)
         if data is None:
             return None
         try:
             if not data:
-                return self._items(self.parser.flush()) + [self.EOF]
-            return self._items(self.parser.feed(data))
+                rest = self.splitter.pending
+                return (self._items(rest + b"\n\n") if rest.strip() else []) + [self.EOF]
+            return self._items(self.splitter.feed(data))
         except ValueError as exc:  # an event over the size cap
             raise UpstreamStreamError(str(exc)) from None
 
-    def _items(self, events) -> list:
-        items = []
-        for _event, data in events:
-            if data == "[DONE]":
-                items.append(self.DONE)
-                continue
-            try:
-                items.append(json.loads(data))
-            except ValueError:
-                log.debug("skipping a non-JSON upstream event: %.200r", data)
-        return items
+    def _items(self, events: bytes) -> list:
+        """The data of complete events. The usual event, one "data:" line, is cut out
+        directly; anything else (CR line ends, comments, named or multi-line events)
+        goes through the full SSE parser."""
+        if b"\r" in events:
+            datas = [data.encode("utf-8") for _name, data in SSEParser().feed(events)]
+        else:
+            datas = []
+            for event in events.split(b"\n\n"):
+                if event.startswith(b"data:") and b"\n" not in event:
+                    datas.append(event[6:] if event[5:6] == b" " else event[5:])
+                elif event.strip():
+                    datas += [data.encode("utf-8") for _name, data in SSEParser().feed(event + b"\n\n")]
+        return [self.DONE if data == b"[DONE]" else data for data in datas]
 
 
-def _feed_items(stream: AnthropicStream, items) -> list:
+def _feed_items(stream, items, fast: bool = False) -> list:
+    """The stream's events for a reader's items (chunk data bytes, or chunk dicts of a
+    replayed answer). With fast (an Anthropic stream sent as it goes), a chunk that only
+    adds text to the open text block comes back as its encoded event (bytes) instead."""
     events = []
     for item in items:
         if item is ChunkReader.DONE:
@@ -8399,26 +8464,38 @@ def _feed_items(stream: AnthropicStream, items) -> list:
         elif item is ChunkReader.EOF:
             events += stream.close(False)
         else:
+            index = stream.plain_text_block() if fast else None
+            literal = None if index is None else plain_text_literal(item)
+            if literal is not None:
+                stream.took_plain_text(literal)
+                events.append(encode_plain_text_delta(index, literal))
+                continue
+            if isinstance(item, bytes):
+                try:
+                    item = json.loads(item)
+                except ValueError:
+                    log.debug("skipping a non-JSON upstream event: %.200r", item)
+                    continue
             events += stream.feed(item)
     return events
 
 
-def _until_started(reader: ChunkReader, stream: AnthropicStream, start_after_s, clock) -> list:
-    """Events up to the stream's start. Errors until then raise, so they can still
-    become an HTTP status (translation.md 3.4); after start_after_s of silence the
-    stream is started anyway."""
+def _until_started(reader: ChunkReader, stream: AnthropicStream, start_after_s, clock, fast=False) -> list:
+    """Events up to the stream's start (and the rest of that read). Errors until then
+    raise, so they can still become an HTTP status (translation.md 3.4); after
+    start_after_s of silence the stream is started anyway. fast: see _feed_items."""
     deadline = None if start_after_s is None else clock() + start_after_s
     events = []
     while not stream.state.started and not stream.state.done:
         items = reader.next(None if deadline is None else max(0.0, deadline - clock()))
         if items is None:
             return events + stream.start()
-        events += _feed_items(stream, items)
+        events += _feed_items(stream, items, fast)
     return events
 
 
 def _encode_events(events) -> bytes:
-    return b"".join(encode_anthropic_event(event) for event in events)
+    return b"".join(event if isinstance(event, bytes) else encode_anthropic_event(event) for event in events)
 
 
 def _log_translation_notes(req: Request, ctx: TranslationContext) -> None:

@@ -2477,7 +2477,8 @@ class AnthropicStream(_StreamUsage):
         usage = _anthropic_usage(self.state.usage)
         if usage is None:
             self.ctx.note("upstream sent no usage; token counts are estimated")
-            text = "".join(self._generated) + "".join(json.loads(raw) for raw in self._generated_literals)
+            literals = b"[" + b",".join(self._generated_literals) + b"]"  # one decode for them all
+            text = "".join(self._generated) + "".join(json.loads(literals))
             usage = {"input_tokens": self.ctx.estimated_input_tokens,
                      "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
                      "output_tokens": estimate_text_tokens(text)}
@@ -4434,8 +4435,10 @@ def _local_shell_action(arguments):
 # What goes over the wire, parsed and built without I/O: the incremental SSE parser,
 # SSE framing for the relay, the chunked-body decoder (requests and upstream answers),
 # request framing rules (Content-Length / Transfer-Encoding), and the event encoders of
-# the Anthropic and Responses streams. Pure: bytes in, events out.
-# Tests: tests/unit/test_core_units.py, tests/unit/test_fuzz.py (byte at a time).
+# the Anthropic and Responses streams (with the fast path for chunks that only add text),
+# and the HTTP/1.1 heads of upstream calls. Pure: bytes in, events out.
+# Tests: tests/unit/test_core_units.py, tests/unit/test_fuzz.py (byte at a time),
+# tests/unit/test_per_chunk_budget.py (work per streamed chunk).
 
 class SSEParser:
     """Split a text/event-stream into (event, data) pairs as bytes arrive.
@@ -4559,10 +4562,9 @@ def plain_text_literal(data: bytes):
     return found.group(1)
 
 
-def encode_plain_text_delta(index: int, literal: bytes) -> bytes:
-    """The text_delta event of the fast path: the literal as the upstream wrote it."""
-    return b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,' \
-           b'"delta":{"type":"text_delta","text":%s}}\n\n' % (index, literal)
+# The text_delta event of the fast path: % (block index, the literal as the upstream wrote it).
+PLAIN_TEXT_EVENT = (b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
+                    b'"delta":{"type":"text_delta","text":%s}}\n\n')
 
 
 def encode_anthropic_event(event) -> bytes:
@@ -8156,16 +8158,16 @@ class Api:
                         silent_s += ANTHROPIC_PING_S
                         if silent_s >= self.config["upstream_read_timeout_s"]:
                             raise socket.timeout("no data for %.0f s" % silent_s)
-                        events = [PING_EVENT]
+                        out = _encode_events([PING_EVENT])
                     else:
                         silent_s = 0.0
-                        events = _feed_items(stream, items, fast=True)
+                        out = b"".join(_feed_items(stream, items, fast=True))  # already encoded
                 except (OSError, http.client.HTTPException) as exc:
                     message = stream_failure_message(exc)
                     req.log["error"] = message
-                    events = stream.fail("api_error", message)
-                if events:
-                    yield _encode_events(events)
+                    out = _encode_events(stream.fail("api_error", message))
+                if out:
+                    yield out
         finally:
             finish()
 
@@ -8455,28 +8457,35 @@ class ChunkReader:
 
 def _feed_items(stream, items, fast: bool = False) -> list:
     """The stream's events for a reader's items (chunk data bytes, or chunk dicts of a
-    replayed answer). With fast (an Anthropic stream sent as it goes), a chunk that only
-    adds text to the open text block comes back as its encoded event (bytes) instead."""
+    replayed answer). fast (an Anthropic stream sent as it goes): the events come back
+    encoded, and a chunk that only adds text to the open text block takes the fast path
+    (rule 3.1 fast path in section 4)."""
     events = []
+    text_block = stream.plain_text_block() if fast else None  # unchanged by fast-path chunks
     for item in items:
-        if item is ChunkReader.DONE:
-            events += stream.close(True)
-        elif item is ChunkReader.EOF:
-            events += stream.close(False)
-        else:
-            index = stream.plain_text_block() if fast else None
-            literal = None if index is None else plain_text_literal(item)
+        if text_block is not None:
+            literal = plain_text_literal(item) if item.__class__ is bytes else None
             if literal is not None:
                 stream.took_plain_text(literal)
-                events.append(encode_plain_text_delta(index, literal))
+                events.append(PLAIN_TEXT_EVENT % (text_block, literal))
                 continue
+        if item is ChunkReader.DONE:
+            new = stream.close(True)
+        elif item is ChunkReader.EOF:
+            new = stream.close(False)
+        else:
             if isinstance(item, bytes):
                 try:
                     item = json.loads(item)
                 except ValueError:
                     log.debug("skipping a non-JSON upstream event: %.200r", item)
                     continue
-            events += stream.feed(item)
+            new = stream.feed(item)
+        if fast:
+            events += [encode_anthropic_event(event) for event in new]
+            text_block = stream.plain_text_block()
+        else:
+            events += new
     return events
 
 

@@ -1705,3 +1705,50 @@ def test_stream_anomalies_are_warnings_on_the_context(caplog):
     assert any("without a name" in w for w in ctx.warnings)
     assert any("no usage" in n for n in ctx.notes)
     assert caplog.records == []
+
+
+# -- rule 3.1 fast path: chunks that only add text ------------------------------------------------
+
+def _sse_events(raw: bytes) -> list:
+    """(name, data dict) of every event in encoded SSE bytes."""
+    return [(name, json.loads(data)) for name, data in T.SSEParser().feed(raw)]
+
+
+def _translated(chunks, fast: bool) -> list:
+    """The client's events for upstream chunk data (bytes), with or without the fast path."""
+    stream = T.AnthropicStream(make_ctx())
+    items = list(chunks) + [T.ChunkReader.DONE]
+    out = T._feed_items(stream, items, fast=fast)
+    raw = b"".join(out) if fast else T._encode_events(out)
+    return _sse_events(raw), stream.usage_for_log()
+
+
+def _text_chunk(text, **extra):
+    choice = dict({"index": 0, "delta": {"content": text}, "finish_reason": None}, **extra)
+    return json.dumps({"id": "c", "choices": [choice]}, separators=(",", ":"),
+                      ensure_ascii=len(text) % 2 == 0).encode()  # both escapings
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.text(min_size=0, max_size=12), min_size=1, max_size=8))
+def test_the_fast_path_gives_the_events_the_state_machine_gives(texts):
+    chunks = [_text_chunk(t) for t in texts]
+    chunks.append(_text_chunk("", finish_reason="stop"))
+    assert _translated(chunks, fast=True) == _translated(chunks, fast=False)
+
+
+@pytest.mark.parametrize("chunk", [
+    b'{"choices":[{"index":0,"delta":{"content":"a"},"finish_reason":"stop"}]}',
+    b'{"choices":[{"index":0,"delta":{"content":"a"},"finish_reason":null}],"usage":{"prompt_tokens":1}}',
+    b'{"choices":[{"index":0,"delta":{"content":"a","reasoning_content":"r"},"finish_reason":null}]}',
+    b'{"choices":[{"index":0,"delta":{"content":"a","tool_calls":[]},"finish_reason":null}]}',
+    b'{"choices":[{"index":0,"delta":{"content":"<think>"},"finish_reason":null}]}',
+    b'{"choices":[{"index":0,"delta":{"content":"\\u003cthink>"},"finish_reason":null}]}',
+    b'{"choices":[{"index":0,"delta":{"content":"a"}},{"index":1,"delta":{"content":"b"}}]}',
+    b'{"choices": [{"index": 0, "delta": {"content": "a"}, "finish_reason": "stop"}]}',
+    b'{"error":{"message":"x"},"choices":[{"index":0,"delta":{"content":"a"}}]}',
+])
+def test_chunks_that_do_more_than_add_text_take_the_full_path(chunk):
+    assert T.plain_text_literal(chunk) is None
+    opening = [_text_chunk("Hello")]
+    assert _translated(opening + [chunk], fast=True) == _translated(opening + [chunk], fast=False)

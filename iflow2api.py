@@ -84,7 +84,12 @@ def _restart_as_import() -> None:
         pass
 
 
-if __name__ == "__main__" and __spec__ is None and os.name == "posix" and sys.executable:  # pragma: no cover
+# Commands that end soon: their memory does not matter, so they skip the restart's ~60 ms.
+_ONE_SHOT_ARGS = {"version", "models", "config", "login", "logout", "accounts", "providers", "admin-password",
+                  "-h", "--help", "--version"}
+
+if __name__ == "__main__" and __spec__ is None and os.name == "posix" and sys.executable \
+        and not _ONE_SHOT_ARGS.intersection(sys.argv[1:]):  # pragma: no cover
     _restart_as_import()
 
 # Optional packages: each imported here only, bound to None when missing.

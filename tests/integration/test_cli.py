@@ -344,3 +344,35 @@ def test_hand_written_entries_without_an_id_or_name_get_one(home, fake_upstream)
     assert saved["accounts"][0]["id"] == account["id"] and saved["instances"][0]["name"] == "port-28777"
     assert "sk-hand-written" not in json.dumps(saved)  # the rewrite sealed the key
     assert json.loads(run_cli(home, "accounts", "--json").stdout)[0]["id"] == account["id"]  # stable
+
+
+# -- run as a script, the server restarts as an import (issue 16: memory) -------------------
+
+def test_a_server_run_as_a_script_restarts_itself_as_an_import(home):
+    from helpers import free_port, http, stop_process
+    port = free_port()
+
+    def answers():
+        try:
+            return http("http://127.0.0.1:%d" % port, "GET", "/health", timeout=2)[0] == 200
+        except OSError:
+            return False
+    proc = subprocess.Popen([sys.executable, SOURCE, "--port", str(port)], env=cli_env(home),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert wait_until(answers, 20)
+        with open("/proc/%d/cmdline" % proc.pid, "rb") as f:
+            argv = f.read().split(b"\0")
+        # The same process (pid), now running this file as an import, with the interpreter's
+        # options (-B here, from PYTHONDONTWRITEBYTECODE) and the arguments kept.
+        at = argv.index(b"-c")
+        assert b"spec_from_file_location" in argv[at + 1], argv
+        assert argv[at + 2] == os.path.abspath(SOURCE).encode() and argv[at + 3:at + 5] == [b"--port", str(port).encode()]
+    finally:
+        stop_process(proc)
+    assert proc.returncode == 0, proc.stderr.read()
+
+
+def test_one_shot_commands_are_known_commands():
+    assert I._ONE_SHOT_ARGS - {"-h", "--help", "--version"} <= set(I.COMMANDS)
+    assert not {"serve", "gui", "claude", "codex"} & I._ONE_SHOT_ARGS  # these live long: worth the restart

@@ -7367,17 +7367,19 @@ class _StdlibHandler(BaseHTTPRequestHandler):
             return False
         if self.path.startswith("//"):  # as http.server: never a scheme-relative URL downstream
             self.path = "/" + self.path.lstrip("/")
-        lines, size = [], 0
-        while True:
-            line = self.rfile.readline(65537)
-            size += len(line)
-            if not line.endswith(b"\n") or size > MAX_HEAD_BYTES:
-                self.send_error(431 if line else 400, "request head too large" if line else "incomplete request head")
-                return False
-            line = line.rstrip(b"\r\n")
-            if not line:
-                break
-            lines.append(line)
+        lines = self.rfile.buffered_head_lines()
+        if lines is None:  # not all in the buffer yet: line by line, within the head's time
+            lines, size = [], 0
+            while True:
+                line = self.rfile.readline(65537)
+                size += len(line)
+                if not line.endswith(b"\n") or size > MAX_HEAD_BYTES:
+                    self.send_error(431 if line else 400, "request head too large" if line else "incomplete request head")
+                    return False
+                line = line.rstrip(b"\r\n")
+                if not line:
+                    break
+                lines.append(line)
         try:
             self.headers = parse_header_lines(lines)
         except ValueError as exc:
@@ -7499,6 +7501,18 @@ class _HeadReader:
             line += self._rfile.read(take)
             if line.endswith(b"\n") or (limit is not None and 0 <= limit <= len(line)):
                 return line
+
+    def buffered_head_lines(self):
+        """The header lines when the buffer holds them all up to the blank line (a head
+        nearly always arrives in one piece), taken in one go; else None (read line by line)."""
+        buffered = self._rfile.peek(0)
+        if buffered.startswith(b"\r\n"):
+            self._rfile.read(2)
+            return []
+        end = buffered.find(b"\r\n\r\n", 0, MAX_HEAD_BYTES)
+        if end == -1 or b"\n" in buffered[:end].replace(b"\r\n", b""):  # bare LF line ends: line by line
+            return None
+        return self._rfile.read(end + 4)[:end].split(b"\r\n")
 
     def head_done(self) -> None:
         self._deadline = None
@@ -7982,13 +7996,14 @@ class Api:
         down and tries the next one. A 401 on an OAuth account first gets one
         token refresh."""
         accounts = route.accounts
-        if not accounts.has_credentials:
+        first = accounts.pick()  # before a slot is taken: without credentials, 401 at once
+        if first is None:
             raise AuthenticationError(_no_credentials_message(route, self.config))
         release_slot = self.limiter.acquire()
         tried, refreshed, last_error = [], set(), None
         try:
             while True:
-                account = accounts.pick(exclude=tried)
+                account = accounts.pick(exclude=tried) if tried else first
                 if account is None:
                     raise last_error or AuthenticationError(_no_credentials_message(route, self.config))
                 end_account = accounts.begin(account)

@@ -86,7 +86,7 @@ def _restart_as_import() -> None:
 
 # Commands that end soon: their memory does not matter, so they skip the restart's ~60 ms.
 _ONE_SHOT_ARGS = {"version", "models", "config", "login", "logout", "accounts", "providers", "admin-password",
-                  "-h", "--help", "--version"}
+                  "usage", "-h", "--help", "--version"}
 
 if __name__ == "__main__" and __spec__ is None and os.name == "posix" and sys.executable \
         and not _ONE_SHOT_ARGS.intersection(sys.argv[1:]):  # pragma: no cover
@@ -410,6 +410,10 @@ DEFAULT_CONFIG = {
     "upstream_connect_timeout_s": 10.0,
     "upstream_read_timeout_s": 600.0,
     "models_cache_s": 600.0,
+    # usage history: one row per API request in usage.db beside this file
+    "usage_history": True,
+    "usage_retention_days": 90.0,
+    "usage_max_mb": 100.0,
     # browser pages of other origins may call the API only when listed here (["*"]: any)
     "cors_allow_origins": [],
     # Host names served on a loopback bind without client keys, besides localhost/127.0.0.1/::1
@@ -478,6 +482,9 @@ CONFIG_HELP = {
     "upstream_connect_timeout_s": "seconds to connect to the upstream",
     "upstream_read_timeout_s": "longest silence in seconds while reading the upstream",
     "models_cache_s": "seconds a provider's /models answer is cached",
+    "usage_history": "keep one row per API request in usage.db (iflow2api usage reports it)",
+    "usage_retention_days": "days the usage history keeps its rows",
+    "usage_max_mb": "size cap of usage.db in MB (the oldest rows go first)",
     "cors_allow_origins": "web page origins allowed to call the API (JSON list)",
     "allowed_hosts": "extra Host names served on loopback without client keys",
     "api_keys": "client keys (manage them in the web admin)",
@@ -506,7 +513,8 @@ CONFIG_HELP = {
 # Where each key is shown (the admin's config page, in this order).
 CONFIG_GROUPS = (
     ("server", ("host", "port", "log_level", "concurrency", "queue_timeout_s", "max_connections",
-                "allowed_hosts", "cors_allow_origins", "shutdown_grace_s", "instances")),
+                "allowed_hosts", "cors_allow_origins", "shutdown_grace_s", "instances", "usage_history",
+                "usage_retention_days", "usage_max_mb")),
     ("upstream", ("base_url", "upstream_proxy_enabled", "upstream_proxy", "upstream_connect_timeout_s",
                   "upstream_read_timeout_s")),
     ("models", ("default_model", "default_provider", "model_map", "model_routes", "vision_model",
@@ -523,7 +531,7 @@ CONFIG_GROUPS = (
 
 # Keys a running server cannot follow: where it listens (and the desktop app's keys, read
 # when the app starts). Every other key applies within seconds of a change to the file.
-RESTART_KEYS = frozenset(("host", "port", "instances") + dict(CONFIG_GROUPS)["desktop"])
+RESTART_KEYS = frozenset(("host", "port", "instances", "usage_history") + dict(CONFIG_GROUPS)["desktop"])
 
 # Original key names that map to one of ours when ours is absent.
 _LEGACY_KEYS = {"api_concurrency": "concurrency"}
@@ -928,6 +936,8 @@ CONFIG_NUMBER_BOUNDS = {
     "body_timeout_s": (0, None, False),
     "upstream_connect_timeout_s": (0, None, False),
     "upstream_read_timeout_s": (0, None, False),
+    "usage_retention_days": (0, None, False),
+    "usage_max_mb": (0, None, False),
 }
 
 
@@ -1241,6 +1251,207 @@ def _read_settings(path: str):
         return data, None
     except (OSError, ValueError) as exc:
         return {}, "cannot use %s: %s" % (path, exc)
+
+
+# -- Usage history: SQLite beside the config -------------------------------------------------------
+# One row per API request in usage.db (WAL). The request path only puts the row on a bounded
+# queue; one writer thread inserts rows in batches, prunes by age and size, and moves aside a
+# database it cannot use (corrupt, locked, unwritable) and starts a new one: a broken history
+# never blocks serving. sqlite3 is imported on the first row (about 1.5 MB an idle server
+# never needs). Tests: tests/integration/test_usage.py.
+
+USAGE_FIELDS = ("at", "route", "client_key", "provider", "account", "model_asked", "model_used", "status",
+                "input_tokens", "output_tokens", "reasoning_tokens", "latency_ms", "first_byte_ms", "chain")
+
+# Schema versions in order: the database's user_version says how many of these it has run.
+USAGE_MIGRATIONS = (
+    """CREATE TABLE requests (
+           id INTEGER PRIMARY KEY,
+           at REAL NOT NULL,           -- unix time the answer ended
+           route TEXT NOT NULL,        -- openai | anthropic | responses
+           client_key TEXT,            -- the client key's id (never the key)
+           provider TEXT, account TEXT, model_asked TEXT, model_used TEXT,
+           status INTEGER NOT NULL,
+           input_tokens INTEGER, output_tokens INTEGER, reasoning_tokens INTEGER,
+           latency_ms REAL, first_byte_ms REAL,
+           chain TEXT                  -- the providers tried, "p1/m1 > p2/m2", when more than one
+       );
+       CREATE INDEX requests_at ON requests (at);""",
+)
+
+
+class UsageStore:
+    """The usage history: record() from any thread (never waits), query() for reports."""
+
+    BATCH = 500
+    PRUNE_EVERY_S = 600.0
+
+    def __init__(self, path: str, retention_days: float = 90.0, max_mb: float = 100.0, queue_size: int = 10000):
+        self.path, self.retention_days, self.max_mb = path, retention_days, max_mb
+        self._queue = collections.deque()
+        self._queue_size = queue_size
+        self._wake = threading.Condition(threading.Lock())
+        self._thread = None
+        self._closing = False
+        self.dropped = 0  # rows lost to a full queue (the disk could not keep up)
+        self._pruned_at = 0.0
+
+    def record(self, row: dict) -> None:
+        with self._wake:
+            if self._closing:
+                return
+            if len(self._queue) >= self._queue_size:
+                self.dropped += 1
+                return
+            self._queue.append(tuple(row.get(field) for field in USAGE_FIELDS))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._write_loop, name="iflow2api-usage", daemon=True)
+                self._thread.start()
+            self._wake.notify()
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Write what is queued, then stop the writer."""
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout_s)
+
+    # -- the writer thread --
+
+    def _write_loop(self) -> None:
+        db = None
+        while True:
+            with self._wake:
+                while not self._queue and not self._closing:
+                    self._wake.wait()
+                rows = [self._queue.popleft() for _ in range(min(self.BATCH, len(self._queue)))]
+                closing = self._closing and not self._queue
+            if rows:
+                db = self._write(db, rows)
+            if closing:
+                if db is not None:
+                    db.close()
+                return
+
+    def _write(self, db, rows: list):
+        """Insert rows (and prune now and then); the connection to use next time."""
+        import sqlite3
+        for attempt in (1, 2):
+            try:
+                if db is None:
+                    db = self._open()
+                with db:
+                    db.executemany("INSERT INTO requests (%s) VALUES (%s)"
+                                   % (", ".join(USAGE_FIELDS), ", ".join("?" * len(USAGE_FIELDS))), rows)
+                if time.monotonic() - self._pruned_at > self.PRUNE_EVERY_S:
+                    self._prune(db)
+                return db
+            except sqlite3.Error as exc:
+                if db is not None:
+                    db.close()
+                db = None
+                if attempt == 2:
+                    log.warning("usage history: %d rows not written (%s)", len(rows), exc)
+                    return None
+                self._set_aside(exc)
+        return db
+
+    def _open(self):
+        import sqlite3
+        directory = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        db = sqlite3.connect(self.path, timeout=2.0, check_same_thread=False)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            for number, migration in enumerate(USAGE_MIGRATIONS[version:], version + 1):
+                with db:
+                    db.executescript(migration)
+                    db.execute("PRAGMA user_version=%d" % number)
+            if os.name == "posix":
+                os.chmod(self.path, 0o600)
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _set_aside(self, problem) -> None:
+        """Move an unusable database (and its WAL files) aside, so the next write starts anew."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(self.path + suffix):
+                try:
+                    os.replace(self.path + suffix, "%s.broken-%s%s" % (self.path, stamp, suffix))
+                except OSError:
+                    pass
+        log.warning("usage history: %s unusable (%s); moved aside, starting a new one", self.path, problem)
+
+    def _prune(self, db) -> None:
+        """Drop rows past the retention, then the oldest while the file is over its cap."""
+        self._pruned_at = time.monotonic()
+        with db:
+            db.execute("DELETE FROM requests WHERE at < ?", (time.time() - self.retention_days * 86400,))
+        cap = self.max_mb * MIB
+        page_size = db.execute("PRAGMA page_size").fetchone()[0]
+        while db.execute("PRAGMA page_count").fetchone()[0] * page_size > cap:
+            count = db.execute("SELECT COUNT(*) FROM requests").fetchone()[0]
+            if count == 0:
+                break
+            with db:
+                db.execute("DELETE FROM requests WHERE id IN (SELECT id FROM requests ORDER BY at LIMIT ?)",
+                           (max(1, count // 10),))
+            db.execute("VACUUM")
+
+    # -- reports --
+
+    def query(self, since: float, by: str) -> list:
+        """[{key, requests, errors, input_tokens, output_tokens, reasoning_tokens, p50_ms, p95_ms}]
+        since the unix time `since`, grouped by model, provider, account, key or day."""
+        import sqlite3
+        column = USAGE_GROUPS[by]
+        if not os.path.exists(self.path):
+            return []
+        db = sqlite3.connect("file:%s?mode=ro" % urllib.parse.quote(os.path.abspath(self.path)), uri=True,
+                             timeout=2.0)
+        try:
+            rows = db.execute("SELECT %s, status, input_tokens, output_tokens, reasoning_tokens, latency_ms "
+                              "FROM requests WHERE at >= ? ORDER BY at" % column, (since,)).fetchall()
+        except sqlite3.Error as exc:
+            raise Iflow2apiError("cannot read the usage history %s: %s" % (self.path, exc), status=503,
+                                 code="unavailable") from None
+        finally:
+            db.close()
+        return usage_table(rows)
+
+
+USAGE_GROUPS = {"model": "COALESCE(model_used, model_asked, '-')", "provider": "COALESCE(provider, '-')",
+                "account": "COALESCE(account, '-')", "key": "COALESCE(client_key, '-')",
+                "day": "date(at, 'unixepoch', 'localtime')"}
+
+
+def usage_table(rows) -> list:
+    """Rows (group key, status, input, output, reasoning tokens, latency ms) summed per key."""
+    groups = collections.OrderedDict()
+    for key, status, tokens_in, tokens_out, reasoning, latency in rows:
+        group = groups.setdefault(key, {"key": key, "requests": 0, "errors": 0, "input_tokens": 0,
+                                        "output_tokens": 0, "reasoning_tokens": 0, "_latencies": []})
+        group["requests"] += 1
+        group["errors"] += status >= 400
+        group["input_tokens"] += tokens_in or 0
+        group["output_tokens"] += tokens_out or 0
+        group["reasoning_tokens"] += reasoning or 0
+        if latency is not None:
+            group["_latencies"].append(latency)
+    out = []
+    for group in sorted(groups.values(), key=lambda g: (-g["requests"], str(g["key"]))):
+        latencies = sorted(group.pop("_latencies"))
+        pick = lambda q: round(latencies[min(len(latencies) - 1, int(q * len(latencies)))], 1) if latencies else 0  # noqa: E731
+        group["p50_ms"], group["p95_ms"] = pick(0.5), pick(0.95)
+        out.append(group)
+    return out
 
 
 # == 3. Translation (sans-IO): the Anthropic and Responses faces over chat completions ============
@@ -6228,16 +6439,18 @@ class ClientKeys:
     def has_usable_key(self) -> bool:
         return bool(self._current())
 
-    def check(self, headers) -> None:
-        """Raise AuthenticationError unless keys are not required or the request carries one."""
+    def check(self, headers):
+        """The id of the request's client key (client_key_id), None when keys are not
+        required; AuthenticationError when they are and the request carries no valid one."""
         if not self.required:
-            return
+            return None
         digests = self._current()
         key = client_key_of(headers)
         digest = hashlib.sha256(key.encode("utf-8")).digest()
         if not key or not any(hmac.compare_digest(digest, d) for d in digests):
             raise AuthenticationError("invalid or missing API key: send the key in an Authorization "
                                       "header (Bearer) or an x-api-key header")
+        return client_key_id(key)
 
     def host_allowed(self, host_header: str) -> bool:
         """Whether a request naming this Host may be served. Without client keys on a
@@ -6248,6 +6461,11 @@ class ClientKeys:
         name = host_name_of(host_header)
         return (name in ("localhost", "127.0.0.1", "::1") or name.endswith(".localhost")
                 or name in [h.lower() for h in self.config.get("allowed_hosts") or [] if isinstance(h, str)])
+
+
+def client_key_id(key: str) -> str:
+    """A client key's id: shown in listings and the usage history instead of the key."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:10]
 
 
 def host_name_of(host_header: str) -> str:
@@ -6868,6 +7086,7 @@ class Response:
         self.body = body
         self.headers = list(headers or [])
         self.stream = stream
+        self.first_byte_at = None  # when a streamed body's first piece went out (monotonic)
         self._on_close = []
         self._closed = False
 
@@ -6957,10 +7176,11 @@ _NOT_COUNTED = ("/admin", "/static/", "/docs", "/redoc", "/openapi.json", "/favi
 class App:
     """Routing, error handling, CORS and the one access-log line per request."""
 
-    def __init__(self, router: Router, cors_origins=(), stats=None, head_checks=()):
+    def __init__(self, router: Router, cors_origins=(), stats=None, head_checks=(), usage=None):
         self.router = router
         self.cors_origins = list(cors_origins or [])
         self.stats = stats
+        self.usage = usage  # a UsageStore for the API routes' requests, or None
         self.head_checks = list(head_checks)
         self.access_log = get_logger("access")
         self.stopping = False  # set by a graceful stop: new requests get 503
@@ -7049,6 +7269,10 @@ class App:
                             " error=%r" % info["error"][:200] if info.get("error") else "")
         if self.stats is not None and counted:
             self.stats.record(resp.status, info, ms)
+        if self.usage is not None and "route" in info:
+            first_byte = None if resp.first_byte_at is None else (resp.first_byte_at - started) * 1000.0
+            self.usage.record(dict(info, at=time.time(), status=resp.status, latency_ms=round(ms, 1),
+                                   first_byte_ms=None if first_byte is None else round(first_byte, 1)))
 
 
 class DisconnectWatcher:
@@ -7262,6 +7486,7 @@ def send_response(sock, framer, resp: Response, head_only: bool = False) -> bool
         for first in pieces:
             if first:
                 break
+        resp.first_byte_at = time.monotonic()
         sock.sendall(framer.head(resp.status, headers) + (framer.data(first) if first else b""))
         for piece in pieces:
             if piece:
@@ -7927,7 +8152,7 @@ class Api:
     # -- chat completions ------------------------------------------------------
 
     def chat_completions(self, req: Request) -> Response:
-        self.client_keys.check(req.headers)
+        req.log["client_key"] = self.client_keys.check(req.headers)
         return self.chat(req, req.json())
 
     def chat(self, req: Request, body) -> Response:
@@ -7935,8 +8160,9 @@ class Api:
         with client_input_errors():
             body = validate_chat_request(body)
             client_model = body.get("model") or self.backend.default_model()
+            req.log.update(route="openai", model_asked=client_model)
             route, upstream_model = self._route(self._routing_name(client_model), openai_has_images(body))
-            req.log["model"] = _log_model(route, upstream_model)
+            req.log["model"], req.log["model_used"] = _log_model(route, upstream_model), upstream_model
             body["model"] = upstream_model
             if route.quirks.get("inline_image_urls"):
                 body = inline_image_urls(body, self._image_fetcher(route).fetch)
@@ -8122,14 +8348,15 @@ class Api:
 
         The upstream is always called with stream=true (translation.md 3.11), so
         streaming and non-streaming clients share one state machine."""
-        self.client_keys.check(req.headers)
+        req.log["client_key"] = self.client_keys.check(req.headers)
         body = req.json()
+        req.log.update(route="anthropic", model_asked=body.get("model") if isinstance(body, dict) else None)
         with client_input_errors():
             ctx = self._anthropic_context(body)
             openai_body = anthropic_to_openai_request(body, ctx)
             if ctx.route.quirks.get("inline_image_urls"):
                 openai_body = inline_image_urls(openai_body, self._image_fetcher(ctx.route).fetch)
-        req.log["model"] = _log_model(ctx.route, ctx.upstream_model)
+        req.log["model"], req.log["model_used"] = _log_model(ctx.route, ctx.upstream_model), ctx.upstream_model
         is_stream = body.get("stream") is True
         stream = AnthropicStream(ctx)
         reader, events, finish = self._translated_call(req, ctx, openai_body, stream, is_stream)
@@ -8207,7 +8434,7 @@ class Api:
         Like /v1/messages, the upstream is always asked to stream, and one state machine
         serves streaming and non-streaming clients. store (the API's default) keeps the
         answer for GET and for a later previous_response_id."""
-        self.client_keys.check(req.headers)
+        req.log["client_key"] = self.client_keys.check(req.headers)
         return self.respond(req, req.json())
 
     def respond(self, req: Request, body) -> Response:
@@ -8215,12 +8442,13 @@ class Api:
         with client_input_errors():
             if not isinstance(body, dict):
                 raise InvalidRequestError("request body must be a JSON object")
+            req.log.update(route="responses", model_asked=body.get("model"))
             history = self.stored_responses.history(body.get("previous_response_id"))
             ctx = self._responses_context(body)
             openai_body = responses_to_openai_request(_with_history(body, history), ctx)
             if ctx.route.quirks.get("inline_image_urls"):
                 openai_body = inline_image_urls(openai_body, self._image_fetcher(ctx.route).fetch)
-        req.log["model"] = _log_model(ctx.route, ctx.upstream_model)
+        req.log["model"], req.log["model_used"] = _log_model(ctx.route, ctx.upstream_model), ctx.upstream_model
         is_stream = body.get("stream") is True
         stream = ResponsesStream(ctx)
         keep = _stored_input(body, history) if body.get("store", True) is not False else None
@@ -8696,6 +8924,9 @@ def _log_usage(req: Request, usage) -> None:
     if isinstance(usage, dict):
         req.log["input_tokens"] = usage.get("prompt_tokens", usage.get("input_tokens"))
         req.log["output_tokens"] = usage.get("completion_tokens", usage.get("output_tokens"))
+        details = usage.get("completion_tokens_details")
+        if isinstance(details, dict) and isinstance(details.get("reasoning_tokens"), int):
+            req.log["reasoning_tokens"] = details["reasoning_tokens"]
 
 
 def _model_entry(model_id: str, display: str, owner: str = "iflow") -> dict:
@@ -8904,7 +9135,7 @@ class Instance:
     """One listening server with its own limiter and counters over a shared Backend."""
 
     def __init__(self, config: Config, name: str = "default", host: str = None, port: int = None,
-                 adapter: str = None, backend: Backend = None, route_sets=()):
+                 adapter: str = None, backend: Backend = None, route_sets=(), usage=None):
         self.name, self.config = name, config
         self.host = host or config["host"]
         self.port = config["port"] if port is None else port
@@ -8923,7 +9154,7 @@ class Instance:
             route_set.register(router)
             head_checks.append(route_set.head_check)
             self.api.extra_endpoints.update(route_set.endpoints)
-        self.app = App(router, config["cors_allow_origins"], self.stats, head_checks)
+        self.app = App(router, config["cors_allow_origins"], self.stats, head_checks, usage)
         self.server = None
 
     @property
@@ -8982,6 +9213,9 @@ class Service:
         self.route_sets = []
         self._watch_stop = threading.Event()
         self._watcher = None
+        self.usage = UsageStore(os.path.join(os.path.dirname(os.path.abspath(self.config.path)), "usage.db"),
+                                self.config["usage_retention_days"], self.config["usage_max_mb"]) \
+            if self.config["usage_history"] else None
 
     @classmethod
     def from_config(cls, overrides: dict = None, path: str = None, env=None) -> "Service":
@@ -8999,7 +9233,7 @@ class Service:
             if instance is None or not instance.running:
                 generated = ensure_client_key(self.config, host or self.config["host"])
                 instance = Instance(self.config, name, host, port, backend=self.backend,
-                                    route_sets=self.route_sets)
+                                    route_sets=self.route_sets, usage=self.usage)
                 instance.generated_key = generated
                 instance.start()
                 self.instances[name] = instance
@@ -9021,6 +9255,8 @@ class Service:
             self._watch_stop.set()
             if self._watcher is not None:
                 self._watcher.join(5)
+            if self.usage is not None:
+                self.usage.close()
             self.backend.close()
             logging.getLogger("iflow2api").removeHandler(self.log_buffer)
 
@@ -9211,6 +9447,8 @@ class Service:
         changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
         if "log_level" in changed:
             logging.getLogger("iflow2api").setLevel(getattr(logging, now["log_level"].upper(), logging.INFO))
+        if self.usage is not None:
+            self.usage.retention_days, self.usage.max_mb = now["usage_retention_days"], now["usage_max_mb"]
         self.backend.reload()
         for instance in list(self.instances.values()):
             instance.follow_config()
@@ -9265,18 +9503,18 @@ class Service:
 
     def client_keys(self) -> list:
         """[{id, masked}] of the configured client keys (the full key is never shown again)."""
-        return [{"id": _key_id(k), "masked": mask_secret(k)}
+        return [{"id": client_key_id(k), "masked": mask_secret(k)}
                 for k in self.config.get("api_keys") or [] if usable_secret(k)]
 
     def create_client_key(self) -> dict:
         key = new_client_key()
         register_secret(key)
         self.config.update({"api_keys": list(self.config.get("api_keys") or []) + [key]})
-        return {"id": _key_id(key), "key": key}
+        return {"id": client_key_id(key), "key": key}
 
     def revoke_client_key(self, key_id: str) -> bool:
         keys = list(self.config.get("api_keys") or [])
-        kept = [k for k in keys if not (usable_secret(k) and _key_id(k) == key_id)]
+        kept = [k for k in keys if not (usable_secret(k) and client_key_id(k) == key_id)]
         if len(kept) == len(keys):
             return False
         exposed = self._network_binds()
@@ -9414,10 +9652,6 @@ CREDENTIAL_ROUTING_KEYS = {"base_url", "oauth_authorize_url", "oauth_token_url",
                            "oauth_client_id", "upstream_proxy", "upstream_proxy_enabled"}
 _MANAGED_KEYS = {"api_key", "custom_api_key", "api_keys", "accounts", "providers", "instances",
                  "admin_password_hash", "oauth_client_secret"}
-
-
-def _key_id(key: str) -> str:
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:10]
 
 
 # == 10. Admin API: the web admin's JSON API over Service =========================================
@@ -9879,7 +10113,8 @@ def add_web_admin(service):
 # values go through validate_config_value (one-line errors); prompts end cleanly (see ask()).
 # Tests: tests/integration/test_cli.py, tests/integration/test_auth.py, tests/e2e/test_claude_code.py.
 
-COMMANDS = ("serve", "version", "models", "config", "login", "logout", "accounts", "providers", "admin-password")
+COMMANDS = ("serve", "version", "models", "config", "login", "logout", "accounts", "providers", "admin-password",
+            "usage")
 LAUNCHERS = ("gui", "claude", "codex")  # commands whose options are their own
 _OPTIONS_WITH_VALUES = ("--host", "--port", "--config", "--log-level")
 
@@ -9966,7 +10201,12 @@ def build_parser() -> argparse.ArgumentParser:
     accounts.add_argument("--json", action="store_true", help="print JSON")
     providers = sub.add_parser("providers", help="list, add or remove upstream providers")
     providers.add_argument("--json", action="store_true", help="print JSON")
-    for command in (version, models, config, login, logout, password, accounts, providers):
+    usage = sub.add_parser("usage", help="requests and tokens from the usage history, as a table")
+    usage.add_argument("--since", default="7d", metavar="WHEN",
+                       help="7d, 24h, 30m, or a date such as 2026-11-01 (default 7d)")
+    usage.add_argument("--by", default="model", choices=sorted(USAGE_GROUPS), help="group rows by (default model)")
+    usage.add_argument("--csv", action="store_true", help="print CSV instead of a table")
+    for command in (version, models, config, login, logout, password, accounts, providers, usage):
         _global_options(command)
     psub = providers.add_subparsers(dest="action")
     add = psub.add_parser("add", help="add or update a provider (a preset name, or any name with --base-url)")
@@ -10039,6 +10279,8 @@ def main(argv=None) -> int:
             return _cmd_logout(Service(config), args.account)
         if command == "accounts":
             return _cmd_accounts(Service(config), args.json)
+        if command == "usage":
+            return _cmd_usage(config, args)
         if command == "admin-password":
             return _cmd_admin_password(config, args.stdin)
         if command == "providers":
@@ -10350,6 +10592,51 @@ def _cmd_accounts(service: Service, as_json: bool) -> int:
         print("%-14s %-10s %-16s %-20s %s" % (a["id"], a["auth_type"], a["api_key"], a["expires_at"] or "-",
                                              status))
     return 0
+
+
+def since_time(text: str, now: float) -> float:
+    """The unix time `--since` means: "7d", "24h", "30m" back from now, or a local date."""
+    text = text.strip()
+    units = {"d": 86400, "h": 3600, "m": 60}
+    if text[-1:] in units and text[:-1].replace(".", "", 1).isdigit():
+        return now - float(text[:-1]) * units[text[-1]]
+    try:
+        return time.mktime(time.strptime(text, "%Y-%m-%d"))
+    except ValueError:
+        raise ConfigError("--since %s: expected 7d, 24h, 30m or a date such as 2026-11-01" % _shown(text)) from None
+
+
+USAGE_COLUMNS = ("requests", "errors", "input_tokens", "output_tokens", "reasoning_tokens", "p50_ms", "p95_ms")
+
+
+def _cmd_usage(config: Config, args) -> int:
+    since = since_time(args.since, time.time())
+    store = UsageStore(os.path.join(os.path.dirname(os.path.abspath(config.path)), "usage.db"))
+    rows = store.query(since, args.by)
+    if args.csv:
+        import csv
+        out = csv.writer(sys.stdout)
+        out.writerow([args.by] + list(USAGE_COLUMNS))
+        for row in rows:
+            out.writerow([row["key"]] + [row[c] for c in USAGE_COLUMNS])
+        return 0
+    if not rows:
+        print("No requests since %s (usage history: %s)." % (time.strftime("%Y-%m-%d %H:%M", time.localtime(since)),
+                                                            store.path))
+        return 0
+    width = max(12, max(len(str(row["key"])) for row in rows))
+    print("%-*s %9s %7s %12s %12s %10s %9s %9s" % (width, args.by.upper(), "REQUESTS", "ERRORS", "INPUT",
+                                                   "OUTPUT", "REASONING", "P50 MS", "P95 MS"))
+    total = {"key": "total", "p50_ms": "-", "p95_ms": "-"}  # percentiles do not add up
+    total.update({column: sum(row[column] for row in rows) for column in USAGE_COLUMNS[:5]})
+    for row in rows + [total]:
+        print("%-*s %9d %7d %12d %12d %10d %9s %9s" % ((width, row["key"]) + tuple(row[c] for c in USAGE_COLUMNS[:5])
+                                                      + tuple(_ms(row[c]) for c in USAGE_COLUMNS[5:])))
+    return 0
+
+
+def _ms(value) -> str:
+    return value if isinstance(value, str) else "%.0f" % value
 
 
 def _with_live_state(accounts: list, health) -> list:

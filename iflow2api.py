@@ -2411,6 +2411,15 @@ class StreamState:
 # Errors:   an error chunk before the start raises UpstreamError (the HTTP layer can still
 #           answer with a status or retry); after the start it becomes one `error` event.
 
+def _joined_text(parts) -> str:
+    """Text pieces joined in order; bytes pieces are JSON string literals the fast path
+    passed on as they came (rule 3.1 fast path), decoded here in one go."""
+    if bytes not in map(type, parts):
+        return "".join(parts)
+    literals = [part if part.__class__ is bytes else json.dumps(part).encode("utf-8") for part in parts]
+    return "".join(json.loads(b"[" + b",".join(literals) + b"]"))
+
+
 class _StreamUsage:
     """What both stream state machines (Anthropic, Responses) report for the access log."""
 
@@ -2455,24 +2464,26 @@ class AnthropicStream(_StreamUsage):
         self._pending_thinking = ""
         self._used_tool_ids = set()
         self._generated = []  # all generated text, for the output estimate without usage
-        self._generated_literals = []  # text the fast path passed on, as JSON string literals
         self._saw_data = False
 
     # -- public surface --
 
-    def plain_text_block(self):
-        """The index of the open text block when a chunk that only adds text may skip this
-        state machine (nothing held back, no think tag in play, still streaming), else None."""
+    def plain_text_target(self):
+        """When a chunk that only adds text may skip this state machine (a text block open,
+        nothing held back, no think tag in play): the fast path's event fields before the
+        text, (block index,); else None."""
         st = self.state
         if st.open_kind == "text" and not st.done and self._think_parser.idle and not self._pending_text:
-            return st.open_index
+            return (st.open_index,)
         return None
 
-    def took_plain_text(self, literal: bytes) -> None:
-        """Count text that the fast path sent on as it came (a JSON string literal); it is
-        decoded only for the output estimate, when the upstream reports no usage."""
+    def took_plain_text(self, literal: bytes):
+        """Count text that the fast path sent on as it came (a JSON string literal; decoded
+        only for the output estimate, when the upstream reports no usage). The target of
+        the next such chunk: the same block."""
         self._saw_data = True
-        self._generated_literals.append(literal)
+        self._generated.append(literal)
+        return (self.state.open_index,)
 
     def start(self) -> list:
         """Emit message_start + ping if not done yet (3.4: the HTTP layer's 10 s mark)."""
@@ -2693,8 +2704,7 @@ class AnthropicStream(_StreamUsage):
         usage = _anthropic_usage(self.state.usage)
         if usage is None:
             self.ctx.note("upstream sent no usage; token counts are estimated")
-            literals = b"[" + b",".join(self._generated_literals) + b"]"  # one decode for them all
-            text = "".join(self._generated) + "".join(json.loads(literals))
+            text = _joined_text(self._generated)
             usage = {"input_tokens": self.ctx.estimated_input_tokens,
                      "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
                      "output_tokens": estimate_text_tokens(text)}
@@ -4298,8 +4308,31 @@ class ResponsesStream(_StreamUsage):
         self._used_call_ids = set()
         self._reasoning_texts = []  # for the empty-answer fallback
         self._generated = []  # all generated text, for the output estimate without usage
+        self._open_item_id = b""  # the open message's id as a JSON string, for the fast path
+        self.result = None  # the response object of the terminal event, once sent
 
     # -- public surface --
+
+    def plain_text_target(self):
+        """When a chunk that only adds answer text may skip this state machine (a message
+        open, nothing held back, no think tag in play): the fast path's event fields before
+        the text, (sequence number, item id, output index); else None."""
+        st = self.state
+        item = st.open_item
+        if item is not None and item["type"] == "message" and not st.done and self._think_parser.idle \
+                and not self._pending:
+            return st.sequence_number, self._open_item_id, len(st.output)
+        return None
+
+    def took_plain_text(self, literal: bytes):
+        """Text the fast path sent as it came (a JSON string literal): it joins the open
+        message's text, decoded when the message closes. The target of the next such
+        chunk: the next sequence number."""
+        st = self.state
+        st.sequence_number += 1
+        st.open_texts.append(literal)
+        self._generated.append(literal)
+        return st.sequence_number, self._open_item_id, len(st.output)
 
     def start(self) -> list:
         """response.created + response.in_progress, once."""
@@ -4366,6 +4399,7 @@ class ResponsesStream(_StreamUsage):
                                               == "content_filter" else "max_output_tokens"}
         out.append(self._event("response." + status, response=response))
         st.done, st.status = True, status
+        self.result = response
         return out
 
     def fail(self, message, code="server_error") -> list:
@@ -4383,6 +4417,7 @@ class ResponsesStream(_StreamUsage):
         response = self._response("failed", usage=self._final_usage())
         response["error"] = {"code": code or "server_error", "message": message}
         out.append(self._event("response.failed", response=response))
+        self.result = response
         return out
 
     # -- per chunk --
@@ -4432,6 +4467,7 @@ class ResponsesStream(_StreamUsage):
         else:
             item = {"id": self.ctx.new_id("msg_"), "type": "message", "status": "in_progress",
                     "role": "assistant", "content": []}
+            self._open_item_id = json.dumps(item["id"]).encode("utf-8")
             out.append(self._event("response.output_item.added", output_index=index, item=item))
             out.append(self._event("response.content_part.added", item_id=item["id"],
                                    output_index=index, content_index=0,
@@ -4460,7 +4496,7 @@ class ResponsesStream(_StreamUsage):
         item = st.open_item
         if item is None:
             return
-        index, text = len(st.output), "".join(st.open_texts)
+        index, text = len(st.output), _joined_text(st.open_texts)
         if item["type"] == "reasoning":
             part = {"type": "summary_text", "text": text}
             out.append(self._event("response.reasoning_summary_text.done", item_id=item["id"],
@@ -4567,7 +4603,7 @@ class ResponsesStream(_StreamUsage):
         usage = _responses_usage(self.state.usage)
         if usage is None:
             input_tokens = self.ctx.estimated_input_tokens
-            output_tokens = estimate_text_tokens("".join(self._generated))
+            output_tokens = estimate_text_tokens(_joined_text(self._generated))
             usage = {"input_tokens": input_tokens,
                      "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
                      "output_tokens": output_tokens,
@@ -4778,9 +4814,12 @@ def plain_text_literal(data: bytes):
     return found.group(1)
 
 
-# The text_delta event of the fast path: % (block index, the literal as the upstream wrote it).
-PLAIN_TEXT_EVENT = (b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
-                    b'"delta":{"type":"text_delta","text":%s}}\n\n')
+# The events of the fast path: % (the stream's plain_text_target() + (the literal as it came,)).
+ANTHROPIC_PLAIN_TEXT_EVENT = (b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
+                              b'"delta":{"type":"text_delta","text":%s}}\n\n')
+RESPONSES_PLAIN_TEXT_EVENT = (b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
+                              b'"sequence_number":%d,"item_id":%s,"output_index":%d,"content_index":0,"delta":%s,'
+                              b'"logprobs":[]}\n\n')
 
 
 def encode_anthropic_event(event) -> bytes:
@@ -8359,7 +8398,8 @@ class Api:
         req.log["model"], req.log["model_used"] = _log_model(ctx.route, ctx.upstream_model), ctx.upstream_model
         is_stream = body.get("stream") is True
         stream = AnthropicStream(ctx)
-        reader, events, finish = self._translated_call(req, ctx, openai_body, stream, is_stream)
+        reader, events, finish = self._translated_call(req, ctx, openai_body, stream,
+                                                       ANTHROPIC_FAST if is_stream else None)
         headers = [("request-id", req.id)]
         if is_stream:
             return Response(200, headers=headers + _SSE_HEADERS,
@@ -8367,11 +8407,13 @@ class Api:
         finish()
         return Response.json(aggregate_stream_to_message(events), headers=headers)
 
-    def _translated_call(self, req: Request, ctx, openai_body: dict, stream, is_stream: bool):
+    def _translated_call(self, req: Request, ctx, openai_body: dict, stream, fast: FastPath = None):
         """The upstream call of a translated route (/v1/messages, /v1/responses): always
         streamed upstream (translation.md 3.11), its answer fed into stream until the stream
-        started (a streaming client) or ended (not streaming). (reader, events so far,
-        finish); a failure before anything reached the client raises as an HTTP error."""
+        started (a streaming client: fast says how its events are sent) or ended (not
+        streaming). (reader, events so far, finish); a failure before anything reached the
+        client raises as an HTTP error."""
+        is_stream = fast is not None
         openai_body["stream"] = True
         if ctx.flag("stream_usage"):
             openai_body["stream_options"] = {"include_usage": True}
@@ -8388,7 +8430,7 @@ class Api:
             if "text/event-stream" in upstream.content_type:
                 reader = ChunkReader(upstream)
                 events = _until_started(reader, stream, ANTHROPIC_START_AFTER_S if is_stream else None,
-                                        self.clock, fast=is_stream and isinstance(stream, AnthropicStream))
+                                        self.clock, fast)
             else:  # one JSON body: replay it through the same state machine
                 events = _feed_items(stream, completion_to_chunks(_parse_completion(_read_all(upstream)))
                                      + [ChunkReader.DONE])
@@ -8405,7 +8447,7 @@ class Api:
         silent_s = 0.0
         try:
             if events:
-                yield _encode_events(events)
+                yield ANTHROPIC_FAST.join(events)
             while reader is not None and not stream.state.done:
                 try:
                     items = reader.next(ANTHROPIC_PING_S)
@@ -8413,14 +8455,14 @@ class Api:
                         silent_s += ANTHROPIC_PING_S
                         if silent_s >= self.config["upstream_read_timeout_s"]:
                             raise socket.timeout("no data for %.0f s" % silent_s)
-                        out = _encode_events([PING_EVENT])
+                        out = ANTHROPIC_FAST.join([PING_EVENT])
                     else:
                         silent_s = 0.0
-                        out = b"".join(_feed_items(stream, items, fast=True))  # already encoded
+                        out = b"".join(_feed_items(stream, items, ANTHROPIC_FAST))  # all encoded
                 except (OSError, http.client.HTTPException) as exc:
                     message = stream_failure_message(exc)
                     req.log["error"] = message
-                    out = _encode_events(stream.fail("api_error", message))
+                    out = ANTHROPIC_FAST.join(stream.fail("api_error", message))
                 if out:
                     yield out
         finally:
@@ -8452,12 +8494,13 @@ class Api:
         is_stream = body.get("stream") is True
         stream = ResponsesStream(ctx)
         keep = _stored_input(body, history) if body.get("store", True) is not False else None
-        reader, events, finish = self._translated_call(req, ctx, openai_body, stream, is_stream)
+        reader, events, finish = self._translated_call(req, ctx, openai_body, stream,
+                                                       RESPONSES_FAST if is_stream else None)
         if is_stream:
             return Response(200, headers=list(_SSE_HEADERS),
                             stream=self._responses_events(req, reader, stream, events, finish, keep))
         finish()
-        final = final_response(events)
+        final = _final_response(stream)
         if final.get("status") == "failed":
             error = final.get("error") or {}
             raise UpstreamError(502, "api_error", error.get("message") or "the upstream failed",
@@ -8470,10 +8513,9 @@ class Api:
         """The SSE body of a streaming /v1/responses answer; a comment line keeps a silent
         connection open; an upstream failure becomes response.failed, never a silent end."""
         silent_s = 0.0
-        sent = list(events)
         try:
             if events:
-                yield b"".join(encode_responses_event(e) for e in events)
+                yield RESPONSES_FAST.join(events)
             while reader is not None and not stream.state.done:
                 try:
                     items = reader.next(ANTHROPIC_PING_S)
@@ -8484,16 +8526,15 @@ class Api:
                         yield b": keep-alive\n\n"
                         continue
                     silent_s = 0.0
-                    events = _feed_items(stream, items)
+                    events = _feed_items(stream, items, RESPONSES_FAST)  # all encoded
                 except (OSError, http.client.HTTPException) as exc:
                     message = stream_failure_message(exc)
                     req.log["error"] = message
                     events = stream.fail(message)
-                sent += events
                 if events:
-                    yield b"".join(encode_responses_event(e) for e in events)
+                    yield RESPONSES_FAST.join(events)
             if keep is not None:
-                self.stored_responses.put(final_response(sent), keep)
+                self.stored_responses.put(_final_response(stream), keep)
         finally:
             finish()
 
@@ -8646,12 +8687,11 @@ def _stored_input(body: dict, history: list) -> list:
     return history + _input_as_items(body.get("input"))
 
 
-def final_response(events: list) -> dict:
-    """The response object of the terminal event (completed, incomplete or failed)."""
-    for event in reversed(events):
-        if event.get("type") in ("response.completed", "response.incomplete", "response.failed"):
-            return event["response"]
-    raise UpstreamError(502, "api_error", "the upstream stream ended without an answer")
+def _final_response(stream) -> dict:
+    """The response object of the stream's terminal event (completed, incomplete or failed)."""
+    if stream.result is None:
+        raise UpstreamError(502, "api_error", "the upstream stream ended without an answer")
+    return stream.result
 
 
 def responses_has_images(body: dict) -> bool:
@@ -8711,19 +8751,34 @@ class ChunkReader:
         return [self.DONE if data == b"[DONE]" else data for data in datas]
 
 
-def _feed_items(stream, items, fast: bool = False) -> list:
+class FastPath:
+    """How a streamed answer of one API is sent: its event encoder, and the template of the
+    rule 3.1 fast path (a chunk that only adds text skips the state machine)."""
+
+    def __init__(self, encode, template: bytes):
+        self.encode, self.template = encode, template
+
+    def join(self, events) -> bytes:
+        """Events as bytes: the ones still a structure encoded, the fast path's as they are."""
+        return b"".join(event if event.__class__ is bytes else self.encode(event) for event in events)
+
+
+ANTHROPIC_FAST = FastPath(encode_anthropic_event, ANTHROPIC_PLAIN_TEXT_EVENT)
+RESPONSES_FAST = FastPath(encode_responses_event, RESPONSES_PLAIN_TEXT_EVENT)
+
+
+def _feed_items(stream, items, fast: FastPath = None) -> list:
     """The stream's events for a reader's items (chunk data bytes, or chunk dicts of a
-    replayed answer). fast (an Anthropic stream sent as it goes): the events come back
-    encoded, and a chunk that only adds text to the open text block takes the fast path
-    (rule 3.1 fast path in section 4)."""
+    replayed answer). With fast (an answer streamed as it goes), the events come back
+    encoded, and a chunk that only adds text takes the fast path."""
     events = []
-    text_block = stream.plain_text_block() if fast else None  # unchanged by fast-path chunks
+    target = None if fast is None else stream.plain_text_target()
     for item in items:
-        if text_block is not None:
-            literal = plain_text_literal(item) if item.__class__ is bytes else None
+        if target is not None and item.__class__ is bytes:
+            literal = plain_text_literal(item)
             if literal is not None:
-                stream.took_plain_text(literal)
-                events.append(PLAIN_TEXT_EVENT % (text_block, literal))
+                events.append(fast.template % (target + (literal,)))
+                target = stream.took_plain_text(literal)
                 continue
         if item is ChunkReader.DONE:
             new = stream.close(True)
@@ -8737,15 +8792,15 @@ def _feed_items(stream, items, fast: bool = False) -> list:
                     log.debug("skipping a non-JSON upstream event: %.200r", item)
                     continue
             new = stream.feed(item)
-        if fast:
-            events += [encode_anthropic_event(event) for event in new]
-            text_block = stream.plain_text_block()
+        if fast is not None:
+            events += [fast.encode(event) for event in new]
+            target = stream.plain_text_target()
         else:
             events += new
     return events
 
 
-def _until_started(reader: ChunkReader, stream: AnthropicStream, start_after_s, clock, fast=False) -> list:
+def _until_started(reader: ChunkReader, stream, start_after_s, clock, fast: FastPath = None) -> list:
     """Events up to the stream's start (and the rest of that read). Errors until then
     raise, so they can still become an HTTP status (translation.md 3.4); after
     start_after_s of silence the stream is started anyway. fast: see _feed_items."""
@@ -8757,10 +8812,6 @@ def _until_started(reader: ChunkReader, stream: AnthropicStream, start_after_s, 
             return events + stream.start()
         events += _feed_items(stream, items, fast)
     return events
-
-
-def _encode_events(events) -> bytes:
-    return b"".join(event if isinstance(event, bytes) else encode_anthropic_event(event) for event in events)
 
 
 def _log_translation_notes(req: Request, ctx: TranslationContext) -> None:

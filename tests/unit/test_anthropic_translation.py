@@ -1718,8 +1718,8 @@ def _translated(chunks, fast: bool) -> list:
     """The client's events for upstream chunk data (bytes), with or without the fast path."""
     stream = T.AnthropicStream(make_ctx())
     items = list(chunks) + [T.ChunkReader.DONE]
-    out = T._feed_items(stream, items, fast=fast)
-    raw = b"".join(out) if fast else T._encode_events(out)
+    out = T._feed_items(stream, items, T.ANTHROPIC_FAST if fast else None)
+    raw = T.ANTHROPIC_FAST.join(out)
     return _sse_events(raw), stream.usage_for_log()
 
 

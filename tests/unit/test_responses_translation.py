@@ -1145,3 +1145,26 @@ def test_the_anthropic_route_glue_drives_a_responses_stream_too():
     eof = R.ResponsesStream(make_ctx())
     events = iflow2api._feed_items(eof, [chunk({"content": "hi"}), iflow2api.ChunkReader.EOF])
     assert events[-1]["type"] == "response.failed"
+
+
+# -- rule 3.1 fast path: chunks that only add text ------------------------------------------------
+
+def _translated(chunks, fast: bool):
+    """The client's events (type, data) and the final response for upstream chunk data."""
+    stream = R.ResponsesStream(make_ctx())
+    out = R._feed_items(stream, list(chunks) + [R.ChunkReader.DONE], R.RESPONSES_FAST if fast else None)
+    raw = R.RESPONSES_FAST.join(out)
+    return [(name, json.loads(data)) for name, data in R.SSEParser().feed(raw)], stream.result
+
+
+def _text_chunk(text, **extra):
+    choice = dict({"index": 0, "delta": {"content": text}, "finish_reason": None}, **extra)
+    return json.dumps({"id": "c", "choices": [choice]}, separators=(",", ":"),
+                      ensure_ascii=len(text) % 2 == 0).encode()  # both escapings
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.text(min_size=0, max_size=12), min_size=1, max_size=8))
+def test_the_fast_path_gives_the_events_and_response_the_state_machine_gives(texts):
+    chunks = [_text_chunk(t) for t in texts] + [_text_chunk("", finish_reason="stop")]
+    assert _translated(chunks, fast=True) == _translated(chunks, fast=False)

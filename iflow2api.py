@@ -1427,6 +1427,18 @@ class UsageStore:
         return usage_table(rows)
 
 
+def since_time(text: str, now: float) -> float:
+    """The unix time `--since` means: "7d", "24h", "30m" back from now, or a local date."""
+    text = text.strip()
+    units = {"d": 86400, "h": 3600, "m": 60}
+    if text[-1:] in units and text[:-1].replace(".", "", 1).isdigit():
+        return now - float(text[:-1]) * units[text[-1]]
+    try:
+        return time.mktime(time.strptime(text, "%Y-%m-%d"))
+    except ValueError:
+        raise ConfigError("--since %s: expected 7d, 24h, 30m or a date such as 2026-11-01" % _shown(text)) from None
+
+
 USAGE_GROUPS = {"model": "COALESCE(model_used, model_asked, '-')", "provider": "COALESCE(provider, '-')",
                 "account": "COALESCE(account, '-')", "key": "COALESCE(client_key, '-')",
                 "day": "date(at, 'unixepoch', 'localtime')"}
@@ -9327,6 +9339,23 @@ class Service:
     def default_model(self) -> str:
         return self.backend.default_model()
 
+    def usage_report(self, since: float) -> dict:
+        """The usage history since a unix time: {"enabled", "since", "days", "models",
+        "providers"} (rows as UsageStore.query gives them); empty lists when it is off."""
+        store = self.usage
+        report = {"enabled": store is not None, "since": since, "days": [], "models": [], "providers": []}
+        if store is not None:
+            report.update(days=sorted(store.query(since, "day"), key=lambda row: row["key"]),
+                          models=store.query(since, "model"), providers=store.query(since, "provider"))
+        return report
+
+    def usage_today(self) -> dict:
+        """Today's totals (local time) for the desktop app: requests, errors, tokens."""
+        start = time.mktime(time.localtime()[:3] + (0, 0, 0, 0, 0, -1))
+        days = self.usage_report(start)["days"]
+        return {column: sum(day[column] for day in days)
+                for column in ("requests", "errors", "input_tokens", "output_tokens")}
+
     def has_credentials(self) -> bool:
         """Whether some enabled provider has a usable key (an iFlow login, an account or a
         provider key): the GUI shows its sign-in call to action when not."""
@@ -9779,6 +9808,7 @@ class AdminApi:
                 ("POST", "/admin/api/keys", self.create_key),
                 ("DELETE", "/admin/api/keys/{key_id}", self.revoke_key),
                 ("GET", "/admin/api/models", self.models),
+                ("GET", "/admin/api/usage", self.usage),
                 ("POST", "/admin/api/playground", self.playground)):
             r.add(method, path, self._signed_in(handler))
 
@@ -10061,6 +10091,13 @@ class AdminApi:
     def models(self, req: Request) -> Response:
         return Response.json({"models": [m for m, _d, _o in self.service.backend.public_model_ids()],
                               "default": self.service.default_model()})
+
+    def usage(self, req: Request) -> Response:
+        """The usage history for the dashboard's charts: per day, per model and per provider
+        since ?since= (7d by default; 24h, 30d, or a date)."""
+        query = urllib.parse.parse_qs(req.query_string)
+        since = since_time((query.get("since") or ["7d"])[0], time.time())
+        return Response.json(self.service.usage_report(since))
 
     def playground(self, req: Request) -> Response:
         """A chat completion for a signed-in admin (no client key needed), on the first instance;
@@ -10643,18 +10680,6 @@ def _cmd_accounts(service: Service, as_json: bool) -> int:
         print("%-14s %-10s %-16s %-20s %s" % (a["id"], a["auth_type"], a["api_key"], a["expires_at"] or "-",
                                              status))
     return 0
-
-
-def since_time(text: str, now: float) -> float:
-    """The unix time `--since` means: "7d", "24h", "30m" back from now, or a local date."""
-    text = text.strip()
-    units = {"d": 86400, "h": 3600, "m": 60}
-    if text[-1:] in units and text[:-1].replace(".", "", 1).isdigit():
-        return now - float(text[:-1]) * units[text[-1]]
-    try:
-        return time.mktime(time.strptime(text, "%Y-%m-%d"))
-    except ValueError:
-        raise ConfigError("--since %s: expected 7d, 24h, 30m or a date such as 2026-11-01" % _shown(text)) from None
 
 
 USAGE_COLUMNS = ("requests", "errors", "input_tokens", "output_tokens", "reasoning_tokens", "p50_ms", "p95_ms")

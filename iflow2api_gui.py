@@ -80,6 +80,8 @@ GUI_STRINGS = {
         "gui.restart": "Restart",
         "gui.address": "Address",
         "gui.tokens": "Tokens in / out",
+        "gui.today": "Today",
+        "gui.todayValue": "{requests} requests · {tokens_in} / {tokens_out} tokens",
         "gui.noAccount": "none",
         "gui.noCredentials": "No upstream credentials yet: sign in with iFlow or add an API key.",
         "gui.updateAvailable": "iflow2api {latest} is available (you have {current}).",
@@ -161,6 +163,8 @@ GUI_STRINGS = {
         "gui.restart": "重启",
         "gui.address": "地址",
         "gui.tokens": "输入 / 输出 token",
+        "gui.today": "今日",
+        "gui.todayValue": "{requests} 次请求 · {tokens_in} / {tokens_out} token",
         "gui.noAccount": "无",
         "gui.noCredentials": "还没有上游凭据：请用 iFlow 登录或添加 API 密钥。",
         "gui.updateAvailable": "iflow2api {latest} 已发布（当前为 {current}）。",
@@ -502,7 +506,16 @@ class StatusModel:
                 "requests": dash.get("requests", 0), "errors": dash.get("errors", 0),
                 "input_tokens": dash.get("input_tokens", 0), "output_tokens": dash.get("output_tokens", 0),
                 "uptime_s": uptime, "keys_required": bool(dash.get("keys_required")),
-                "update": dash.get("update")}
+                "update": dash.get("update"), "today": self._today()}
+
+    def _today(self):
+        """Today's totals from the usage history (None when it is off or unreadable)."""
+        if self.service.usage is None:
+            return None
+        try:
+            return self.service.usage_today()
+        except iflow2api.Iflow2apiError:
+            return None
 
     def start(self) -> dict:
         """Start the default instance; its status (with generated_key once for a remote bind)."""
@@ -1329,7 +1342,7 @@ class StatusPage(Page):
         self.values = {}
         fields = [("gui.address", "url"), ("stat.requests", "requests"), ("col.provider", "provider"),
                   ("stat.errors", "errors"), ("col.account", "account"), ("gui.tokens", "tokens"),
-                  (None, None), ("stat.uptime", "uptime")]
+                  ("gui.today", "today"), ("stat.uptime", "uptime")]
         for index, (key, name) in enumerate(fields):
             row, col = divmod(index, 2)
             if key is None:
@@ -1389,6 +1402,11 @@ class StatusPage(Page):
         self.values["tokens"].configure(text="%s / %s" % (format_count(s["input_tokens"]),
                                                           format_count(s["output_tokens"])))
         self.values["uptime"].configure(text=format_uptime(s["uptime_s"], self.t) if running else "-")
+        today = s.get("today")
+        self.values["today"].configure(text=self.t("gui.todayValue", requests=format_count(today["requests"]),
+                                                   tokens_in=format_count(today["input_tokens"]),
+                                                   tokens_out=format_count(today["output_tokens"]))
+                                       if today else "-")
         busy = self.app.busy_with("server")
         self.start_button.state(["disabled"] if running or busy else ["!disabled"])
         self.stop_button.state(["!disabled"] if running and not busy else ["disabled"])

@@ -44,7 +44,7 @@ GUARDED_ROUTES = [
     ("POST", "/admin/api/accounts/oauth/x"),
     ("GET", "/admin/api/providers"), ("POST", "/admin/api/providers"), ("DELETE", "/admin/api/providers/x"),
     ("GET", "/admin/api/keys"), ("POST", "/admin/api/keys"), ("DELETE", "/admin/api/keys/x"),
-    ("GET", "/admin/api/models"), ("POST", "/admin/api/playground"),
+    ("GET", "/admin/api/models"), ("POST", "/admin/api/playground"), ("GET", "/admin/api/usage"),
 ]
 OPEN_ROUTES = {"/admin/api/session", "/admin/api/setup", "/admin/api/login"}
 
@@ -1045,3 +1045,18 @@ def test_many_browsers_on_this_machine_share_a_ceiling(signed_in, server):
             assert browser.login("wrong password").status == 401
     answer = _browser(server).login()
     assert answer.status == 429 and int(answer.header("retry-after")) > 0
+
+
+def test_usage_report_for_the_dashboard_charts(signed_in, server, fake_upstream):
+    for model in ("glm-5", "glm-5", "upstream-only-model"):
+        assert v1(server.url, "POST", "/v1/chat/completions", dict(CHAT, model=model)).status == 200
+    assert wait_until(lambda: signed_in.get("/admin/api/usage").json()["days"], 10)
+    assert wait_until(lambda: signed_in.get("/admin/api/usage").json()["days"][-1]["requests"] == 3, 10)
+    report = signed_in.get("/admin/api/usage?since=24h").json()
+    assert report["enabled"] is True and abs(report["since"] - (time.time() - 86400)) < 60
+    assert [(m["key"], m["requests"]) for m in report["models"]] == [("glm-5", 2), ("upstream-only-model", 1)]
+    assert [(p["key"], p["requests"]) for p in report["providers"]] == [("iflow", 3)]
+    (today,) = report["days"]
+    assert today["input_tokens"] == 36 and today["errors"] == 0 and today["p95_ms"] >= today["p50_ms"] > 0
+    bad = signed_in.get("/admin/api/usage?since=whenever")
+    assert bad.status == 400 and "expected 7d, 24h, 30m or a date" in bad.json()["error"]["message"]

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 from hypothesis import given, strategies as st
@@ -538,3 +539,16 @@ def test_status_snapshot_carries_the_update_notice_and_says_it_in_both_languages
         strings.language = language
         text = strings.t("gui.updateAvailable", latest="9.1.0", current="0.1.0")
         assert "9.1.0" in text and "0.1.0" in text
+
+
+def test_status_shows_todays_totals_from_the_usage_history(service, home):
+    model = gui.StatusModel(service)
+    assert model.snapshot()["today"] == {"requests": 0, "errors": 0, "input_tokens": 0, "output_tokens": 0}
+    now = time.time()
+    for status, tokens, at in ((200, 10, now), (500, 5, now), (200, 1000, now - 3 * 86400)):  # the last: not today
+        service.usage.record({"at": at, "route": "openai", "status": status, "input_tokens": tokens,
+                              "output_tokens": tokens * 2})
+    service.usage.close()
+    assert model.snapshot()["today"] == {"requests": 2, "errors": 1, "input_tokens": 15, "output_tokens": 30}
+    service.usage = None  # usage_history off
+    assert model.snapshot()["today"] is None

@@ -442,6 +442,9 @@ DEFAULT_CONFIG = {
     "providers": {},
     "default_provider": "iflow",
     "model_routes": {},  # model name -> "provider" or "provider/model"
+    # Claude Code's requests by kind: {"background", "think", "long_context", "image", "default"} -> target
+    "scenario_routes": {},
+    "long_context_tokens": 60000,  # prompts estimated above this take the long_context route
     # a request with images for a text-only model: "route" to vision_model, or "reject" (400)
     "vision_model": "qwen-vl-max",
     "vision_fallback": "route",
@@ -504,6 +507,8 @@ CONFIG_HELP = {
     "providers": "providers besides iFlow (iflow2api providers add)",
     "default_provider": "provider for model names no other rule routes",
     "model_routes": "model name -> provider or provider/model (JSON object)",
+    "scenario_routes": "Claude Code's request kinds -> provider/model: background, think, long_context, image, default",
+    "long_context_tokens": "prompt tokens (estimated) above which long_context routes",
     "vision_model": "where requests with images go when their model is text-only",
     "vision_fallback": "images for a text-only model: route (to vision_model) or reject",
     "admin_password_hash": "the web admin password's hash (iflow2api admin-password)",
@@ -517,7 +522,8 @@ CONFIG_GROUPS = (
                 "usage_retention_days", "usage_max_mb")),
     ("upstream", ("base_url", "upstream_proxy_enabled", "upstream_proxy", "upstream_connect_timeout_s",
                   "upstream_read_timeout_s")),
-    ("models", ("default_model", "default_provider", "model_map", "model_routes", "vision_model",
+    ("models", ("default_model", "default_provider", "model_map", "model_routes", "scenario_routes",
+                "long_context_tokens", "vision_model",
                 "vision_fallback", "preserve_reasoning_content", "models_cache_s", "providers")),
     ("accounts", ("allow_remote_without_key", "account_cooldown_s", "api_key", "custom_api_key",
                   "api_keys", "accounts", "admin_password_hash")),
@@ -913,6 +919,9 @@ def _names_to_names(value) -> bool:
     return all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
 
 
+# Scenario routes (config scenario_routes), tried in this order; "default" catches the rest.
+SCENARIOS = ("image", "long_context", "background", "think", "default")
+
 # Allowed values of the enum keys (the admin shows a select, the GUI a combo box).
 CONFIG_CHOICES = {
     "vision_fallback": ("route", "reject"),
@@ -937,6 +946,7 @@ CONFIG_NUMBER_BOUNDS = {
     "upstream_connect_timeout_s": (0, None, False),
     "upstream_read_timeout_s": (0, None, False),
     "usage_retention_days": (0, None, False),
+    "long_context_tokens": (1, None, True),
     "usage_max_mb": (0, None, False),
 }
 
@@ -971,6 +981,8 @@ _RANGE_CHECKS = {
                       "only) or 0.0.0.0 (all interfaces)"),
     "model_map": (_names_to_names, "an object of names to model names"),
     "model_routes": (_names_to_names, "an object of model names to providers"),
+    "scenario_routes": (lambda v: _names_to_names(v) and set(v) <= set(SCENARIOS),
+                        "an object of background, think, long_context, image or default to provider/model"),
     "log_level": (lambda v: v.upper() in CONFIG_CHOICES["log_level"], "DEBUG, INFO, WARNING or ERROR"),
     "upstream_proxy": (lambda v: not v or is_proxy_url(v),
                        "http://, https://, socks5:// or socks5h:// with a host, e.g. http://127.0.0.1:7890"),
@@ -1722,6 +1734,25 @@ def resolve_model(name, model_map, known_models, default_model) -> str:
         if family in lower and family in model_map:
             return model_map[family]
     return default_model or without_1m
+
+
+def pick_scenario(scenario_routes: dict, client_model, model_map: dict, has_images: bool, thinking: bool,
+                  estimate, long_context_tokens: int):
+    """(scenario, target) when a configured scenario route takes the request, else None.
+
+    Scenarios apply to the names Claude Code sends (a Claude name, a model_map key, or no
+    model), never to a model the client chose by its own name. estimate() gives the
+    prompt's tokens; it is called only when a long_context route is configured."""
+    name = (client_model or "").strip()
+    if not scenario_routes or not (name.lower().startswith("claude") or name in (model_map or {}) or not name):
+        return None
+    applies = {"image": lambda: has_images, "long_context": lambda: estimate() > long_context_tokens,
+               "background": lambda: "haiku" in name.lower(), "think": lambda: thinking, "default": lambda: True}
+    for scenario in SCENARIOS:
+        target = scenario_routes.get(scenario)
+        if isinstance(target, str) and target and applies[scenario]():
+            return scenario, target
+    return None
 
 
 # -- rule 1 Request: Anthropic -> OpenAI ----------------------------------------------------------
@@ -7315,8 +7346,9 @@ class App:
         counted = not req.path.startswith(_NOT_COUNTED)
         # The admin's pages and polling would drown the API lines: those go to DEBUG.
         self.access_log.log(logging.INFO if counted or resp.status >= 400 else logging.DEBUG,
-                            "%s %s model=%s status=%d ms=%.0f%s%s", req.method, req.path,
+                            "%s %s model=%s status=%d ms=%.0f%s%s%s", req.method, req.path,
                             info.get("model", "-"), resp.status, ms, tokens,
+                            " rule=" + info["rule"] if "rule" in info else "",
                             " error=%r" % info["error"][:200] if info.get("error") else "")
         if self.stats is not None and counted:
             self.stats.record(resp.status, info, ms)
@@ -8156,6 +8188,8 @@ class Api:
             "accounts": {"total": len(accounts),
                          "usable": sum(1 for a in accounts if a.usable(time.time()))},
             "requests": self.stats.snapshot()["requests"],
+            "routing": {"scenarios": {k: v for k, v in (self.config.get("scenario_routes") or {}).items()},
+                        "model_routes": len(self.config.get("model_routes") or {})},
             "update": self.backend.update.notice(),
         }
         if req.client and req.client[0] in _LOOPBACK_CLIENTS:  # `iflow2api accounts` shows the live state
@@ -8212,7 +8246,10 @@ class Api:
             body = validate_chat_request(body)
             client_model = body.get("model") or self.backend.default_model()
             req.log.update(route="openai", model_asked=client_model)
-            route, upstream_model = self._route(self._routing_name(client_model), openai_has_images(body))
+            has_images = openai_has_images(body)
+            name = self._routing_name(req, client_model, has_images, bool(body.get("reasoning_effort")),
+                                      lambda: _estimate_openai_body(body))
+            route, upstream_model = self._route(name, has_images)
             req.log["model"], req.log["model_used"] = _log_model(route, upstream_model), upstream_model
             body["model"] = upstream_model
             if route.quirks.get("inline_image_urls"):
@@ -8236,16 +8273,28 @@ class Api:
                 normalize_reasoning_message(choice["message"], preserve)
         return Response.json(result)
 
-    def _routing_name(self, client_model: str) -> str:
-        """The name routing resolves, on every route: "provider/model" and model_routes names
-        as sent; others through model_map (Claude names and tiers, translation.md 1.1), so the
-        names /v1/models lists are accepted everywhere."""
-        routes = self.backend.routes
-        if split_provider(client_model, routes)[0] or client_model in (self.config.get("model_routes") or {}):
+    def _routing_name(self, req: Request, client_model: str, has_images=False, thinking=False,
+                      estimate=lambda: 0) -> str:
+        """The name routing resolves, the same on every route (translation.md 1.1), and the
+        rule that chose it in req.log: "provider/model" and model_routes names as sent;
+        then a scenario route (Claude Code's request kinds); then model_map (Claude names
+        and tiers), so the names /v1/models lists are accepted everywhere."""
+        routes, config = self.backend.routes, self.config
+        if split_provider(client_model, routes)[0]:
+            req.log["rule"] = "provider"
             return client_model
+        if client_model in (config.get("model_routes") or {}):
+            req.log["rule"] = "model_routes"
+            return client_model
+        scenario = pick_scenario(config.get("scenario_routes"), client_model, config["model_map"], has_images,
+                                 thinking, estimate, config["long_context_tokens"])
+        if scenario is not None:
+            req.log["rule"] = "scenario:" + scenario[0]
+            return scenario[1]
         known = [m for route in routes.values() for m in route.catalogue.static_ids()]
-        return resolve_model(client_model, self.config["model_map"], known,
-                             self.config.get("default_model") or DEFAULT_MODEL)
+        name = resolve_model(client_model, config["model_map"], known, config.get("default_model") or DEFAULT_MODEL)
+        req.log["rule"] = "model" if name == client_model else "model_map"
+        return name
 
     def _route(self, model: str, has_images: bool):
         """(route, upstream model); requests with images for a text-only model go to
@@ -8403,7 +8452,7 @@ class Api:
         body = req.json()
         req.log.update(route="anthropic", model_asked=body.get("model") if isinstance(body, dict) else None)
         with client_input_errors():
-            ctx = self._anthropic_context(body)
+            ctx = self._anthropic_context(req, body)
             openai_body = anthropic_to_openai_request(body, ctx)
             if ctx.route.quirks.get("inline_image_urls"):
                 openai_body = inline_image_urls(openai_body, self._image_fetcher(ctx.route).fetch)
@@ -8498,7 +8547,7 @@ class Api:
                 raise InvalidRequestError("request body must be a JSON object")
             req.log.update(route="responses", model_asked=body.get("model"))
             history = self.stored_responses.history(body.get("previous_response_id"))
-            ctx = self._responses_context(body)
+            ctx = self._responses_context(req, body)
             openai_body = responses_to_openai_request(_with_history(body, history), ctx)
             if ctx.route.quirks.get("inline_image_urls"):
                 openai_body = inline_image_urls(openai_body, self._image_fetcher(ctx.route).fetch)
@@ -8550,12 +8599,17 @@ class Api:
         finally:
             finish()
 
-    def _responses_context(self, body: dict) -> TranslationContext:
+    def _responses_context(self, req: Request, body: dict) -> TranslationContext:
         model = body.get("model")
         if model is not None and not isinstance(model, str):
             raise InvalidRequestError("model: expected a string")
         name = model or self.backend.default_model()
-        route, upstream_model = self._route(self._routing_name(name), responses_has_images(body))
+        has_images = responses_has_images(body)
+        reasoning = body.get("reasoning")
+        thinking = isinstance(reasoning, dict) and reasoning.get("effort") not in (None, "none", "minimal")
+        route, upstream_model = self._route(
+            self._routing_name(req, name, has_images, thinking, lambda: estimate_text_tokens(json.dumps(body.get("input")))),
+            has_images)
         ctx = ResponsesContext(client_model=name, upstream_model=upstream_model, new_id=new_random_id,
                                profile=route.profile(upstream_model), model_info=route.model_info(upstream_model),
                                preserve_reasoning=self.config["preserve_reasoning_content"],
@@ -8600,14 +8654,17 @@ class Api:
             return self.messages(req)
         return self.chat_completions(req)
 
-    def _anthropic_context(self, body) -> TranslationContext:
+    def _anthropic_context(self, req: Request, body) -> TranslationContext:
         if not isinstance(body, dict):
             raise InvalidRequestError("request body must be a JSON object")
         _validated_messages(body)  # before routing reads them (images decide the route)
         client_model = body.get("model")
         if not isinstance(client_model, str) or not client_model.strip():
             raise InvalidRequestError("model: Field required")
-        route, upstream_model = self._route(self._routing_name(client_model), anthropic_has_images(body))
+        has_images = anthropic_has_images(body)
+        thinking = isinstance(body.get("thinking"), dict) and body["thinking"].get("type") in ("enabled", "adaptive")
+        name = self._routing_name(req, client_model, has_images, thinking, lambda: estimate_tokens_anthropic(body))
+        route, upstream_model = self._route(name, has_images)
         ctx = TranslationContext(client_model=client_model, upstream_model=upstream_model,
                                  new_id=new_random_id, profile=route.profile(upstream_model),
                                  model_info=route.model_info(upstream_model),

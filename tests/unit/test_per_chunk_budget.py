@@ -95,7 +95,7 @@ def test_the_openai_relay_passes_a_chunk_on_within_its_budget(api, per_read, bud
 def test_an_anthropic_text_chunk_is_translated_within_its_budget(api, per_read, budget):
     def translate(chunks):
         body = {"model": "glm-5", "max_tokens": 10, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
-        stream = I.AnthropicStream(api._anthropic_context(body))
+        stream = I.AnthropicStream(api._anthropic_context(FakeRequest(), body))
         reader = I.ChunkReader(ScriptedUpstream(pieces(chunks, per_read)))
         opening = I._feed_items(stream, reader.next(None), I.ANTHROPIC_FAST)  # starts the message, opens the block
         assert stream.plain_text_target() is not None, "the fast path is not in use"
@@ -107,7 +107,8 @@ def test_an_anthropic_text_chunk_is_translated_within_its_budget(api, per_read, 
 @pytest.mark.parametrize("per_read,budget", [(1, RESPONSES_TEXT_BUDGET[0]), (10, RESPONSES_TEXT_BUDGET[1])])
 def test_a_responses_text_chunk_is_translated_within_its_budget(api, per_read, budget):
     def translate(chunks):
-        stream = I.ResponsesStream(api._responses_context({"model": "glm-5", "stream": True, "input": "hi"}))
+        body = {"model": "glm-5", "stream": True, "input": "hi"}
+        stream = I.ResponsesStream(api._responses_context(FakeRequest(), body))
         reader = I.ChunkReader(ScriptedUpstream(pieces(chunks, per_read)))
         opening = I._feed_items(stream, reader.next(None), I.RESPONSES_FAST)  # starts, opens the message
         assert stream.plain_text_target() is not None, "the fast path is not in use"

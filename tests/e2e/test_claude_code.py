@@ -143,3 +143,37 @@ def test_a_missing_client_is_one_line_and_exit_127(tmp_path):
                                 env=env, capture_output=True, text=True, timeout=30)
         assert result.returncode == 127 and install in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+# -- scenario routes (issue 17) -------------------------------------------------------------
+
+def _agent_reply(request):
+    """The main loop asks for a sub-agent on the haiku tier (Claude Code's Agent tool); the
+    sub-agent (no Agent tool of its own) answers; then the main loop answers with its result."""
+    tool_names = [t["function"]["name"] for t in request.get("tools") or []]
+    results = [m for m in request.get("messages") or [] if m.get("role") == "tool"]
+    if results:
+        return Reply(stream=text_stream(["The agent said: ", "agent-done-42"]))
+    if "Agent" in tool_names:
+        return Reply(stream=tool_call_stream(
+            "Agent", {"description": "Say done", "prompt": "Reply with the word done.",
+                      "subagent_type": "general-purpose", "model": "haiku"},
+            call_id="call_agent_1", text="Asking an agent."))
+    return Reply(stream=text_stream(["agent-done-42"]))
+
+
+@pytest.mark.parametrize("adapter", ["h11"], indirect=True)
+def test_claude_codes_haiku_class_calls_take_the_background_route(claude, start_server, fake_upstream, home,
+                                                                 workdir):
+    """A sub-agent on the haiku tier is Claude Code's haiku-class call: with a background
+    route it goes to that model, while the main model's calls stay where they were."""
+    write_settings(str(home), fake_upstream.url)
+    server = start_server(scenario_routes={"background": "bg-model"})
+    fake_upstream.default_reply = _agent_reply
+    result = run_claude(claude, server, str(home), workdir, "Ask an agent to say done.",
+                        "--allowedTools", "Agent")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "agent-done-42" in result.stdout
+    models = [json.loads(r.body)["model"] for r in fake_upstream.chat_requests()]
+    assert "bg-model" in models and "glm-5" in models, models
+    assert set(models) == {"bg-model", "glm-5"}

@@ -445,6 +445,10 @@ DEFAULT_CONFIG = {
     # Claude Code's requests by kind: {"background", "think", "long_context", "image", "default"} -> target
     "scenario_routes": {},
     "long_context_tokens": 60000,  # prompts estimated above this take the long_context route
+    # when a model fails before answering: {"provider/model" | "model" | "provider" | "*": [targets]}
+    "fallbacks": {},
+    "fallback_attempts": 3,  # calls at most per request, the first included
+    "fallback_deadline_s": 120.0,  # no new attempt after this long
     # a request with images for a text-only model: "route" to vision_model, or "reject" (400)
     "vision_model": "qwen-vl-max",
     "vision_fallback": "route",
@@ -509,6 +513,9 @@ CONFIG_HELP = {
     "model_routes": "model name -> provider or provider/model (JSON object)",
     "scenario_routes": "Claude Code's request kinds -> provider/model: background, think, long_context, image, default",
     "long_context_tokens": "prompt tokens (estimated) above which long_context routes",
+    "fallbacks": "model or provider -> provider/model list tried when it fails before answering",
+    "fallback_attempts": "upstream calls at most per request, fallbacks included",
+    "fallback_deadline_s": "seconds after which no further fallback is tried",
     "vision_model": "where requests with images go when their model is text-only",
     "vision_fallback": "images for a text-only model: route (to vision_model) or reject",
     "admin_password_hash": "the web admin password's hash (iflow2api admin-password)",
@@ -523,7 +530,7 @@ CONFIG_GROUPS = (
     ("upstream", ("base_url", "upstream_proxy_enabled", "upstream_proxy", "upstream_connect_timeout_s",
                   "upstream_read_timeout_s")),
     ("models", ("default_model", "default_provider", "model_map", "model_routes", "scenario_routes",
-                "long_context_tokens", "vision_model",
+                "long_context_tokens", "fallbacks", "fallback_attempts", "fallback_deadline_s", "vision_model",
                 "vision_fallback", "preserve_reasoning_content", "models_cache_s", "providers")),
     ("accounts", ("allow_remote_without_key", "account_cooldown_s", "api_key", "custom_api_key",
                   "api_keys", "accounts", "admin_password_hash")),
@@ -947,6 +954,8 @@ CONFIG_NUMBER_BOUNDS = {
     "upstream_read_timeout_s": (0, None, False),
     "usage_retention_days": (0, None, False),
     "long_context_tokens": (1, None, True),
+    "fallback_attempts": (1, 10, True),
+    "fallback_deadline_s": (0, None, False),
     "usage_max_mb": (0, None, False),
 }
 
@@ -981,6 +990,9 @@ _RANGE_CHECKS = {
                       "only) or 0.0.0.0 (all interfaces)"),
     "model_map": (_names_to_names, "an object of names to model names"),
     "model_routes": (_names_to_names, "an object of model names to providers"),
+    "fallbacks": (lambda v: all(isinstance(k, str) and isinstance(t, list) and all(isinstance(x, str) for x in t)
+                                for k, t in v.items()),
+                  "an object of models or providers to lists of provider/model"),
     "scenario_routes": (lambda v: _names_to_names(v) and set(v) <= set(SCENARIOS),
                         "an object of background, think, long_context, image or default to provider/model"),
     "log_level": (lambda v: v.upper() in CONFIG_CHOICES["log_level"], "DEBUG, INFO, WARNING or ERROR"),
@@ -2465,6 +2477,10 @@ def _joined_text(parts) -> str:
 
 class _StreamUsage:
     """What both stream state machines (Anthropic, Responses) report for the access log."""
+
+    def restart(self) -> None:
+        """Start over for another model (a fallback): nothing of this stream reached the client."""
+        self.__init__(self.ctx)
 
     def usage_for_log(self):
         """(input_tokens, output_tokens) as sent to the client, or the current estimate."""
@@ -7072,6 +7088,15 @@ class Backend:
         _refuse_unknown_provider(model, default, routes, self.config.get("providers") or {})
         return default, model
 
+    def fallback_targets(self, route, model: str) -> list:
+        """[(route, upstream model)] to try after (route, model) fails, from config fallbacks:
+        the entry for "provider/model", else for the model, else the provider, else "*"."""
+        table = self.config.get("fallbacks") or {}
+        for key in ("%s/%s" % (route.name, model), model, route.name, "*"):
+            if key in table:
+                return [self.resolve(target) for target in table[key]]
+        return []
+
     def public_model_ids(self):
         """[(id as clients send it, display name, owner)] over every enabled provider."""
         default, out, seen = self.default_route, [], set()
@@ -8250,11 +8275,19 @@ class Api:
             name = self._routing_name(req, client_model, has_images, bool(body.get("reasoning_effort")),
                                       lambda: _estimate_openai_body(body))
             route, upstream_model = self._route(name, has_images)
-            req.log["model"], req.log["model_used"] = _log_model(route, upstream_model), upstream_model
-            body["model"] = upstream_model
+
+        def attempt(route, upstream_model):
+            call = dict(body, model=upstream_model)
             if route.quirks.get("inline_image_urls"):
-                body = inline_image_urls(body, self._image_fetcher(route).fetch)
-        is_stream = bool(body.get("stream"))
+                with client_input_errors():
+                    call = inline_image_urls(call, self._image_fetcher(route).fetch)
+            return self._chat_call(req, call, route, client_model)
+        return self._with_fallbacks(req, route, upstream_model, attempt)
+
+    def _chat_call(self, req: Request, body: dict, route, client_model: str) -> Response:
+        """One upstream call of a chat completion; a stream's first piece is read here, so a
+        failure before it is still an HTTP error (and worth a fallback)."""
+        is_stream, upstream_model = bool(body.get("stream")), body["model"]
         upstream, release = _watched(req, *self._open_upstream(body, route, req.log))
         renamed = client_model if client_model != upstream_model else None
         if is_stream and "text/event-stream" in upstream.content_type:
@@ -8308,6 +8341,29 @@ class Api:
         vision_route, vision_model = self.backend.resolve(self.config["vision_model"])
         log.info("request has images: %s -> %s", upstream_model, _log_model(vision_route, vision_model))
         return vision_route, vision_model
+
+    def _with_fallbacks(self, req: Request, route, model: str, attempt):
+        """attempt(route, model) -> an answer, first for (route, model), then for its fallbacks
+        (config fallbacks) while the failure came before anything reached the client and is
+        worth another model: 429, 5xx, a timeout or broken connection, a context too long.
+        At most fallback_attempts calls, none started after fallback_deadline_s. The models
+        tried are in the log and the usage history (chain)."""
+        chain = [(route, model)] + self.backend.fallback_targets(route, model)
+        chain = chain[:self.config["fallback_attempts"]]
+        deadline = self.clock() + self.config["fallback_deadline_s"]
+        tried = []
+        for number, (route, model) in enumerate(chain):
+            tried.append("%s/%s" % (route.name, model))
+            req.log["model"], req.log["model_used"] = _log_model(route, model), model
+            if len(tried) > 1:
+                req.log["chain"] = " > ".join(tried)
+            try:
+                return attempt(route, model)
+            except (UpstreamError, UpstreamTimeoutError) as exc:
+                if number + 1 == len(chain) or self.clock() > deadline or not _worth_another_model(exc):
+                    raise
+                log.warning("%s: %s failed before answering (%s); trying %s/%s", req.id, tried[-1], exc,
+                            chain[number + 1][0].name, chain[number + 1][1])
 
     def _image_fetcher(self, route) -> ImageFetcher:
         """A fetcher for one request's images (the cap on their count is per request)."""
@@ -8459,8 +8515,15 @@ class Api:
         req.log["model"], req.log["model_used"] = _log_model(ctx.route, ctx.upstream_model), ctx.upstream_model
         is_stream = body.get("stream") is True
         stream = AnthropicStream(ctx)
+        def rebuild(route, model):
+            _retarget(ctx, route, model)
+            with client_input_errors():
+                again = anthropic_to_openai_request(body, ctx)
+                if route.quirks.get("inline_image_urls"):
+                    again = inline_image_urls(again, self._image_fetcher(route).fetch)
+            return again
         reader, events, finish = self._translated_call(req, ctx, openai_body, stream,
-                                                       ANTHROPIC_FAST if is_stream else None)
+                                                       ANTHROPIC_FAST if is_stream else None, rebuild)
         headers = [("request-id", req.id)]
         if is_stream:
             return Response(200, headers=headers + _SSE_HEADERS,
@@ -8468,12 +8531,25 @@ class Api:
         finish()
         return Response.json(aggregate_stream_to_message(events), headers=headers)
 
-    def _translated_call(self, req: Request, ctx, openai_body: dict, stream, fast: FastPath = None):
-        """The upstream call of a translated route (/v1/messages, /v1/responses): always
-        streamed upstream (translation.md 3.11), its answer fed into stream until the stream
-        started (a streaming client: fast says how its events are sent) or ended (not
-        streaming). (reader, events so far, finish); a failure before anything reached the
-        client raises as an HTTP error."""
+    def _translated_call(self, req: Request, ctx, openai_body: dict, stream, fast: FastPath = None,
+                         rebuild=None):
+        """The upstream call of a translated route (/v1/messages, /v1/responses), with its
+        fallbacks: rebuild(route, model) translates the request again for another model."""
+        first = (ctx.route, ctx.upstream_model)
+
+        def attempt(route, model):
+            body = openai_body
+            if (route, model) != first:
+                body = rebuild(route, model)
+                stream.restart()
+            return self._translated_attempt(req, ctx, body, stream, fast)
+        return self._with_fallbacks(req, ctx.route, ctx.upstream_model, attempt)
+
+    def _translated_attempt(self, req: Request, ctx, openai_body: dict, stream, fast: FastPath = None):
+        """One upstream call of a translated route: always streamed upstream (translation.md
+        3.11), its answer fed into stream until the stream started (a streaming client: fast
+        says how its events are sent) or ended (not streaming). (reader, events so far,
+        finish); a failure before anything reached the client raises as an HTTP error."""
         is_stream = fast is not None
         openai_body["stream"] = True
         if ctx.flag("stream_usage"):
@@ -8555,8 +8631,15 @@ class Api:
         is_stream = body.get("stream") is True
         stream = ResponsesStream(ctx)
         keep = _stored_input(body, history) if body.get("store", True) is not False else None
+        def rebuild(route, model):
+            _retarget(ctx, route, model)
+            with client_input_errors():
+                again = responses_to_openai_request(_with_history(body, history), ctx)
+                if route.quirks.get("inline_image_urls"):
+                    again = inline_image_urls(again, self._image_fetcher(route).fetch)
+            return again
         reader, events, finish = self._translated_call(req, ctx, openai_body, stream,
-                                                       RESPONSES_FAST if is_stream else None)
+                                                       RESPONSES_FAST if is_stream else None, rebuild)
         if is_stream:
             return Response(200, headers=list(_SSE_HEADERS),
                             stream=self._responses_events(req, reader, stream, events, finish, keep))
@@ -8982,6 +9065,19 @@ def _renamed_model(pieces, client_model: str):
     field = b'"model":' + json.dumps(client_model, ensure_ascii=False).encode("utf-8")
     for piece in pieces:
         yield _MODEL_FIELD_RE.sub(lambda _m: field, piece)
+
+
+def _retarget(ctx, route, model: str) -> None:
+    """Point a translation context at another model (a fallback) before translating again."""
+    ctx.route, ctx.upstream_model = route, model
+    ctx.profile, ctx.model_info = route.profile(model), route.model_info(model)
+
+
+def _worth_another_model(exc) -> bool:
+    """Whether another model may do better: busy, broken, slow, or out of context room."""
+    if isinstance(exc, UpstreamTimeoutError):
+        return True
+    return exc.status in (429, 500, 502, 503, 504, 529) or exc.openai_code == "context_length_exceeded"
 
 
 def _watched(req: Request, upstream: UpstreamResponse, release):

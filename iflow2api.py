@@ -419,6 +419,8 @@ DEFAULT_CONFIG = {
     # Host names served on a loopback bind without client keys, besides localhost/127.0.0.1/::1
     "allowed_hosts": [],
     "api_keys": [],
+    # tokens (input + output) a client key may use per local day: {"key id" or "*": tokens}
+    "daily_token_quota": {},
     "default_model": "",
     # Anthropic route: Claude tiers (and any other alias) -> upstream model, like the original (glm-5)
     "model_map": {"opus": "glm-5", "sonnet": "glm-5", "haiku": "glm-5"},
@@ -495,6 +497,7 @@ CONFIG_HELP = {
     "cors_allow_origins": "web page origins allowed to call the API (JSON list)",
     "allowed_hosts": "extra Host names served on loopback without client keys",
     "api_keys": "client keys (manage them in the web admin)",
+    "daily_token_quota": "tokens per local day for a client key id, or \"*\" for each key (JSON object)",
     "default_model": "model for requests without one (empty: the iFlow CLI's, else glm-5)",
     "model_map": "Anthropic route: Claude names or tiers -> model (JSON object)",
     "accounts": "extra iFlow accounts for the pool (iflow2api login --add)",
@@ -532,8 +535,8 @@ CONFIG_GROUPS = (
     ("models", ("default_model", "default_provider", "model_map", "model_routes", "scenario_routes",
                 "long_context_tokens", "fallbacks", "fallback_attempts", "fallback_deadline_s", "vision_model",
                 "vision_fallback", "preserve_reasoning_content", "models_cache_s", "providers")),
-    ("accounts", ("allow_remote_without_key", "account_cooldown_s", "api_key", "custom_api_key",
-                  "api_keys", "accounts", "admin_password_hash")),
+    ("accounts", ("allow_remote_without_key", "daily_token_quota", "account_cooldown_s", "api_key",
+                  "custom_api_key", "api_keys", "accounts", "admin_password_hash")),
     ("desktop", ("theme_mode", "language", "auto_start", "start_minimized", "close_action",
                  "auto_run_server", "check_update_on_startup", "skip_version")),
     ("advanced", ("max_body_bytes", "header_timeout_s", "idle_timeout_s", "body_timeout_s",
@@ -990,6 +993,9 @@ _RANGE_CHECKS = {
                       "only) or 0.0.0.0 (all interfaces)"),
     "model_map": (_names_to_names, "an object of names to model names"),
     "model_routes": (_names_to_names, "an object of model names to providers"),
+    "daily_token_quota": (lambda v: all(isinstance(k, str) and isinstance(t, int) and not isinstance(t, bool)
+                                        and t >= 0 for k, t in v.items()),
+                          "an object of client key ids (or \"*\") to whole numbers of tokens"),
     "fallbacks": (lambda v: all(isinstance(k, str) and isinstance(t, list) and all(isinstance(x, str) for x in t)
                                 for k, t in v.items()),
                   "an object of models or providers to lists of provider/model"),
@@ -6566,6 +6572,56 @@ def client_key_id(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()[:10]
 
 
+class DailyQuota:
+    """Tokens (input + output) per client key per local day, against config daily_token_quota
+    ({key id or "*": tokens}). Counted as answers end; at the first look of a day a key's
+    count starts from the usage history, so a restart does not reset it."""
+
+    def __init__(self, config, usage=None, clock=time.time):
+        self.config, self.usage, self.clock = config, usage, clock
+        self._day, self._used = None, {}
+        self._lock = threading.Lock()
+
+    def _limit(self, key_id):
+        quotas = self.config.get("daily_token_quota") or {}
+        return quotas.get(key_id, quotas.get("*")) if key_id else None
+
+    def _today(self):
+        day = time.strftime("%Y-%m-%d", time.localtime(self.clock()))
+        if day != self._day:
+            self._day, self._used = day, {}
+            if self.usage is not None:
+                start = time.mktime(time.strptime(day, "%Y-%m-%d"))
+                try:
+                    self._used = {row["key"]: row["input_tokens"] + row["output_tokens"]
+                                  for row in self.usage.query(start, "key")}
+                except Iflow2apiError as exc:
+                    log.warning("daily quota: %s; counting from 0", exc)
+        return self._used
+
+    def check(self, key_id) -> None:
+        """RateLimitError when the key used its tokens for today."""
+        limit = self._limit(key_id)
+        if limit is None:
+            return
+        with self._lock:
+            used = self._today().get(key_id, 0)
+        if used >= limit:
+            raise RateLimitError("client key %s used its daily quota of %d tokens (%d used); it renews at "
+                                 "midnight, local time of the server" % (key_id, limit, used),
+                                 headers=[("retry-after", "%d" % self._seconds_to_midnight())])
+
+    def add(self, key_id, tokens: int) -> None:
+        if key_id and tokens and self._limit(key_id) is not None:
+            with self._lock:
+                used = self._today()
+                used[key_id] = used.get(key_id, 0) + tokens
+
+    def _seconds_to_midnight(self) -> int:
+        now = time.localtime(self.clock())
+        return max(1, 86400 - (now.tm_hour * 3600 + now.tm_min * 60 + now.tm_sec))
+
+
 def host_name_of(host_header: str) -> str:
     """The lower-case name in a Host header, without port or IPv6 brackets."""
     host = (host_header or "").strip().lower()
@@ -7283,11 +7339,12 @@ _NOT_COUNTED = ("/admin", "/static/", "/docs", "/redoc", "/openapi.json", "/favi
 class App:
     """Routing, error handling, CORS and the one access-log line per request."""
 
-    def __init__(self, router: Router, cors_origins=(), stats=None, head_checks=(), usage=None):
+    def __init__(self, router: Router, cors_origins=(), stats=None, head_checks=(), usage=None, quota=None):
         self.router = router
         self.cors_origins = list(cors_origins or [])
         self.stats = stats
         self.usage = usage  # a UsageStore for the API routes' requests, or None
+        self.quota = quota  # a DailyQuota that counts the API routes' tokens, or None
         self.head_checks = list(head_checks)
         self.access_log = get_logger("access")
         self.stopping = False  # set by a graceful stop: new requests get 503
@@ -7377,6 +7434,8 @@ class App:
                             " error=%r" % info["error"][:200] if info.get("error") else "")
         if self.stats is not None and counted:
             self.stats.record(resp.status, info, ms)
+        if self.quota is not None and "route" in info:
+            self.quota.add(info.get("client_key"), (info.get("input_tokens") or 0) + (info.get("output_tokens") or 0))
         if self.usage is not None and "route" in info:
             first_byte = None if resp.first_byte_at is None else (resp.first_byte_at - started) * 1000.0
             self.usage.record(dict(info, at=time.time(), status=resp.status, latency_ms=round(ms, 1),
@@ -8140,8 +8199,9 @@ class Api:
     """The HTTP API of one server instance."""
 
     def __init__(self, config: Config, backend: Backend, limiter: ConcurrencyLimiter, stats: Stats,
-                 client_keys: ClientKeys, adapter: str, clock=time.monotonic):
+                 client_keys: ClientKeys, adapter: str, clock=time.monotonic, quota: DailyQuota = None):
         self.config, self.backend, self.limiter, self.stats = config, backend, limiter, stats
+        self.quota = quota or DailyQuota(config)
         self.credentials = backend.credentials
         self.client_keys, self.adapter, self.clock = client_keys, adapter, clock
         self.started_at = clock()
@@ -8261,8 +8321,15 @@ class Api:
 
     # -- chat completions ------------------------------------------------------
 
-    def chat_completions(self, req: Request) -> Response:
+    def _admit_client(self, req: Request, route: str) -> None:
+        """The client key (its id goes in the log and the usage history) and its daily quota;
+        from here on the request is one of the route's (a refused one too)."""
+        req.log["route"] = route
         req.log["client_key"] = self.client_keys.check(req.headers)
+        self.quota.check(req.log["client_key"])
+
+    def chat_completions(self, req: Request) -> Response:
+        self._admit_client(req, "openai")
         return self.chat(req, req.json())
 
     def chat(self, req: Request, body) -> Response:
@@ -8504,7 +8571,7 @@ class Api:
 
         The upstream is always called with stream=true (translation.md 3.11), so
         streaming and non-streaming clients share one state machine."""
-        req.log["client_key"] = self.client_keys.check(req.headers)
+        self._admit_client(req, "anthropic")
         body = req.json()
         req.log.update(route="anthropic", model_asked=body.get("model") if isinstance(body, dict) else None)
         with client_input_errors():
@@ -8613,7 +8680,7 @@ class Api:
         Like /v1/messages, the upstream is always asked to stream, and one state machine
         serves streaming and non-streaming clients. store (the API's default) keeps the
         answer for GET and for a later previous_response_id."""
-        req.log["client_key"] = self.client_keys.check(req.headers)
+        self._admit_client(req, "responses")
         return self.respond(req, req.json())
 
     def respond(self, req: Request, body) -> Response:
@@ -9351,7 +9418,7 @@ class Instance:
     """One listening server with its own limiter and counters over a shared Backend."""
 
     def __init__(self, config: Config, name: str = "default", host: str = None, port: int = None,
-                 adapter: str = None, backend: Backend = None, route_sets=(), usage=None):
+                 adapter: str = None, backend: Backend = None, route_sets=(), usage=None, quota=None):
         self.name, self.config = name, config
         self.host = host or config["host"]
         self.port = config["port"] if port is None else port
@@ -9362,15 +9429,16 @@ class Instance:
         self.limiter = ConcurrencyLimiter(config["concurrency"], config["queue_timeout_s"])
         self.stats = Stats()
         self.generated_key = ""  # a client key made for this start (remote bind), shown once
+        quota = quota or DailyQuota(config, usage)
         self.api = Api(config, self.backend, self.limiter, self.stats, ClientKeys(config, self.host),
-                       self.adapter)
+                       self.adapter, quota=quota)
         router = self.api.router()
         head_checks = [self.api.head_check]
         for route_set in route_sets:  # more routes over the same server (the web admin)
             route_set.register(router)
             head_checks.append(route_set.head_check)
             self.api.extra_endpoints.update(route_set.endpoints)
-        self.app = App(router, config["cors_allow_origins"], self.stats, head_checks, usage)
+        self.app = App(router, config["cors_allow_origins"], self.stats, head_checks, usage, quota)
         self.server = None
 
     @property
@@ -9432,6 +9500,7 @@ class Service:
         self.usage = UsageStore(os.path.join(os.path.dirname(os.path.abspath(self.config.path)), "usage.db"),
                                 self.config["usage_retention_days"], self.config["usage_max_mb"]) \
             if self.config["usage_history"] else None
+        self.quota = DailyQuota(self.config, self.usage)  # one count per key over every instance
 
     @classmethod
     def from_config(cls, overrides: dict = None, path: str = None, env=None) -> "Service":
@@ -9449,7 +9518,7 @@ class Service:
             if instance is None or not instance.running:
                 generated = ensure_client_key(self.config, host or self.config["host"])
                 instance = Instance(self.config, name, host, port, backend=self.backend,
-                                    route_sets=self.route_sets, usage=self.usage)
+                                    route_sets=self.route_sets, usage=self.usage, quota=self.quota)
                 instance.generated_key = generated
                 instance.start()
                 self.instances[name] = instance

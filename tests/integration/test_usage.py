@@ -223,3 +223,37 @@ def test_usage_history_can_be_switched_off(start_service, fake_upstream, home):
     openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0).chat.completions.create(
         model="glm-5", messages=CHAT)
     assert not os.path.exists(os.path.join(str(home), ".iflow2api", "usage.db"))
+
+
+def test_a_client_keys_daily_token_quota(start_service, fake_upstream, home):
+    write_settings(str(home), fake_upstream.url)
+    limited, other = "client-key-limited-0123456789", "client-key-other-0123456789ab"
+    config = dict(api_keys=[limited, other], daily_token_quota={I.client_key_id(limited): 20, "*": 1000})
+    service = start_service(**config)
+    url = service.instances["default"].url
+
+    def ask(key):
+        return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0).chat.completions.create(
+            model="glm-5", messages=CHAT)
+    ask(limited)  # 15 tokens (the fake's usage: 12 + 3)
+    assert wait_until(lambda: service.quota._today().get(I.client_key_id(limited)) == 15, 5)
+    ask(limited)  # 15 < 20 when it came: allowed, now 30
+    assert wait_until(lambda: service.quota._today().get(I.client_key_id(limited)) == 30, 5)
+    with pytest.raises(openai.RateLimitError) as refused:
+        ask(limited)
+    message = refused.value.body["message"]
+    assert "used its daily quota of 20 tokens (30 used)" in message and limited not in message
+    assert int(refused.value.response.headers["retry-after"]) > 0
+    status, _h, body = http(url, "POST", "/v1/messages", json.dumps(
+        {"model": "glm-5", "max_tokens": 5, "messages": CHAT}).encode(),
+        {"content-type": "application/json", "x-api-key": limited})
+    assert status == 429 and json.loads(body)["error"]["type"] == "rate_limit_error"
+    ask(other)  # another key has its own count
+    assert len(fake_upstream.chat_requests()) == 3
+    # A restart keeps the day's count: it starts from the usage history.
+    assert wait_until(lambda: len(rows(db_path(service))) >= 5, 10)  # the refused ones too
+    service.stop()
+    again = start_service(**config)
+    url = again.instances["default"].url
+    with pytest.raises(openai.RateLimitError):
+        ask(limited)

@@ -112,6 +112,22 @@ GUI_STRINGS = {
         "gui.modelsLoaded": "{n} models loaded.",
         "gui.tiersSaved": "Model tiers saved.",
         "gui.needPreset": "Pick a preset first.",
+        "gui.scenarios": "Scenario routes",
+        "gui.scenariosIntro": "The first row that applies to a Claude Code request picks its model; "
+                              "empty rows are skipped.",
+        "gui.scenario.image": "Image",
+        "gui.scenario.imageHint": "Requests that contain images",
+        "gui.scenario.longContext": "Long context",
+        "gui.scenario.longContextHint": "Prompts above",
+        "gui.scenario.longContextUnit": "tokens (estimated)",
+        "gui.scenario.background": "Background",
+        "gui.scenario.backgroundHint": "Haiku-class calls: titles, summaries, sub-agents",
+        "gui.scenario.think": "Think",
+        "gui.scenario.thinkHint": "Requests with thinking or a reasoning effort",
+        "gui.scenario.default": "Default",
+        "gui.scenario.defaultHint": "Every other Claude Code request",
+        "gui.err.wholeNumber": "A whole number of tokens, at least 1.",
+        "gui.err.modelId": "A model id without spaces, e.g. deepseek/deepseek-chat.",
         "gui.serverGroup": "Server",
         "gui.desktopGroup": "Desktop app",
         "gui.host": "Host",
@@ -189,11 +205,26 @@ GUI_STRINGS = {
         "gui.presetNotes": "说明",
         "gui.baseUrlOptional": "Base URL（可选）",
         "gui.tiers": "Claude 模型档位",
-        "gui.tiersIntro": "Claude Code 请求各档位时由哪个模型回答。",
+        "gui.tiersIntro": "Claude Code 请求各档位时\n由哪个模型回答。",
         "gui.loadModels": "加载模型",
         "gui.modelsLoaded": "已加载 {n} 个模型。",
         "gui.tiersSaved": "模型档位已保存。",
         "gui.needPreset": "请先选择预设。",
+        "gui.scenarios": "场景路由",
+        "gui.scenariosIntro": "Claude Code 的请求从上往下匹配，第一个适用的行决定模型；留空的行跳过。",
+        "gui.scenario.image": "图片",
+        "gui.scenario.imageHint": "包含图片的请求",
+        "gui.scenario.longContext": "长上下文",
+        "gui.scenario.longContextHint": "提示词超过",
+        "gui.scenario.longContextUnit": "token（估算）",
+        "gui.scenario.background": "后台",
+        "gui.scenario.backgroundHint": "Haiku 档调用：标题、摘要、子代理",
+        "gui.scenario.think": "思考",
+        "gui.scenario.thinkHint": "开启思考或指定推理强度的请求",
+        "gui.scenario.default": "默认",
+        "gui.scenario.defaultHint": "Claude Code 的其他请求",
+        "gui.err.wholeNumber": "token 数，至少为 1 的整数。",
+        "gui.err.modelId": "不含空格的模型 ID，例如 deepseek/deepseek-chat。",
         "gui.serverGroup": "服务",
         "gui.desktopGroup": "桌面应用",
         "gui.host": "主机",
@@ -596,10 +627,18 @@ class AccountsModel:
 
 
 CLAUDE_TIERS = ("opus", "sonnet", "haiku")
+# The scenario routes in the order the server tries them (iflow2api.SCENARIOS), each with
+# its name and its explanation in the catalogue.
+SCENARIOS = iflow2api.SCENARIOS
+SCENARIO_TEXTS = {"image": ("gui.scenario.image", "gui.scenario.imageHint"),
+                  "long_context": ("gui.scenario.longContext", "gui.scenario.longContextHint"),
+                  "background": ("gui.scenario.background", "gui.scenario.backgroundHint"),
+                  "think": ("gui.scenario.think", "gui.scenario.thinkHint"),
+                  "default": ("gui.scenario.default", "gui.scenario.defaultHint")}
 
 
 class ProvidersModel:
-    """The Providers page: presets, configured providers, the Claude tier map."""
+    """The Providers page: presets, configured providers, the Claude tier map, the scenario routes."""
 
     def __init__(self, service):
         self.service = service
@@ -650,6 +689,50 @@ class ProvidersModel:
         model_map.update({tier: tiers[tier].strip() for tier in CLAUDE_TIERS})
         self.service.config_set({"model_map": model_map})
         return {}
+
+    # -- scenario routes (config scenario_routes and long_context_tokens) --
+    def scenarios(self) -> dict:
+        """The form: {"routes": {scenario: target or ""}, "long_context_tokens": text}."""
+        config = self.service.config_get()
+        routes = config.get("scenario_routes") or {}
+        return {"routes": {s: routes.get(s) or "" for s in SCENARIOS},
+                "long_context_tokens": str(config.get("long_context_tokens", ""))}
+
+    @staticmethod
+    def scenario_changes(routes: dict, long_context_tokens) -> tuple:
+        """(changes, errors) from the form: changes holds scenario_routes (the non-empty rows,
+        trimmed) and long_context_tokens (an int); errors {field: message key}, where a field
+        is a scenario or "long_context_tokens". The server checks ranges itself."""
+        changes, errors, kept = {}, {}, {}
+        for scenario in SCENARIOS:
+            target = (routes.get(scenario) or "").strip()
+            if any(c.isspace() for c in target):
+                errors[scenario] = "gui.err.modelId"
+            elif target:
+                kept[scenario] = target
+        changes["scenario_routes"] = kept
+        text = str(long_context_tokens if long_context_tokens is not None else "").strip()
+        if text.isdigit():
+            changes["long_context_tokens"] = int(text)
+        else:
+            errors["long_context_tokens"] = "gui.err.wholeNumber"
+        return changes, errors
+
+    def save_scenarios(self, routes: dict, long_context_tokens) -> dict:
+        """Save through the server's validated path. {"errors": {field: key}} when the form is
+        wrong; {"refused": server message, "field": config key} when the server said no; else
+        {"changed": [keys]}. Nothing is saved unless everything is accepted."""
+        changes, errors = self.scenario_changes(routes, long_context_tokens)
+        if errors:
+            return {"errors": errors}
+        current = self.service.config_get()
+        changes = {k: v for k, v in changes.items() if current.get(k) != v}
+        try:
+            if changes:
+                self.service.config_set_editable(changes)
+        except iflow2api.Iflow2apiError as exc:
+            return {"refused": error_text(exc), "field": getattr(exc, "param", None) or ""}
+        return {"changed": sorted(changes)}
 
 
 class InstancesModel:
@@ -1661,18 +1744,17 @@ class ProvidersPage(Page):
                                                                  padx=px(8), pady=px(3))
         app.label(add, "gui.baseUrlOptional").grid(row=2, column=0, sticky="w", pady=px(3))
         self.base_var = tk.StringVar()
-        ttk.Entry(add, textvariable=self.base_var).grid(row=2, column=1, columnspan=3, sticky="ew", padx=px(8),
-                                                        pady=px(3))
-        self.default_var = tk.BooleanVar(value=False)
-        app.check(add, "prov.makeDefault", self.default_var).grid(row=3, column=0, columnspan=3, sticky="w",
-                                                                  pady=(px(4), 0))
+        ttk.Entry(add, textvariable=self.base_var).grid(row=2, column=1, sticky="ew", padx=px(8), pady=px(3))
+        self.default_var = tk.BooleanVar(value=False)  # on the base URL's row: the page must stay short
+        app.check(add, "prov.makeDefault", self.default_var).grid(row=2, column=2, sticky="w", padx=(px(4), 0),
+                                                                  pady=px(3))
         self.save_button = app.button(add, "prov.save", self.add, style="Accent.TButton")
-        self.save_button.grid(row=3, column=3, sticky="e", padx=px(8), pady=(px(4), 0))
+        self.save_button.grid(row=2, column=3, sticky="e", padx=(px(12), px(8)), pady=px(3))
 
         listing = app.group(f, "gui.providersList")
         listing.grid(row=1, column=0, sticky="nsew", pady=(px(10), 0))
         self.tree = app.table(listing, [("name", "col.name", 100), ("state", "col.state", 90),
-                                        ("base", "col.baseUrl", 300), ("keys", "col.keys", 150)], height=5)
+                                        ("base", "col.baseUrl", 300), ("keys", "col.keys", 150)], height=3)
         bar = ttk.Frame(listing)
         bar.grid(row=1, column=0, columnspan=2, sticky="w", pady=(px(6), 0))
         self.default_button = app.button(bar, "prov.setDefault", self.make_default)
@@ -1680,32 +1762,82 @@ class ProvidersPage(Page):
         self.remove_button = app.button(bar, "action.remove", self.remove)
         self.remove_button.grid(row=0, column=1, padx=px(8))
 
-        tiers = app.group(f, "gui.tiers")
-        tiers.grid(row=2, column=0, sticky="ew", pady=(px(10), 0))
-        app.label(tiers, "gui.tiersIntro", style="Muted.TLabel").grid(row=0, column=0, columnspan=6, sticky="w")
+        # Claude Code routing, side by side: the tier map (left) and the scenario routes (right).
+        routing = ttk.Frame(f)
+        routing.grid(row=2, column=0, sticky="ew", pady=(px(10), 0))
+        routing.columnconfigure(1, weight=1)
+        tiers = app.group(routing, "gui.tiers")
+        tiers.grid(row=0, column=0, sticky="nsew", padx=(0, px(10)))
+        tiers.columnconfigure(1, weight=1)
+        app.label(tiers, "gui.tiersIntro", style="Muted.TLabel", wraplength=px(250), justify="left").grid(
+            row=0, column=0, columnspan=2, sticky="w", pady=(0, px(2)))
         self.tier_vars, self.tier_boxes = {}, {}
         for i, tier in enumerate(CLAUDE_TIERS):
-            ttk.Label(tiers, text=tier.capitalize()).grid(row=1, column=i * 2, sticky="w",
-                                                          padx=(0 if i == 0 else px(12), px(6)), pady=px(6))
+            ttk.Label(tiers, text=tier.capitalize()).grid(row=1 + i, column=0, sticky="w", padx=(0, px(8)),
+                                                          pady=px(3))
             var = self.tier_vars[tier] = tk.StringVar()
             box = self.tier_boxes[tier] = app.combobox(tiers, var, width=18)
-            box.grid(row=1, column=i * 2 + 1, sticky="w")
+            box.grid(row=1 + i, column=1, sticky="ew", pady=px(3))
+        tiers.rowconfigure(4, weight=1)
         bar = ttk.Frame(tiers)
-        bar.grid(row=2, column=0, columnspan=6, sticky="w")
+        bar.grid(row=5, column=0, columnspan=2, sticky="sw", pady=(px(6), 0))
         self.load_models_button = app.button(bar, "gui.loadModels", self.load_models)
         self.load_models_button.grid(row=0, column=0)
         self.save_tiers_button = app.button(bar, "action.save", self.save_tiers, style="Accent.TButton")
         self.save_tiers_button.grid(row=0, column=1, padx=px(8))
+        self._build_scenarios(routing)
+        self.models_list = None  # the model ids the combo boxes offer, once loaded
         self.message_line(f, row=3, column=0, sticky="w", pady=(px(8), 0))
 
+    def _build_scenarios(self, parent) -> None:
+        app, px = self.app, self.app.px
+        group = app.group(parent, "gui.scenarios")
+        group.grid(row=0, column=1, sticky="nsew")
+        group.columnconfigure(2, weight=1)
+        app.label(group, "gui.scenariosIntro", style="Muted.TLabel", wraplength=px(620), justify="left").grid(
+            row=0, column=0, columnspan=3, sticky="w", pady=(0, px(2)))
+        self.scenario_vars, self.scenario_boxes = {}, {}
+        for i, scenario in enumerate(SCENARIOS):
+            name_key, hint_key = SCENARIO_TEXTS[scenario]
+            app.label(group, name_key).grid(row=1 + i, column=0, sticky="w", padx=(0, px(8)), pady=px(2))
+            var = self.scenario_vars[scenario] = tk.StringVar()
+            box = self.scenario_boxes[scenario] = app.combobox(group, var, width=22)
+            box.grid(row=1 + i, column=1, sticky="w", pady=px(2))
+            if scenario == "long_context":  # its threshold sits in its explanation
+                hint = ttk.Frame(group)
+                app.label(hint, hint_key, style="Muted.TLabel").grid(row=0, column=0, sticky="w")
+                self.tokens_var = tk.StringVar()
+                self.tokens_entry = ttk.Entry(hint, textvariable=self.tokens_var, width=8, justify="right")
+                self.tokens_entry.grid(row=0, column=1, padx=px(6))
+                app.label(hint, "gui.scenario.longContextUnit", style="Muted.TLabel").grid(row=0, column=2,
+                                                                                            sticky="w")
+            else:
+                hint = app.label(group, hint_key, style="Muted.TLabel", wraplength=px(330), justify="left")
+            hint.grid(row=1 + i, column=2, sticky="w", padx=(px(10), 0))
+        bar = ttk.Frame(group)
+        bar.grid(row=1 + len(SCENARIOS), column=0, columnspan=3, sticky="ew", pady=(px(6), 0))
+        bar.columnconfigure(1, weight=1)
+        self.save_scenarios_button = app.button(bar, "action.save", self.save_scenarios, style="Accent.TButton")
+        self.save_scenarios_button.grid(row=0, column=0, sticky="w")
+        self.scenario_message = ttk.Label(bar, style="Info.TLabel", wraplength=px(480), justify="left")
+        self.scenario_message.grid(row=0, column=1, sticky="w", padx=(px(10), 0))
+        self._scenario_said = (None, "", False)  # (catalogue key, or the server's own text), error
+        app.on_language(self._show_scenario_message)
+
     def on_show(self) -> None:
-        self.app.run(lambda: (self.model.providers(), self.model.tiers()), on_done=self._fill, on_error=self.fail)
+        self.app.run(lambda: (self.model.providers(), self.model.tiers(), self.model.scenarios()),
+                     on_done=self._fill, on_error=self.fail)
+        if self.models_list is None and not self.app.busy_with("models"):  # once, quietly, for the combo boxes
+            self.app.run(self.model.models, on_done=self._offer_models, on_error=lambda _exc: None, tag="models")
 
     def _fill(self, result) -> None:
-        self.providers, tiers = result
+        self.providers, tiers, scenarios = result
         self.preset_box.configure(values=self.model.preset_names(self.providers))
         for tier, var in self.tier_vars.items():
             var.set(tiers.get(tier, ""))
+        for scenario, var in self.scenario_vars.items():
+            var.set(scenarios["routes"].get(scenario, ""))
+        self.tokens_var.set(scenarios["long_context_tokens"])
         self._fill_tree()
         self._show_notes()
 
@@ -1734,6 +1866,7 @@ class ProvidersPage(Page):
         self.key_var.set("")
         self.base_var.set("")
         self.say("prov.saved", name=provider["name"])
+        self.models_list = None  # its models join the combo boxes' lists
         self.on_show()
         self.app.refresh_status()
 
@@ -1759,9 +1892,13 @@ class ProvidersPage(Page):
         self.app.run(self.model.models, on_done=self._models_loaded, on_error=self.fail)
 
     def _models_loaded(self, models) -> None:
-        for box in self.tier_boxes.values():
-            box.configure(values=models)
+        self._offer_models(models)
         self.say("gui.modelsLoaded", n=len(models))
+
+    def _offer_models(self, models) -> None:
+        self.models_list = list(models)
+        for box in list(self.tier_boxes.values()) + list(self.scenario_boxes.values()):
+            box.configure(values=self.models_list)
 
     def save_tiers(self) -> None:
         tiers = {tier: var.get() for tier, var in self.tier_vars.items()}
@@ -1772,6 +1909,39 @@ class ProvidersPage(Page):
             self.say("gui.err.choice", error=True)
         else:
             self.say("gui.tiersSaved")
+
+    def save_scenarios(self) -> None:
+        routes = {scenario: var.get() for scenario, var in self.scenario_vars.items()}
+        tokens = self.tokens_var.get()
+        self.app.run(lambda: self.model.save_scenarios(routes, tokens), on_done=self._scenarios_saved,
+                     on_error=lambda exc: self._say_scenario(text=error_text(exc), error=True))
+
+    def _scenarios_saved(self, result) -> None:
+        errors, field = result.get("errors") or {}, result.get("field")
+        marked = set(errors)  # the fields to outline in red
+        if field == "long_context_tokens":
+            marked.add(field)
+        elif field == "scenario_routes":  # the server's message names the row
+            marked.update(SCENARIOS)
+        for name, widget in list(self.scenario_boxes.items()) + [("long_context_tokens", self.tokens_entry)]:
+            widget.state(["invalid"] if name in marked else ["!invalid"])
+        if errors:  # the first wrong field, top to bottom
+            first = next(n for n in list(SCENARIOS) + ["long_context_tokens"] if n in errors)
+            self._say_scenario(errors[first], error=True)
+        elif "refused" in result:
+            self._say_scenario(text=result["refused"], error=True)
+        else:
+            self._say_scenario("gui.saved")
+
+    def _say_scenario(self, key: str = None, text: str = "", error: bool = False) -> None:
+        """The message beside the scenario Save button: a catalogue key, or the server's text."""
+        self._scenario_said = (key, text, error)
+        self._show_scenario_message()
+
+    def _show_scenario_message(self) -> None:
+        key, text, error = self._scenario_said
+        self.scenario_message.configure(text=self.t(key) if key else text,
+                                        style="Error.TLabel" if error else "Info.TLabel")
 
 
 class InstancesPage(Page):
@@ -2589,14 +2759,16 @@ class App:
                  "bordercolor": p["border"], "lightcolor": p["field"], "darkcolor": p["field"]}
         s.configure("TEntry", padding=(px(5), px(3)), **field)
         s.map("TEntry", fieldbackground=[("readonly", p["surface2"]), ("disabled", p["bg"])],
-              bordercolor=[("focus", p["accent"])], lightcolor=[("focus", p["accent"])])
+              bordercolor=[("invalid", p["bad"]), ("focus", p["accent"])],
+              lightcolor=[("invalid", p["bad"]), ("focus", p["accent"])])
         s.configure("TCombobox", background=p["surface2"], arrowcolor=p["fg"], padding=(px(5), px(3)),
                     arrowsize=px(12), **field)
         s.map("TCombobox", fieldbackground=[("readonly", p["field"]), ("disabled", p["bg"])],
               foreground=[("disabled", p["disabled"])], background=[("active", p["accent_soft"])],
               selectbackground=[("readonly", "focus", p["accent_soft"])],
               selectforeground=[("readonly", "focus", p["fg"])],
-              bordercolor=[("focus", p["accent"])], lightcolor=[("focus", p["accent"])])
+              bordercolor=[("invalid", p["bad"]), ("focus", p["accent"])],
+              lightcolor=[("invalid", p["bad"]), ("focus", p["accent"])])
         s.configure("TCheckbutton", background=p["bg"], foreground=p["fg"], indicatorbackground=p["field"],
                     indicatorforeground=p["fg"], upperbordercolor=p["border"], lowerbordercolor=p["border"],
                     indicatorsize=px(14), indicatormargin=(0, 0, px(6), 0))

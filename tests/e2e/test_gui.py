@@ -1,6 +1,6 @@
 """The desktop window under Xvfb, driven through its widgets: start/stop the server
-and prove it over HTTP, log in with an API key, add a provider from a preset, change
-the port and restart, switch language and theme, the tray icon (pystray's X11
+and prove it over HTTP, log in with an API key, add a provider from a preset, route
+Claude Code's background (haiku) calls to it by a scenario route, change the port and restart, switch language and theme, the tray icon (pystray's X11
 backend docked in a fake system tray) and its menu, a second launch focusing the
 first, and screenshots of every page (light/dark, English/Chinese, 1x and 2x) saved
 under test-artifacts/gui/ and checked for content.
@@ -222,6 +222,61 @@ def test_add_a_provider_from_a_preset_and_map_claude_tiers(make_app, home, fake_
     assert header(last, "authorization") == "Bearer sk-vllm-0123456789abcdef"
 
 
+def test_a_background_scenario_route_set_in_the_window_takes_haiku_requests(make_app, home, fake_upstream):
+    write_settings(str(home), fake_upstream.url)
+    app = make_app()
+    app.service.provider_add("vllm", api_key="sk-vllm-0123456789abcdef", base_url=fake_upstream.url)
+    page = app.providers_page
+    app.select(page)
+    box = page.scenario_boxes["background"]
+    pump_until(app, lambda: "vllm/upstream-only-model" in box.cget("values"))  # loaded when the page showed
+    assert page.tokens_var.get() == "60000" and all(not v.get() for v in page.scenario_vars.values())
+    config_file = os.path.join(str(home), ".iflow2api", "config.json")
+
+    def saved():
+        with open(config_file) as f:
+            return json.load(f)
+
+    pick(app, box, "vllm/upstream-only-model")
+    page.tokens_var.set("lots")
+    page.save_scenarios_button.invoke()
+    pump_until(app, lambda: page.scenario_message.cget("text") == "A whole number of tokens, at least 1.")
+    assert page.tokens_entry.instate(["invalid"]) and str(page.scenario_message.cget("style")) == "Error.TLabel"
+    page.tokens_var.set("0")  # a number, refused by the server's own check: its message shows in place
+    page.save_scenarios_button.invoke()
+    pump_until(app, lambda: page.scenario_message.cget("text") == "long_context_tokens=0: expected at least 1")
+    assert page.tokens_entry.instate(["invalid"])
+    screenshot(app, "providers-scenarios-refused-light-en-1x")
+    assert "scenario_routes" not in saved()
+    page.tokens_var.set("90000")
+    page.save_scenarios_button.invoke()
+    pump_until(app, lambda: page.scenario_message.cget("text") == "Saved.")
+    assert not page.tokens_entry.instate(["invalid"]) and str(page.scenario_message.cget("style")) == "Info.TLabel"
+    assert saved()["scenario_routes"] == {"background": "vllm/upstream-only-model"}
+    assert saved()["long_context_tokens"] == 90000
+    screenshot(app, "providers-scenarios-saved-light-en-1x")
+    app.set_language("zh", save=False)  # the message follows the language
+    assert page.scenario_message.cget("text") == "\u5df2\u4fdd\u5b58\u3002"
+    app.set_language("en", save=False)
+
+    page.scenario_vars["background"].set("")  # not saved: showing the page again loads the config
+    app.select(app.settings_page)
+    app.select(page)
+    pump_until(app, lambda: page.scenario_vars["background"].get() == "vllm/upstream-only-model")
+    assert page.tokens_var.get() == "90000"
+
+    url = start_from_button(app)
+    body = {"model": "claude-haiku-4-5", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
+    status, _h, answer = http(url, "POST", "/v1/messages", body, {"x-api-key": "x"})
+    assert status == 200, answer
+    last = fake_upstream.chat_requests()[-1]
+    assert json.loads(last.body)["model"] == "upstream-only-model"
+    assert header(last, "authorization") == "Bearer sk-vllm-0123456789abcdef"
+    body["model"] = "claude-sonnet-4-5"  # not a background call: the tier map's model, at iFlow
+    assert http(url, "POST", "/v1/messages", body, {"x-api-key": "x"})[0] == 200
+    assert json.loads(fake_upstream.chat_requests()[-1].body)["model"] == "glm-5"
+
+
 def test_change_the_port_in_settings_and_restart(make_app, home, fake_upstream):
     write_settings(str(home), fake_upstream.url)
     app = make_app()
@@ -303,6 +358,8 @@ def fill_with_data(app, home, fake_upstream) -> None:
     url = start_from_button(app)
     chat(url)
     app.service.provider_add("deepseek", api_key="sk-deepseek-0123456789abcdef")
+    app.service.config_set_editable({"scenario_routes": {"background": "deepseek/deepseek-chat",
+                                                         "think": "deepseek/deepseek-reasoner"}})
     app.service.create_client_key()
     app.service.add_instance("second", "127.0.0.1", free_port())
 

@@ -315,6 +315,78 @@ def test_providers_model_adds_a_preset_with_a_key_and_maps_claude_tiers(service,
     assert model.remove("deepseek") is True
 
 
+@pytest.mark.parametrize("routes, tokens, changes, errors", [
+    ({"background": " vllm/bg-model ", "think": "", "image": "   ", "long_context": "qwen/qwen-long"}, " 80000 ",
+     {"scenario_routes": {"background": "vllm/bg-model", "long_context": "qwen/qwen-long"},
+      "long_context_tokens": 80000}, {}),
+    ({}, "60000", {"scenario_routes": {}, "long_context_tokens": 60000}, {}),  # every row empty: nothing routed
+    ({"default": "glm-5", "web_search": "x/y"}, "0", {"scenario_routes": {"default": "glm-5"},
+                                                      "long_context_tokens": 0}, {}),  # the range: the server's
+    ({"background": "bg"}, "lots", {"scenario_routes": {"background": "bg"}},
+     {"long_context_tokens": "gui.err.wholeNumber"}),
+    ({}, "1.5", {"scenario_routes": {}}, {"long_context_tokens": "gui.err.wholeNumber"}),
+    ({}, "-3", {"scenario_routes": {}}, {"long_context_tokens": "gui.err.wholeNumber"}),
+    ({}, "", {"scenario_routes": {}}, {"long_context_tokens": "gui.err.wholeNumber"}),
+    ({"think": "deepseek reasoner"}, "60000", {"scenario_routes": {}, "long_context_tokens": 60000},
+     {"think": "gui.err.modelId"}),
+])
+def test_scenario_form_becomes_config_changes(routes, tokens, changes, errors):
+    assert gui.ProvidersModel.scenario_changes(routes, tokens) == (changes, errors)
+    catalogue = gui.Catalogue()
+    for key in errors.values():
+        for language in ("en", "zh"):
+            assert key in catalogue.strings[language]
+
+
+def test_scenario_rows_are_the_servers_scenarios_in_its_order_with_texts():
+    assert gui.SCENARIOS == iflow2api.SCENARIOS
+    catalogue = gui.Catalogue()
+    for scenario in gui.SCENARIOS:
+        for key in gui.SCENARIO_TEXTS[scenario]:
+            for language in ("en", "zh"):
+                assert catalogue.strings[language].get(key), (language, key)
+
+
+def test_saved_scenario_routes_reach_the_config_file_and_route_a_haiku_request(home, fake_upstream):
+    from helpers import http, write_settings
+    write_settings(str(home), fake_upstream.url)  # iFlow (the default provider) answers at the fake upstream
+    service = iflow2api.Service.from_config()
+    try:
+        model = gui.ProvidersModel(service)
+        model.add("vllm", "sk-vllm-0123456789abcdef", base_url=fake_upstream.url)
+        form = model.scenarios()
+        assert form == {"routes": {s: "" for s in iflow2api.SCENARIOS},
+                        "long_context_tokens": str(iflow2api.DEFAULT_CONFIG["long_context_tokens"])}
+        assert "vllm/upstream-only-model" in model.models()
+        routes = dict(form["routes"], background=" vllm/upstream-only-model ")
+        assert model.save_scenarios(routes, "lots") == {"errors": {"long_context_tokens": "gui.err.wholeNumber"}}
+        refused = model.save_scenarios(routes, "0")  # a whole number, but the server wants at least 1
+        assert refused == {"refused": "long_context_tokens=0: expected at least 1", "field": "long_context_tokens"}
+        assert "scenario_routes" not in saved_config(home)  # nothing saved: all or nothing
+        assert model.save_scenarios(routes, "60000") == {"changed": ["scenario_routes"]}
+        saved = saved_config(home)
+        assert saved["scenario_routes"] == {"background": "vllm/upstream-only-model"}
+        assert "long_context_tokens" not in saved  # unchanged: left to the default
+        assert model.scenarios()["routes"]["background"] == "vllm/upstream-only-model"
+
+        url = service.start(port=0).url
+        for name, upstream_model, key in (("claude-haiku-4-5", "upstream-only-model", "sk-vllm-0123456789abcdef"),
+                                          ("claude-sonnet-4-5", "glm-5", FAKE_KEY)):
+            body = {"model": name, "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
+            status, _h, answer = http(url, "POST", "/v1/messages", body, {"x-api-key": "x"})
+            assert status == 200, answer
+            asked = fake_upstream.chat_requests()[-1]
+            assert json.loads(asked.body)["model"] == upstream_model
+            assert {k.lower(): v for k, v in asked.headers.items()}["authorization"] == "Bearer " + key
+
+        assert model.save_scenarios(dict(routes, background=""), "80000") == \
+            {"changed": ["long_context_tokens", "scenario_routes"]}
+        saved = saved_config(home)
+        assert saved["scenario_routes"] == {} and saved["long_context_tokens"] == 80000
+    finally:
+        service.stop()
+
+
 def test_instances_model_validates_before_asking_the_service(service):
     model = gui.InstancesModel(service)
     assert model.validate("second", "127.0.0.1", "28001") == {}

@@ -13,10 +13,13 @@
   const POLL_MS = 2000;            // dashboard numbers refresh this often
   const OAUTH_POLL_MS = 1000;      // browser sign-in state is checked this often
   const MAX_LOG_LINES = 1000;      // the live log keeps this many lines in the page
+  const USAGE_MAX_AGE_MS = 60000;  // the usage history is asked again at least this often while shown
+  const USAGE_RANGES = ['24h', '7d', '30d'];
   const STORE = {
     theme: 'iflow2api.theme', lang: 'iflow2api.lang', tab: 'iflow2api.tab',
     pgApi: 'iflow2api.playgroundApi', // the playground's API: "chat" or "responses"
     updateDismissed: 'iflow2api.updateDismissed', // the release version whose notice was dismissed
+    usageRange: 'iflow2api.usageRange', // the usage history's range: 24h, 7d or 30d
   };
   // The tabs themselves (what each loads, draws and does) are the SCREENS registry near the end.
 
@@ -39,6 +42,18 @@
     pgAbort: null,             // AbortController of the running playground request
     pgMeta: null,              // () => the playground's status line, said again on a language change
     loginWaitTimer: null,
+    usage: {                   // the dashboard's usage history (usageDue, fetchUsage, renderUsage)
+      range: '7d',
+      data: null,              // the last GET /admin/api/usage answer for `range`, or null
+      error: '',               // why the last fetch failed ('' when it did not)
+      fetchedAt: 0,            // Date.now() of the last fetch's start
+      seq: 0,                  // answers to older fetches (another range) are dropped
+      settled: null,           // the status request count the last fetch surely includes
+      count: null,             // the status request count last seen, and since when:
+      countSeenAt: 0,
+      drawn: null,             // what the charts show: {days (gaps filled), models, providers}
+      look: '',                // what they were drawn from (range, today, language, answer)
+    },
   };
 
   // ---------------------------------------------------------------------------------
@@ -717,6 +732,444 @@
       function () { return buildRow(['name', 'count']); },
       function (row, e) { setCell(row, 'name', e[0]); setCell(row, 'count', fmtInt(e[1]), 'num'); },
       t('dash.noRequests'));
+  }
+
+  // -- usage history: GET /admin/api/usage?since=24h|7d|30d, drawn as inline SVG charts --
+  //
+  // The answer: {enabled, since (unix s), days, models, providers}; each row {key, requests,
+  // errors, input_tokens, output_tokens, reasoning_tokens, p50_ms, p95_ms}. Days (the server's
+  // local dates, YYYY-MM-DD) come only when they had requests: the page fills the gaps from
+  // `since` to today. The charts are drawn as wide as their box, in pixels (viewBox = the box),
+  // so text keeps its size; a change of width draws them again. Colours are CSS classes
+  // (app.css), so both themes apply without a redraw.
+
+  /**
+   * Whether the dashboard's poll should ask for the usage history too: always when the tab
+   * is opened (not soft); else when the status counted requests the history may not hold yet,
+   * or the last answer is older than USAGE_MAX_AGE_MS (a new day, another instance).
+   */
+  function usageDue(status, soft) {
+    const u = state.usage;
+    const count = typeof status.requests === 'number' ? status.requests : null;
+    if (count !== u.count) {
+      u.count = count;
+      u.countSeenAt = Date.now();
+    }
+    return !soft || !u.fetchedAt || u.settled !== u.count || Date.now() - u.fetchedAt >= USAGE_MAX_AGE_MS;
+  }
+
+  /** Ask for the usage history of the chosen range; keeps the answer (or the error) in state.usage. */
+  async function fetchUsage() {
+    const u = state.usage;
+    const seq = ++u.seq;
+    const range = u.range;
+    const count = u.count;
+    const started = Date.now();
+    u.fetchedAt = started;
+    try {
+      const answer = await api('GET', 'usage?since=' + enc(range));
+      if (seq !== u.seq) return;
+      u.data = { range: range, answer: answer };
+      u.error = '';
+    } catch (err) {
+      if (seq !== u.seq || err.silent) return;
+      u.data = null;
+      u.error = errorText(err);
+    }
+    // A request is counted a moment before its row is written: a count first seen just
+    // before this fetch is asked about once more at the next poll.
+    if (started - u.countSeenAt >= 1000) u.settled = count;
+  }
+
+  function onUsageRange(event) {
+    const button = event.target.closest('[data-range]');
+    if (!button || USAGE_RANGES.indexOf(button.dataset.range) < 0) return;
+    if (button.dataset.range === state.usage.range && state.usage.data) return;
+    state.usage.range = button.dataset.range;
+    storeSet(STORE.usageRange, state.usage.range);
+    renderUsage(); // the pressed button and "loading" at once
+    fetchUsage().then(renderUsage);
+  }
+
+  function dayKey(date) {
+    const pad = function (n) { return (n < 10 ? '0' : '') + n; };
+    return date.getFullYear() + '-' + pad(date.getMonth() + 1) + '-' + pad(date.getDate());
+  }
+
+  function parseDay(key) {
+    const m = /^(\d{4})-(\d{2})-(\d{2})$/.exec(String(key));
+    return m ? new Date(Number(m[1]), Number(m[2]) - 1, Number(m[3])) : null;
+  }
+
+  function emptyDay(key) {
+    return { key: key, requests: 0, errors: 0, input_tokens: 0, output_tokens: 0, reasoning_tokens: 0, p50_ms: null, p95_ms: null };
+  }
+
+  /** Every day from the day of `since` to today (local dates), the days without requests as zeros. */
+  function usageDays(answer) {
+    const given = {};
+    (answer.days || []).forEach(function (day) { if (day && day.key) given[day.key] = day; });
+    const keys = [];
+    const now = new Date();
+    const today = new Date(now.getFullYear(), now.getMonth(), now.getDate());
+    const since = typeof answer.since === 'number' && answer.since > 0 ? new Date(answer.since * 1000) : today;
+    let day = new Date(since.getFullYear(), since.getMonth(), since.getDate());
+    while (day <= today && keys.length < 400) {
+      keys.push(dayKey(day));
+      day = new Date(day.getFullYear(), day.getMonth(), day.getDate() + 1); // not +24 h: DST days are not 24 h
+    }
+    // Days outside that span (the server's clock or time zone differs) still show.
+    Object.keys(given).forEach(function (key) { if (keys.indexOf(key) < 0) keys.push(key); });
+    keys.sort();
+    return keys.map(function (key) { return given[key] || emptyDay(key); });
+  }
+
+  /** Numbers in charts: 950, 9.5k, 12k, 1.2M. */
+  function fmtCompact(n) {
+    if (typeof n !== 'number' || !isFinite(n)) return '–';
+    const units = ['', 'k', 'M', 'G'];
+    let i = 0;
+    while (Math.abs(n) >= 999.95 && i < units.length - 1) { n /= 1000; i += 1; } // 999.96k is 1M
+    return (Math.abs(n) >= 100 || i === 0 && Number.isInteger(n) ? Math.round(n) : Math.round(n * 10) / 10) + units[i];
+  }
+
+  /** Numbers in tooltips: in full, grouped the page language's way. */
+  function fmtFull(n) {
+    return typeof n === 'number' && isFinite(n) ? n.toLocaleString(langTag()) : '–';
+  }
+
+  function fmtLatency(ms, inSeconds) {
+    if (typeof ms !== 'number' || !isFinite(ms)) return '–';
+    if (inSeconds || ms >= 1000) return Math.round(ms / 100) / 10 + ' s';
+    return (ms >= 10 ? Math.round(ms) : Math.round(ms * 10) / 10) + ' ms';
+  }
+
+  function fmtDay(key, long) {
+    const date = parseDay(key);
+    if (!date) return String(key);
+    const options = long ? { weekday: 'short', year: 'numeric', month: 'short', day: 'numeric' } : { month: 'short', day: 'numeric' };
+    return date.toLocaleDateString(langTag(), options);
+  }
+
+  /** An axis from 0 with 2 to 5 round steps (1, 2, 2.5, 5 × 10^n) up to at least max. */
+  function niceScale(max, whole) {
+    if (!(max > 0)) max = whole ? 4 : 1;
+    const raw = max / 4;
+    const magnitude = Math.pow(10, Math.floor(Math.log10(raw)));
+    const steps = whole ? [1, 2, 5, 10] : [1, 2, 2.5, 5, 10];
+    let step = magnitude * 10;
+    for (let i = 0; i < steps.length; i++) {
+      if (raw <= steps[i] * magnitude) { step = steps[i] * magnitude; break; }
+    }
+    if (whole) step = Math.max(1, Math.round(step));
+    const top = Math.ceil(max / step - 1e-9) * step;
+    const ticks = [];
+    for (let i = 0; i * step <= top + step / 1e6; i++) ticks.push(Math.round(i * step * 1e6) / 1e6);
+    return { max: top, ticks: ticks };
+  }
+
+  // - SVG drawing -
+
+  const SVG_NS = 'http://www.w3.org/2000/svg';
+  const CHART_TEXT_PX = 11;  // axis text (app.css: .chart-svg text)
+  const CHART_LABEL_PX = 13; // names in the bar lists (.chart-svg .label)
+  const CHART_VALUE_PX = 12; // their numbers (.chart-svg .value)
+
+  /** svg('rect', {x: 1, class: 'bar'}, child...) like el(), in the SVG namespace. */
+  function svg(tag, attrs) {
+    const node = document.createElementNS(SVG_NS, tag);
+    Object.keys(attrs || {}).forEach(function (name) {
+      const value = attrs[name];
+      if (value === null || value === undefined || value === false) return;
+      if (name === 'text') node.textContent = value;
+      else node.setAttribute(name, typeof value === 'number' ? String(Math.round(value * 100) / 100) : String(value));
+    });
+    for (let i = 2; i < arguments.length; i++) if (arguments[i]) node.appendChild(arguments[i]);
+    return node;
+  }
+
+  let measureContext = null;
+  /** The width in px of text in the page's font at a size (to size margins and shorten names). */
+  function textWidth(text, px) {
+    if (!measureContext) measureContext = document.createElement('canvas').getContext('2d');
+    if (!measureContext) return String(text).length * px * 0.6;
+    measureContext.font = px + 'px ' + getComputedStyle(document.body).fontFamily;
+    return measureContext.measureText(String(text)).width;
+  }
+
+  function shorten(text, px, width) {
+    text = String(text);
+    if (textWidth(text, px) <= width) return text;
+    let end = text.length;
+    while (end > 1 && textWidth(text.slice(0, end) + '…', px) > width) end -= 1;
+    return text.slice(0, end) + '…';
+  }
+
+  function chartRoot(box, width, height) {
+    const caption = box.parentNode.querySelector('figcaption');
+    return svg('svg', {
+      class: 'chart-svg', viewBox: '0 0 ' + width + ' ' + height, width: '100%', height: height,
+      preserveAspectRatio: 'xMinYMin meet', role: 'img', 'aria-label': caption ? caption.textContent : null,
+    });
+  }
+
+  /**
+   * A chart of days: y axis with round ticks and grid lines, a day label under every few
+   * columns (always today's), and per day a <g class="day" data-day=...> holding a <title>
+   * tooltip, a hover area and what spec.draw adds. spec: {max(days), whole, axis(v, scale),
+   * data(day) -> attributes, tip(day) -> lines, draw(g, day, geometry), after(svg, geometry)}.
+   */
+  function drawDayChart(box, days, spec) {
+    const width = Math.floor(box.clientWidth);
+    if (width < 60 || !days.length) return;
+    const height = width < 420 ? 170 : 190;
+    const scale = niceScale(spec.max(days), spec.whole);
+    const tickText = scale.ticks.map(function (v) { return spec.axis(v, scale); });
+    const left = Math.ceil(Math.max.apply(null, tickText.map(function (s) { return textWidth(s, CHART_TEXT_PX); }))) + 10;
+    const labels = days.map(function (d) { return fmtDay(d.key, false); });
+    const labelWidths = labels.map(function (s) { return textWidth(s, CHART_TEXT_PX); });
+    // room on the right for today's label, centred under its column
+    const todayHalf = labelWidths[days.length - 1] / 2;
+    const right = Math.max(4, Math.ceil(todayHalf - (width - left - 4) / days.length / 2) + 2);
+    const top = 8;
+    const bottom = 24;
+    const plotW = width - left - right;
+    const plotH = height - top - bottom;
+    const y = function (v) { return top + plotH - Math.max(0, Math.min(1, v / scale.max)) * plotH; };
+    const band = plotW / days.length;
+    const root = chartRoot(box, width, height);
+
+    const grid = svg('g', { class: 'axis', 'aria-hidden': 'true' });
+    scale.ticks.forEach(function (v, i) {
+      grid.appendChild(svg('line', { class: i ? 'gridline' : 'baseline', x1: left, x2: width - right, y1: y(v), y2: y(v) }));
+      grid.appendChild(svg('text', { class: 'tick', x: left - 6, y: y(v), dy: '0.32em', 'text-anchor': 'end', text: tickText[i] }));
+    });
+    const every = Math.max(1, Math.ceil((Math.max.apply(null, labelWidths) + 10) / band));
+    // From today backwards; a label pushed inside at an edge may not cover its neighbour.
+    let free = width;
+    for (let i = days.length - 1; i >= 0; i -= every) {
+      const half = labelWidths[i] / 2;
+      const x = Math.min(Math.max(left + (i + 0.5) * band, half + 1), width - half - 1);
+      if (x + half > free) continue;
+      free = x - half - 8;
+      grid.appendChild(svg('text', { class: 'tick day-label', 'data-day': days[i].key, x: x, y: height - 7,
+        'text-anchor': 'middle', text: labels[i] }));
+    }
+    root.appendChild(grid);
+
+    const geometry = { left: left, band: band, y: y };
+    days.forEach(function (d, i) {
+      const g = svg('g', Object.assign({ class: 'day', 'data-day': d.key }, spec.data(d)));
+      g.appendChild(svg('title', { text: [fmtDay(d.key, true)].concat(spec.tip(d)).join('\n') }));
+      g.appendChild(svg('rect', { class: 'hit', x: left + i * band, y: top, width: band, height: plotH }));
+      spec.draw(g, d, Object.assign({ x0: left + i * band }, geometry));
+      root.appendChild(g);
+    });
+    if (spec.after) spec.after(root, geometry, days);
+    box.replaceChildren(root);
+  }
+
+  /** Bars of stacked parts [{cls, value}] from the bottom up, centred in the day's column. */
+  function stackedBars(g, parts, geo) {
+    const barW = Math.max(1, Math.min(32, geo.band * 0.7));
+    const x = geo.x0 + (geo.band - barW) / 2;
+    let sum = 0;
+    parts.forEach(function (part) {
+      if (!(part.value > 0)) return;
+      const y0 = geo.y(sum);
+      sum += part.value;
+      const y1 = geo.y(sum);
+      g.appendChild(svg('rect', { class: 'bar ' + part.cls, x: x, y: y1, width: barW, height: Math.max(0, y0 - y1) }));
+    });
+  }
+
+  const DAY_CHARTS = {
+    requests: {
+      whole: true,
+      max: function (days) { return Math.max.apply(null, days.map(function (d) { return d.requests; })); },
+      axis: function (v) { return fmtCompact(v); },
+      data: function (d) { return { 'data-requests': d.requests, 'data-errors': d.errors }; },
+      tip: function (d) {
+        return [t('usage.tip.requests', { n: fmtFull(d.requests) }), t('usage.tip.errors', { n: fmtFull(d.errors) })];
+      },
+      draw: function (g, d, geo) {
+        stackedBars(g, [{ cls: 's-requests', value: d.requests - d.errors }, { cls: 's-errors', value: d.errors }], geo);
+      },
+    },
+    tokens: {
+      whole: true,
+      max: function (days) { return Math.max.apply(null, days.map(function (d) { return d.input_tokens + d.output_tokens; })); },
+      axis: function (v) { return fmtCompact(v); },
+      data: function (d) { return { 'data-input': d.input_tokens, 'data-output': d.output_tokens }; },
+      tip: function (d) {
+        const lines = [t('usage.tip.input', { n: fmtFull(d.input_tokens) }), t('usage.tip.output', { n: fmtFull(d.output_tokens) })];
+        if (d.reasoning_tokens) lines.push(t('usage.tip.reasoning', { n: fmtFull(d.reasoning_tokens) }));
+        return lines;
+      },
+      draw: function (g, d, geo) {
+        stackedBars(g, [{ cls: 's-input', value: d.input_tokens }, { cls: 's-output', value: d.output_tokens }], geo);
+      },
+    },
+    latency: {
+      max: function (days) {
+        return Math.max.apply(null, days.map(function (d) { return d.requests ? Math.max(d.p50_ms || 0, d.p95_ms || 0) : 0; }));
+      },
+      axis: function (v, scale) { return v ? fmtLatency(v, scale.max >= 2000) : '0'; },
+      data: function (d) { return d.requests ? { 'data-p50': d.p50_ms, 'data-p95': d.p95_ms } : {}; },
+      tip: function (d) {
+        return d.requests ? [t('usage.tip.latency', { p50: fmtLatency(d.p50_ms), p95: fmtLatency(d.p95_ms) })] : [t('usage.tip.none')];
+      },
+      draw: function (g, d, geo) {
+        if (!d.requests) return;
+        const x = geo.x0 + geo.band / 2;
+        // a month's dots are small and plain (no ring), so they do not run together
+        const r = Math.max(1.75, Math.min(4.5, geo.band * 0.2));
+        const ring = r >= 3 ? 1.5 : 0;
+        g.appendChild(svg('circle', { class: 'dot s-p95', cx: x, cy: geo.y(d.p95_ms || 0), r: r, 'stroke-width': ring }));
+        g.appendChild(svg('circle', { class: 'dot s-p50', cx: x, cy: geo.y(d.p50_ms || 0), r: ring ? r * 2 / 3 : r,
+          'stroke-width': ring }));
+      },
+      // one line per percentile from day to day with requests (a day without any has no
+      // latency, not a latency of 0: the line passes over it)
+      after: function (root, geo, days) {
+        const lines = svg('g', { class: 'lines', 'aria-hidden': 'true' });
+        [['p95_ms', 's-p95'], ['p50_ms', 's-p50']].forEach(function (series) {
+          const points = [];
+          days.forEach(function (d, i) {
+            if (!d.requests) return;
+            points.push((geo.left + (i + 0.5) * geo.band).toFixed(1) + ' ' + geo.y(d[series[0]] || 0).toFixed(1));
+          });
+          if (points.length > 1) lines.appendChild(svg('path', { class: 'line ' + series[1], d: 'M' + points.join('L') }));
+        });
+        root.insertBefore(lines, root.querySelector('g.day')); // under the dots, so they keep their tooltips
+      },
+    },
+  };
+
+  const BAR_LIST_ROWS = 8; // more models than this: the rest as one "Others" row
+
+  /** Horizontal bars of requests (errors the red end), one row per model or provider:
+   *  its name on the left, its requests and tokens on the right, the bar below. */
+  function drawBarList(box, rows) {
+    const width = Math.floor(box.clientWidth);
+    if (width < 60) return;
+    rows = (rows || []).slice();
+    if (rows.length > BAR_LIST_ROWS) {
+      const rest = rows.splice(BAR_LIST_ROWS - 1);
+      const others = emptyDay(t('usage.others', { n: rest.length }));
+      rest.forEach(function (r) {
+        ['requests', 'errors', 'input_tokens', 'output_tokens', 'reasoning_tokens'].forEach(function (k) { others[k] += r[k] || 0; });
+      });
+      others.others = true;
+      rows.push(others);
+    }
+    const rowH = 40;
+    const root = chartRoot(box, width, Math.max(1, rows.length) * rowH - 8);
+    const max = Math.max.apply(null, rows.map(function (r) { return r.requests; }).concat([1]));
+    rows.forEach(function (r, i) {
+      const top = i * rowH;
+      const name = r.others || r.key !== '-' ? String(r.key) : t('usage.unknown'); // "-": the history names none
+      const tokens = (r.input_tokens || 0) + (r.output_tokens || 0);
+      const value = t('usage.barValue', { requests: fmtCompact(r.requests), tokens: fmtCompact(tokens) });
+      const tip = [name, t('usage.tip.requests', { n: fmtFull(r.requests) }), t('usage.tip.errors', { n: fmtFull(r.errors) }),
+        t('usage.tip.input', { n: fmtFull(r.input_tokens) }), t('usage.tip.output', { n: fmtFull(r.output_tokens) })];
+      if (!r.others && r.requests) tip.push(t('usage.tip.latency', { p50: fmtLatency(r.p50_ms), p95: fmtLatency(r.p95_ms) }));
+      const g = svg('g', { class: 'item' + (r.others ? ' others' : ''), 'data-key': r.others ? null : r.key,
+        'data-requests': r.requests, 'data-tokens': tokens }, svg('title', { text: tip.join('\n') }));
+      g.appendChild(svg('rect', { class: 'hit', x: 0, y: top, width: width, height: rowH - 8 }));
+      const nameWidth = width - textWidth(value, CHART_VALUE_PX) - 12;
+      g.appendChild(svg('text', { class: 'label', x: 0, y: top + 14, text: shorten(name, CHART_LABEL_PX, nameWidth) }));
+      g.appendChild(svg('text', { class: 'value', x: width, y: top + 14, 'text-anchor': 'end', text: value }));
+      g.appendChild(svg('rect', { class: 'track', x: 0, y: top + 21, width: width, height: 10, rx: 3 }));
+      // the two parts inside one rounded bar (a clip), so a few errors are a red end, not a red dot
+      const full = Math.max(2, width * r.requests / max);
+      const errors = r.requests ? full * Math.min(1, (r.errors || 0) / r.requests) : 0;
+      const clip = 'usage-clip-' + box.parentNode.dataset.chart + '-' + i;
+      g.appendChild(svg('clipPath', { id: clip }, svg('rect', { x: 0, y: top + 21, width: full, height: 10, rx: 3 })));
+      [['s-requests', 0, full - errors], ['s-errors', full - errors, errors]].forEach(function (part) {
+        if (part[2] > 0) {
+          g.appendChild(svg('rect', { class: 'bar ' + part[0], 'clip-path': 'url(#' + clip + ')', x: part[1], y: top + 21,
+            width: part[2], height: 10 }));
+        }
+      });
+      root.appendChild(g);
+    });
+    box.replaceChildren(root);
+  }
+
+  /** The usage card from state.usage: the range buttons, a note or the totals and charts. */
+  function renderUsage() {
+    const u = state.usage;
+    const card = $('#usage-card');
+    $$('#usage-range [data-range]').forEach(function (button) {
+      button.setAttribute('aria-pressed', button.dataset.range === u.range ? 'true' : 'false');
+    });
+    const answer = u.data && u.data.answer;
+    const days = answer && answer.enabled ? usageDays(answer) : [];
+    const total = function (k) { return days.reduce(function (sum, d) { return sum + (d[k] || 0); }, 0); };
+    let view;
+    if (u.error) view = 'error';
+    else if (!answer) view = 'loading';
+    else if (!answer.enabled) view = 'off';
+    else if (!total('requests')) view = 'empty';
+    else view = 'ready';
+    // a fetch for another range is running: the old charts stay, dimmed, until it answers
+    card.dataset.state = u.data && u.data.range !== u.range && !u.error ? 'loading' : view;
+    card.dataset.range = u.data ? u.data.range : '';
+
+    const note = { error: t('usage.failed', { message: u.error }), loading: t('loading'), off: t('usage.off'),
+      empty: t('usage.empty') }[view];
+    $('#usage-note').hidden = !note;
+    $('#usage-note').className = 'notice usage-note' + (view === 'error' ? ' warn' : '');
+    $('#usage-note-text').textContent = note || '';
+    $('#usage-open-config').hidden = view !== 'off';
+    $('#usage-range').hidden = view === 'off'; // nothing to choose from
+    $('#usage-total').hidden = view !== 'ready';
+    $('#usage-total').textContent = '';
+    if (view === 'ready') {
+      [['usage.tip.requests', fmtFull(total('requests'))], ['usage.tip.errors', fmtFull(total('errors'))],
+        ['usage.tip.input', fmtCompact(total('input_tokens'))], ['usage.tip.output', fmtCompact(total('output_tokens'))]]
+        .forEach(function (part, i) {
+          $('#usage-total').append(i ? ' · ' : '', el('span', { class: 'nowrap', text: t(part[0], { n: part[1] }) }));
+        });
+    }
+    $('#usage-charts').hidden = view !== 'ready';
+    // Drawn again only when something shown changes (not on every poll: an open tooltip stays).
+    const look = view === 'ready' ? [u.data.range, dayKey(new Date()), window.I18n.getLanguage(), JSON.stringify(answer)].join('|') : '';
+    if (look !== u.look) {
+      u.look = look;
+      u.drawn = view === 'ready' ? { days: days, models: answer.models, providers: answer.providers } : null;
+      drawUsageCharts();
+    }
+  }
+
+  /** Draw the charts of state.usage.drawn at the boxes' current widths (hidden: when shown). */
+  function drawUsageCharts() {
+    const drawn = state.usage.drawn;
+    const charts = $('#usage-charts');
+    charts.dataset.width = '';
+    if (!drawn || charts.hidden || !charts.offsetWidth) return;
+    Object.keys(DAY_CHARTS).forEach(function (name) {
+      drawDayChart($('[data-chart="' + name + '"] .chart-box', charts), drawn.days, DAY_CHARTS[name]);
+    });
+    drawBarList($('[data-chart="models"] .chart-box', charts), drawn.models);
+    drawBarList($('[data-chart="providers"] .chart-box', charts), drawn.providers);
+    charts.dataset.width = String(charts.offsetWidth);
+  }
+
+  /** A new width (window, phone turned, dashboard shown again): draw the charts again. */
+  function watchChartWidth() {
+    let queued = false;
+    const check = function () {
+      queued = false;
+      const charts = $('#usage-charts');
+      if (charts.offsetWidth && charts.dataset.width !== String(charts.offsetWidth)) drawUsageCharts();
+    };
+    const queue = function () {
+      if (!queued) { queued = true; window.requestAnimationFrame(check); }
+    };
+    if (window.ResizeObserver) new ResizeObserver(queue).observe($('#usage-charts'));
+    else window.addEventListener('resize', queue);
   }
 
   // -- update notice: the status answer's "update" is null or {latest, current, url} --
@@ -1720,10 +2173,26 @@
   const SCREENS = {
     dashboard: {
       polled: true,
-      load: function () { return api('GET', 'status'); },
-      render: renderStatus,
+      // the usage history with the status when due (usageDue): at most once per poll
+      load: async function (soft) {
+        const status = await api('GET', 'status');
+        if (usageDue(status, soft)) await fetchUsage();
+        return status;
+      },
+      render: function (status) {
+        renderStatus(status);
+        renderUsage();
+      },
       bind: function () {
         on('#log-clear', 'click', function () { state.logLines = []; renderLog(); });
+        const range = storeGet(STORE.usageRange);
+        if (USAGE_RANGES.indexOf(range) >= 0) state.usage.range = range;
+        on('#usage-range', 'click', onUsageRange);
+        on('#usage-open-config', 'click', function () {
+          $('#config-filter').value = 'usage_history'; // the config page shows that key
+          selectTab('config');
+        });
+        watchChartWidth();
       },
     },
     instances: {

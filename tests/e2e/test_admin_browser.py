@@ -6,9 +6,11 @@ Missing Playwright or Chromium skips these tests locally and fails them under CI
 Each test leaves a screenshot in test-artifacts/ at the repository root. The browser may
 only reach 127.0.0.1: every other address is aborted, so nothing leaves the machine.
 """
+import datetime
 import json
 import os
 import re
+import time
 
 import pytest
 
@@ -1060,4 +1062,295 @@ def test_config_page_groups_typed_controls_hints_and_field_errors(server, pages)
     screenshot_every_look(page, "config", described)
     advanced.locator("summary").click()
     expect(advanced.locator("[data-field=oauth_token_url]")).to_be_visible()
+    no_page_errors(pages)
+
+
+# -- issue 17: the usage history on the dashboard, drawn as inline SVG -------------------------
+
+# Per day of a chart: [key, requests, sum of its bar heights] (today last).
+DAY_BARS = """(chart) => Array.from(document.querySelectorAll('[data-chart=' + chart + '] g.day')).map(g =>
+    [g.dataset.day, Number(g.dataset.requests || 0),
+     Array.from(g.querySelectorAll('rect.bar')).reduce((sum, r) => sum + Number(r.getAttribute('height')), 0)])"""
+
+
+def page_usage(page, since="7d"):
+    """GET /admin/api/usage with the signed-in page's session (marked "by=test": not the page's own asking)."""
+    return page.evaluate("(s) => fetch('/admin/api/usage?since=' + s + '&by=test', {cache: 'no-store'}).then(r => r.json())",
+                         since)
+
+
+def days_between(since):
+    """The local dates from the day of `since` (unix seconds) to today, as the charts show them."""
+    day, today, days = datetime.date.fromtimestamp(since), datetime.date.today(), []
+    while day <= today:
+        days.append(day.isoformat())
+        day += datetime.timedelta(days=1)
+    return days
+
+
+def record_past(service, days_ago, model, status=200, tokens=(100, 40), latency_ms=800.0):
+    """A row of an earlier day, through the server's own usage writer (requests made today cannot be)."""
+    service.usage.record({"at": time.time() - days_ago * 86400, "route": "openai", "provider": "iflow",
+                          "model_asked": model, "model_used": model, "status": status, "input_tokens": tokens[0],
+                          "output_tokens": tokens[1], "reasoning_tokens": 0, "latency_ms": latency_ms})
+
+
+def test_dashboard_usage_history_charts(start_service, fake_upstream, home, pages):
+    write_settings(str(home), fake_upstream.url)
+    service = start_service()
+    url = service.instances["default"].url
+    set_password(url)
+    page = pages.new()
+    usage_asked = []
+    page.on("request", lambda r: usage_asked.append(r.url.split("?", 1)[1])
+            if "/admin/api/usage" in r.url and "by=test" not in r.url else None)
+    sign_in(page, url)
+    card = page.locator("#usage-card")
+    # Nothing yet: the empty state, no charts; 7 days is the default range.
+    expect(card).to_have_attribute("data-state", "empty")
+    expect(card).to_have_attribute("data-range", "7d")
+    expect(page.locator("#usage-note-text")).to_have_text("No requests in this range.")
+    expect(page.locator("#usage-open-config")).to_be_hidden()
+    expect(page.locator("#usage-charts")).to_be_hidden()
+    expect(page.locator("#usage-range [data-range='7d']")).to_have_attribute("aria-pressed", "true")
+    assert usage_asked == ["since=7d"], usage_asked
+    screenshot(page, "dashboard-usage-empty")
+
+    # Earlier days through the usage writer, then real requests through the server today:
+    # 4 glm-5 (one streamed, one failing upstream) and 1 kimi-k2.
+    record_past(service, 2, "glm-5")
+    record_past(service, 5, "glm-5", latency_ms=1500.0)
+    record_past(service, 5, "glm-5", status=502, tokens=(100, 0))
+    chat = {"model": "glm-5", "messages": [{"role": "user", "content": "hi"}]}
+    for body in (chat, dict(chat, stream=True), chat, dict(chat, model="kimi-k2")):
+        status, _h, answer = http(url, "POST", "/v1/chat/completions", body)
+        assert status == 200, answer
+    fake_upstream.push(Reply(500, {"error": {"message": "boom"}}))
+    assert http(url, "POST", "/v1/chat/completions", chat)[0] == 500
+    today = datetime.date.today().isoformat()
+    assert wait_until(lambda: sum(d["requests"] for d in page_usage(page)["days"]) == 8), page_usage(page)
+    report = page_usage(page)
+    assert report["enabled"] is True and report["days"][-1]["key"] == today, report["days"]
+    assert report["days"][-1]["requests"] == 5 and report["days"][-1]["errors"] == 1, report["days"]
+
+    # The dashboard's own polling draws them (no reload, no range change).
+    expect(card).to_have_attribute("data-state", "ready")
+    page.wait_for_function("() => { const g = document.querySelector('[data-chart=requests] g.day:last-of-type');"
+                           " return g && g.dataset.requests === '5'; }", timeout=WAIT_MS)
+    expect(page.locator("#usage-note")).to_be_hidden()
+    expect(page.locator("#usage-total")).to_contain_text("Requests: 8")
+    expect(page.locator("#usage-total")).to_contain_text("Errors: 2")
+
+    # Requests per day: one column per day from `since` to today, the gaps as zeros; heights
+    # in proportion (today 5, two days ago 1, five days ago 2 with 1 error), errors stacked in red.
+    bars = page.evaluate(DAY_BARS, "requests")
+    expected_days = days_between(report["since"])
+    assert [b[0] for b in bars] == expected_days, (bars, expected_days)
+    assert len(bars) in (8, 9)  # 7 days back from now: the partial first day too
+    counts = {b[0]: b[1] for b in bars}
+    day = lambda n: (datetime.date.today() - datetime.timedelta(days=n)).isoformat()  # noqa: E731
+    assert counts == dict({k: 0 for k in expected_days}, **{today: 5, day(2): 1, day(5): 2}), counts
+    heights = [b[2] for b in bars]
+    assert max(heights) == heights[-1] > 0, bars
+    assert abs(heights[expected_days.index(day(2))] * 5 - heights[-1]) < 1, bars
+    assert abs(heights[expected_days.index(day(5))] * 5 - heights[-1] * 2) < 1, bars
+    assert all(h == 0 for b, h in zip(bars, heights) if b[1] == 0), bars
+    requests_chart = page.locator("[data-chart=requests]")
+    expect(requests_chart.locator("g.day[data-day='%s'] rect.s-errors" % today)).to_have_count(1)
+    expect(requests_chart.locator("g.day[data-day='%s'] rect.s-errors" % day(2))).to_have_count(0)
+    expect(requests_chart.locator("g.day[data-day='%s'] > title" % today)).to_contain_text("Requests: 5")
+    expect(requests_chart.locator("g.day[data-day='%s'] > title" % today)).to_contain_text("Errors: 1")
+    ticks = requests_chart.locator("text.tick:not(.day-label)").all_text_contents()
+    assert ticks[0] == "0" and 3 <= len(ticks) <= 6 and all(t.isdigit() for t in ticks), ticks
+    assert requests_chart.locator("text.day-label[data-day='%s']" % today).text_content() == page.evaluate(
+        "(k) => new Date(k + 'T12:00').toLocaleDateString('en', {month: 'short', day: 'numeric'})", today)
+
+    # Tokens per day: input and output stacked, as the history counts them.
+    tokens = page.locator("[data-chart=tokens] g.day[data-day='%s']" % today)
+    expect(tokens).to_have_attribute("data-input", str(report["days"][-1]["input_tokens"]))
+    expect(tokens).to_have_attribute("data-output", str(report["days"][-1]["output_tokens"]))
+    expect(tokens.locator("rect.s-input")).to_have_count(1)
+    expect(tokens.locator("rect.s-output")).to_have_count(1)
+    # Latency: a p50 and a p95 line, a dot each on the three days with requests; five days ago is the slowest.
+    latency = page.locator("[data-chart=latency]")
+    expect(latency.locator("path.line.s-p50")).to_have_count(1)
+    expect(latency.locator("path.line.s-p95")).to_have_count(1)
+    expect(latency.locator("circle.dot.s-p50")).to_have_count(3)
+    p95_y = {d: float(latency.locator("g.day[data-day='%s'] circle.s-p95" % d).get_attribute("cy"))
+             for d in (today, day(2), day(5))}
+    assert p95_y[day(5)] < p95_y[day(2)] < p95_y[today], p95_y  # higher on the screen: a smaller y
+    expect(latency.locator("g.day[data-day='%s'] > title" % day(5))).to_contain_text("1.5 s")
+
+    # By model and by provider: a bar per name, most requests first, with its counts in the label.
+    models = page.locator("[data-chart=models] g.item")
+    expect(models).to_have_count(2)
+    assert [m.get_attribute("data-key") for m in models.all()] == ["glm-5", "kimi-k2"]
+    glm = page.locator("[data-chart=models] g.item[data-key='glm-5']")
+    expect(glm).to_have_attribute("data-requests", "7")
+    expect(glm.locator("text.label")).to_have_text("glm-5")
+    expect(glm.locator("text.value")).to_have_text(re.compile(r"^7 req · \d+(\.\d)?k? tokens$"))
+    expect(page.locator("[data-chart=models] g.item[data-key='kimi-k2'] text.value")).to_contain_text("1 req")
+    widths = [float(page.locator("[data-chart=models] g.item[data-key='%s'] rect.s-requests" % k).get_attribute("width"))
+              for k in ("glm-5", "kimi-k2")]
+    assert widths[0] > widths[1] * 3, widths  # 6 (of 7, one an error) against 1
+    expect(glm.locator("rect.s-errors")).to_have_count(1)
+    expect(page.locator("[data-chart=providers] g.item[data-key=iflow]")).to_have_attribute("data-requests", "8")
+
+    # Quiet server: the history is not asked again on every poll (only after new requests).
+    page.wait_for_timeout(3000)  # a new count is asked about twice (its rows are written a moment later): polls 2 s apart
+    asked = len(usage_asked)
+    page.wait_for_timeout(4500)  # two polls
+    assert len(usage_asked) == asked, usage_asked[asked:]
+
+    # The range switch asks again and draws the answer: 24 h is yesterday and today only.
+    page.click("#usage-range [data-range='24h']")
+    expect(card).to_have_attribute("data-range", "24h")
+    expect(card).to_have_attribute("data-state", "ready")
+    assert usage_asked[-1] == "since=24h", usage_asked
+    expect(page.locator("#usage-range [data-range='24h']")).to_have_attribute("aria-pressed", "true")
+    expect(page.locator("#usage-range [data-range='7d']")).to_have_attribute("aria-pressed", "false")
+    bars = page.evaluate(DAY_BARS, "requests")
+    assert [b[0] for b in bars] == days_between(page_usage(page, "24h")["since"]) and bars[-1][1] == 5, bars
+    expect(glm).to_have_attribute("data-requests", "4")  # the older rows are out of range
+    expect(page.locator("#usage-total")).to_contain_text("Requests: 5")
+    screenshot(page, "dashboard-usage-24h")
+    page.click("#usage-range [data-range='30d']")
+    expect(card).to_have_attribute("data-range", "30d")
+    assert usage_asked[-1] == "since=30d", usage_asked
+    expect(page.locator("[data-chart=requests] g.day")).to_have_count(31)
+    expect(glm).to_have_attribute("data-requests", "7")
+    page.reload()  # the range is remembered
+    expect(card).to_have_attribute("data-range", "30d")
+    expect(card).to_have_attribute("data-state", "ready")
+    page.click("#usage-range [data-range='7d']")
+    expect(card).to_have_attribute("data-range", "7d")
+
+    def charts_fit(width, lang):
+        expect(page.locator("[data-chart=requests] figcaption")).to_have_text(
+            "Requests per day" if lang == "en" else "每日请求数")
+        expect(page.locator("#usage-total")).to_contain_text("Requests: 8" if lang == "en" else "请求：8")
+        expect(glm.locator("text.value")).to_contain_text("7 req" if lang == "en" else "7 次")
+        # the charts are drawn at the width they have (the text keeps its size) and stay inside the page
+        for chart in page.locator("#usage-charts svg.chart-svg").all():
+            box = chart.bounding_box()
+            view_width = float(chart.get_attribute("viewBox").split()[2])
+            assert box and box["x"] >= 0 and box["x"] + box["width"] <= width, box
+            assert abs(view_width - box["width"]) <= 1, (view_width, box)
+        # every text in a chart lies inside its chart
+        outside = page.evaluate("""() => Array.from(document.querySelectorAll('#usage-charts svg text')).filter(t => {
+            const r = t.getBoundingClientRect(), s = t.ownerSVGElement.getBoundingClientRect();
+            return r.left < s.left - 0.5 || r.right > s.right + 0.5 || r.top < s.top - 0.5 || r.bottom > s.bottom + 0.5;
+        }).map(t => t.textContent)""")
+        assert outside == [], outside
+        # the day labels do not overlap one another
+        labels = sorted(page.evaluate("""() => Array.from(document.querySelectorAll('[data-chart=requests] text.day-label'))
+            .map(t => { const r = t.getBoundingClientRect(); return [r.left, r.right]; })"""))
+        assert all(a[1] <= b[0] for a, b in zip(labels, labels[1:])), labels
+        if lang == "zh":
+            expect(page.locator("[data-chart=requests] text.day-label[data-day='%s']" % today)).to_contain_text("日")
+
+    screenshot_every_look(page, "dashboard-usage", charts_fit)
+    page.click("#usage-range [data-range='30d']")
+    expect(card).to_have_attribute("data-range", "30d")
+    page.set_viewport_size({"width": 375, "height": 740})
+    charts_fit(375, "en")
+    screenshot(page, "dashboard-usage-30d-375")
+    page.set_viewport_size({"width": 1280, "height": 860})
+    charts_fit(1280, "en")
+    no_page_errors(pages)
+
+
+def test_dashboard_says_when_the_usage_history_is_off(start_server, fake_upstream, home, pages):
+    write_settings(str(home), fake_upstream.url)
+    url = start_server(usage_history=False).url
+    set_password(url)
+    assert http(url, "POST", "/v1/chat/completions", CHAT)[0] == 200
+    page = pages.new()
+    sign_in(page, url)
+    card = page.locator("#usage-card")
+    expect(card).to_have_attribute("data-state", "off")
+    expect(page.locator("#usage-note")).to_contain_text("usage history is off")
+    expect(page.locator("#usage-note")).to_contain_text("usage_history")
+    expect(page.locator("#usage-charts")).to_be_hidden()
+    expect(page.locator("#usage-total")).to_be_hidden()
+    expect(page.locator("[data-stat=requests]")).to_have_attribute("data-value", "1")  # the live numbers still count
+
+    def says_off(width, lang):
+        expect(page.locator("#usage-note-text")).to_contain_text("usage_history")
+        expect(page.locator("#usage-open-config")).to_have_text("Open Config" if lang == "en" else "打开配置")
+        box = page.locator("#usage-note").bounding_box()
+        assert box and box["x"] >= 0 and box["x"] + box["width"] <= width, box
+
+    screenshot_every_look(page, "dashboard-usage-off", says_off)
+    page.click("#usage-open-config")  # to the key that turns it on
+    expect(page.locator("[data-panel=config]")).to_be_visible()
+    expect(page.locator("[data-field=usage_history]")).to_be_visible()
+    expect(page.locator("[data-config-key=usage_history]")).not_to_be_checked()
+    expect(page.locator("[data-field=port]")).to_be_hidden()
+    no_page_errors(pages)
+
+
+def test_usage_charts_with_many_models_big_numbers_and_long_names(server, pages):
+    """A busy month (as a routed answer): k/M numbers, 12 models in 8 rows, a long name shortened."""
+    now = time.time()
+    long_name = "openrouter/anthropic/claude-sonnet-4.5-with-a-very-long-model-name-20260101"
+
+    def row(key, requests, errors=0, tokens_in=0, tokens_out=0, p50=0.0, p95=0.0):
+        return {"key": key, "requests": requests, "errors": errors, "input_tokens": tokens_in, "output_tokens": tokens_out,
+                "reasoning_tokens": tokens_out // 4, "p50_ms": p50, "p95_ms": p95}
+
+    days = [row((datetime.date.today() - datetime.timedelta(days=n)).isoformat(), 900 + 97 * n, n * 3,
+                1200000 + 45000 * n, 300000 + 9000 * n, 1800.0 + 40 * n, 6500.0 - 90 * n)
+            for n in range(29, -1, -1) if n % 7 != 3]  # some days without requests
+    models = [row(long_name, 9000, 120, 40000000, 9000000, 2100.0, 7400.0)] + [
+        row("model-%02d" % i, 3000 - 200 * i, i, 900000, 200000) for i in range(11)]
+    answer = {"enabled": True, "since": now - 30 * 86400, "days": days, "models": models,
+              "providers": [row("iflow", 20000, 100, 50000000, 10000000), row("-", 12, 12)]}
+    set_password(server.url)
+    page = pages.new()
+    page.route("**/admin/api/usage?*", lambda route: route.fulfill(json=answer))
+    sign_in(page, server.url)
+    card = page.locator("#usage-card")
+    expect(card).to_have_attribute("data-state", "ready")
+    expect(page.locator("[data-chart=requests] g.day")).to_have_count(31)
+    token_ticks = page.locator("[data-chart=tokens] text.tick:not(.day-label)").all_text_contents()
+    assert token_ticks[0] == "0" and all(t.endswith("M") for t in token_ticks[1:]), token_ticks
+    request_ticks = page.locator("[data-chart=requests] text.tick:not(.day-label)").all_text_contents()
+    assert all(t == "0" or t.endswith("k") for t in request_ticks), request_ticks
+    latency_ticks = page.locator("[data-chart=latency] text.tick:not(.day-label)").all_text_contents()
+    assert all(t == "0" or t.endswith(" s") for t in latency_ticks), latency_ticks
+    expect(page.locator("#usage-total")).to_contain_text(
+        "Requests: {:,}".format(sum(d["requests"] for d in days)))
+
+    items = page.locator("[data-chart=models] g.item")
+    expect(items).to_have_count(8)
+    expect(items.last).to_have_class(re.compile(r"\bothers\b"))
+    expect(items.last.locator("text.label")).to_have_text("Others (5)")
+    assert items.last.get_attribute("data-requests") == str(sum(m["requests"] for m in models[7:]))
+    first = page.locator("[data-chart=models] g.item").first
+    expect(first.locator("text.value")).to_have_text("9k req · 49M tokens")
+    expect(first.locator("text.label")).to_have_text(re.compile(r"^openrouter/.+…$"))
+    expect(first.locator("> title")).to_contain_text(long_name)
+    expect(first.locator("> title")).to_contain_text("Input tokens: 40,000,000")
+    expect(page.locator("[data-chart=providers] g.item").last.locator("text.label")).to_have_text("(unknown)")
+
+    def fits(width, lang):
+        for item in page.locator("#usage-charts g.item").all():  # a name never runs into its numbers
+            label, value = item.locator("text.label").bounding_box(), item.locator("text.value").bounding_box()
+            assert label["x"] + label["width"] < value["x"], (label, value)
+        expect(items.last.locator("text.label")).to_have_text("Others (5)" if lang == "en" else "其他（5 个）")
+
+    screenshot_every_look(page, "dashboard-usage-busy", fits)
+
+    # The history cannot be read: the card says why (no toast at every poll), the rest goes on.
+    page.unroute("**/admin/api/usage?*")
+    page.route("**/admin/api/usage?*", lambda route: route.fulfill(status=503, json={"error": {
+        "message": "cannot read the usage history usage.db: disk I/O error", "code": "unavailable"}}))
+    page.click("#usage-range [data-range='24h']")
+    expect(card).to_have_attribute("data-state", "error")
+    expect(page.locator("#usage-note-text")).to_have_text(
+        "Could not read the usage history: cannot read the usage history usage.db: disk I/O error")
+    expect(page.locator("#usage-charts")).to_be_hidden()
+    expect(page.locator("#toast")).to_be_hidden()
+    expect(page.locator("[data-stat=status]")).to_have_attribute("data-value", "running")
     no_page_errors(pages)

@@ -10,7 +10,8 @@ claude-code-router).
 Builds the Rust tools in bench/tools (std only, offline), creates
 bench/.venv-original with `pip install iflow2api==1.6.10` if missing, starts
 one fake upstream, then for every round starts each server fresh (order
-rotated between rounds), measures it, stops it. Peers are installed on first
+rotated between rounds), measures it, stops it, and (--s1024) measures 1024
+concurrent streams on a fresh instance of it. Peers are installed on first
 use into bench/.venv-litellm (pip) and bench/.cache-ccr (npm). Prints a
 markdown report and writes it to bench/results.md (raw numbers per round:
 bench/results.json).
@@ -150,8 +151,10 @@ class Fake:
         self.port = int(self.proc.stdout.readline())
         self.url = f"http://127.0.0.1:{self.port}"
 
-    def configure(self, chunks):
-        status, _ = http("POST", f"{self.url}/_bench/config?chunks={chunks}")
+    def configure(self, chunks, pace_us=None):
+        """Chunks per stream from now on; and the pause between chunks, if given (it stays)."""
+        pace = f"&pace_us={pace_us}" if pace_us is not None else ""
+        status, _ = http("POST", f"{self.url}/_bench/config?chunks={chunks}{pace}")
         assert status == 200, "fake upstream config failed"
 
     def stats(self):
@@ -226,6 +229,77 @@ def memory_mb(pid, key):
     return total / 1024
 
 
+def threads_and_fds(pid):
+    """(threads, open fds) summed over the process tree: `Threads:` of /proc/<pid>/status and
+    the entries of /proc/<pid>/fd."""
+    threads = fds = 0
+    for p in process_tree(pid):
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("Threads:"):
+                    threads += int(line.split()[1])
+            fds += len(os.listdir(f"/proc/{p}/fd"))
+        except OSError:
+            continue
+    return threads, fds
+
+
+def listen_overflows():
+    """The kernel's count of connections dropped because a listen queue was full (TcpExt
+    ListenOverflows in /proc/net/netstat; machine-wide), None if unreadable. A client whose
+    handshake was dropped retries after 1 s, then 3 s, ...: it waits, it does not fail."""
+    try:
+        lines = [line.split() for line in Path("/proc/net/netstat").read_text().splitlines()
+                 if line.startswith("TcpExt:")]
+        return int(dict(zip(lines[0][1:], lines[1][1:]))["ListenOverflows"])
+    except (OSError, IndexError, KeyError, ValueError):
+        return None
+
+
+class PeakSampler:
+    """Samples threads and fds of a process tree every `every` s on a thread of its own, keeping
+    the highest counts (the tree is read once at the start: the proxies here serve from one
+    process, or a fixed set of them)."""
+
+    def __init__(self, pid, every=0.1):
+        import threading
+        self.pids, self.every = process_tree(pid), every
+        self.threads = self.fds = 0
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self.done.wait(self.every):
+            threads = fds = 0
+            for p in self.pids:
+                try:
+                    for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                        if line.startswith("Threads:"):
+                            threads += int(line.split()[1])
+                    fds += len(os.listdir(f"/proc/{p}/fd"))
+                except OSError:
+                    continue
+            self.threads, self.fds = max(self.threads, threads), max(self.fds, fds)
+
+    def stop(self):
+        self.done.set()
+        self.thread.join()
+        return self.threads, self.fds
+
+
+def raise_fd_limit(want=8192):
+    """The 1024-stream phase holds 1024 client sockets in the load generator and about twice that
+    in a proxy (client side + upstream side): raise the soft RLIMIT_NOFILE (inherited by every
+    process this script starts) to `want`, or to the hard limit if that is lower. Returns the
+    soft limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        soft = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    return soft
+
+
 # ---------------------------------------------------------------- servers
 
 def snapshot(path):
@@ -277,10 +351,11 @@ def write_iflow_settings(home, fake):
                {"apiKey": "sk-bench", "baseUrl": f"{fake.url}/v1", "selectedAuthType": "api-key"})
 
 
-# How each subject is configured and started: setup(home, port, fake, exe) writes its config
-# into the temporary HOME and returns (command, extra environment).
+# How each subject is configured and started: setup(home, port, fake, exe, wide) writes its config
+# into the temporary HOME and returns (command, extra environment). `wide`: the instance for the
+# 1024-stream phase (only ours has settings for it; the others run as configured for every phase).
 
-def setup_original(home, port, fake, exe):
+def setup_original(home, port, fake, exe, wide=False):
     write_iflow_settings(home, fake)
     # api_concurrency 10 is its maximum; no update check (it only runs from the GUI anyway).
     write_json(home / ".iflow2api" / "config.json", {"host": "127.0.0.1", "port": port, "api_concurrency": 10,
@@ -288,9 +363,15 @@ def setup_original(home, port, fake, exe):
     return [str(exe), "--host", "127.0.0.1", "--port", str(port)], {}
 
 
-def setup_ours(home, port, fake, exe):
+# Our config.json: every phase, and the 1024-stream phase, where 1024 upstream calls must be
+# allowed at once and 1024 client connections (plus the bench's own probes) must be accepted.
+OURS_CONFIG = {"concurrency": 512}
+OURS_WIDE_CONFIG = {"concurrency": 1024, "max_connections": 1100}
+
+
+def setup_ours(home, port, fake, exe, wide=False):
     write_iflow_settings(home, fake)
-    write_json(home / ".iflow2api" / "config.json", {"concurrency": 512})
+    write_json(home / ".iflow2api" / "config.json", OURS_WIDE_CONFIG if wide else OURS_CONFIG)
     # no update check: nothing a bench starts may reach beyond 127.0.0.1
     env = {"IFLOW2API_HOME": str(home / ".iflow2api"), "IFLOW2API_NO_UPDATE_CHECK": "1"}
     return [sys.executable, str(exe), "--host", "127.0.0.1", "--port", str(port)], env
@@ -313,7 +394,7 @@ LITELLM_ENV = {
 }
 
 
-def setup_litellm(home, port, fake, exe):
+def setup_litellm(home, port, fake, exe, wide=False):
     """Every model name goes to the fake as an OpenAI-compatible provider; no database."""
     config = {
         "model_list": [{"model_name": "*", "litellm_params": {
@@ -329,7 +410,7 @@ def setup_litellm(home, port, fake, exe):
     return [str(exe), "--config", str(home / "litellm.yaml"), "--host", "127.0.0.1", "--port", str(port)], LITELLM_ENV
 
 
-def setup_ccr(home, port, fake, exe):
+def setup_ccr(home, port, fake, exe, wide=False):
     """One OpenAI-compatible provider (the fake), every request routed to it. No APIKEY: then it
     listens on 127.0.0.1 only and checks no client key. Its update check runs only when its web
     UI asks (/api/update/check); it has no telemetry."""
@@ -349,13 +430,13 @@ SETUPS = {"original": setup_original, "ours": setup_ours, "litellm": setup_litel
 class Server:
     """A proxy under test, started fresh with its own temporary HOME."""
 
-    def __init__(self, name, fake, exe):
+    def __init__(self, name, fake, exe, wide=False):
         self.name = name
         self.home = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.health_url = self.url + HEALTH_PATHS.get(name, "/health")
-        cmd, extra_env = SETUPS[name](self.home, self.port, fake, exe)
+        cmd, extra_env = SETUPS[name](self.home, self.port, fake, exe, wide)
         env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
         env.update(HOME=str(self.home), NO_PROXY="*", **extra_env)
         self.log_path = self.home / "server.log"
@@ -390,10 +471,11 @@ class Server:
 
 # ---------------------------------------------------------------- measurements
 
-def stream_test(fake, url, pid, chunks, streams, concurrency, api="openai", timeout=120, tail=True):
-    """Runs `streams` streams of `chunks` upstream chunks; returns loadgen JSON
-    plus proxy CPU, fake CPU and the upstream chunk count actually sent."""
-    fake.configure(chunks)
+def stream_test(fake, url, pid, chunks, streams, concurrency, api="openai", timeout=120, tail=True, pace_us=None):
+    """Runs `streams` streams of `chunks` upstream chunks (paced `pace_us` if given, and then
+    from then on); returns loadgen JSON plus proxy CPU, fake CPU and the upstream chunk count
+    actually sent."""
+    fake.configure(chunks, pace_us)
     before = fake.stats()["chunks_sent"]
     cpu0 = cpu_seconds(pid) if pid else 0.0
     fake_cpu0 = cpu_seconds(fake.proc.pid)
@@ -465,7 +547,10 @@ def measure_openai(fake, args, m, chat, pid, smoke):
     # Non-streaming requests/s and latency.
     loadgen("nonstream", "--url", chat, "--concurrency", 32, "--duration", 0.3)  # warm-up
     for c in (1, 32):
+        cpu0 = cpu_seconds(pid) if pid else 0.0
         r = loadgen("nonstream", "--url", chat, "--concurrency", c, "--duration", args.duration)
+        if pid:  # proxy CPU (whole process tree) per completed request, ms
+            m[f"cpu_per_req_c{c}_ms"] = 1000 * (cpu_seconds(pid) - cpu0) / max(r["ok"], 1)
         m[f"rps_c{c}"] = r["requests_per_s"]
         m[f"p50_c{c}_ms"] = r["latency_p50_ms"]
         m[f"p99_c{c}_ms"] = r["latency_p99_ms"]
@@ -532,24 +617,105 @@ def measure_route(server, fake, args, m, prefix):
         m[f"{prefix}_error_samples"] = r["error_samples"]
 
 
+S1024 = 1024  # streams, all at once: one connection each
+# The fake paces these streams (a chunk every 20 ms, 50 tokens/s like a real model), so that all
+# 1024 are open at the same time: unpaced, a 50-chunk stream ends within a millisecond or two and
+# the proxy never holds more than a few dozen at once.
+S1024_SETTLE_S = 2.0  # wait after the phase before threads and fds are counted again
+
+
+def measure_s1024(name, fake, args, exe):
+    """The 1024-stream phase for one subject, on a fresh instance of its own (ours with
+    OURS_WIDE_CONFIG): 1024 streams of args.chunks1024 chunks over 1024 connections at once.
+    Threads and fds of the proxy are counted idle before (after a one-stream warm-up, so that
+    threads a server starts on its first request are in the baseline), sampled during, and
+    again S1024_SETTLE_S after the last stream ended; peak RSS is VmHWM at the end. Metric keys
+    start with s1024_. Returns (metrics, note)."""
+    m, server = {}, None
+    route = "anthropic" if name in ANTHROPIC_ONLY else "openai"
+    path = "/v1/messages" if route == "anthropic" else "/v1/chat/completions"
+    try:
+        if name == "direct":
+            url, pid = f"{fake.url}{path}", None
+        else:
+            server = Server(name, fake, exe, wide=True)
+            server.wait_healthy()
+            url, pid = f"{server.url}{path}", server.pid
+            fake.configure(20)
+            r = loadgen("stream", "--url", url, "--api", route, "--concurrency", 1, "--streams", 1,
+                        "--expect", 20, "--show-tail", timeout=120)
+            if r["errors"]:
+                raise RuntimeError(f"warm-up stream failed: {r['error_samples']}")
+            time.sleep(1.0)
+            m["s1024_threads_idle"], m["s1024_fds_idle"] = threads_and_fds(pid)
+            m["s1024_idle_rss_mb"] = memory_mb(pid, "VmRSS")
+        sampler = PeakSampler(pid) if pid else None
+        overflows = listen_overflows()
+        r = stream_test(fake, url, pid, args.chunks1024, S1024, S1024, api=route, timeout=120,
+                        pace_us=args.pace1024_us)
+        if overflows is not None:
+            m["s1024_listen_overflows"] = listen_overflows() - overflows
+        if sampler:
+            m["s1024_threads_peak"], m["s1024_fds_peak"] = sampler.stop()
+        m["s1024_errors"] = r["errors"]
+        m["s1024_time_s"] = r["elapsed_s"]
+        m["s1024_ttfc_ms"] = r["first_event_p50_ms"]
+        m["s1024_ttfc_p99_ms"] = r["first_event_p99_ms"]
+        if r["errors"]:
+            m["s1024_error_samples"] = r["error_samples"]
+        if pid:
+            m["s1024_cpu_per_1k"] = 1000 * r["proxy_cpu_s"] / max(r["upstream_chunks"], 1)
+            time.sleep(S1024_SETTLE_S)
+            m["s1024_threads_after"], m["s1024_fds_after"] = threads_and_fds(pid)
+            m["s1024_threads_left"] = m["s1024_threads_after"] - m["s1024_threads_idle"]
+            m["s1024_fds_left"] = m["s1024_fds_after"] - m["s1024_fds_idle"]
+            m["s1024_peak_rss_mb"] = memory_mb(pid, "VmHWM")
+        return m, None
+    except Exception as e:  # noqa: BLE001 - reported, the run goes on
+        note = str(e)
+        if server:
+            note += f" (log: {server.log_tail()})"
+        return m, note
+    finally:
+        fake.configure(args.chunks, args.pace_us)  # the other phases' pacing
+        if server:
+            server.stop()
+
+
 # ---------------------------------------------------------------- report
 
-ERROR_KEYS = ("s256_errors", "stream32_errors", "a_errors", "r_errors")
+# Worst round instead of the median: error counts, and what the 1024-stream phase left behind.
+ERROR_KEYS = ("s256_errors", "stream32_errors", "a_errors", "r_errors", "s1024_errors", "s1024_threads_left",
+              "s1024_fds_left")
 RESPONSES_CPU_TARGET = 1.2  # Responses CPU per 1000 upstream chunks / Anthropic's, ours
 # Targets for ratios of ours to another subject in the same run, by metric key.
-OPENAI_TARGETS = {"ttfc_overhead_ms": 1 / 3, "chunks_per_s": 5.0, "cpu_per_1k": 0.2, "idle_rss_mb": 0.5,
-                  "healthy_ms": 0.5}  # ours/original
+OPENAI_TARGETS = {"rps_c32": 8.0, "ttfc_overhead_ms": 1 / 3, "chunks_per_s": 5.0, "cpu_per_1k": 0.2,
+                  "idle_rss_mb": 0.5, "healthy_ms": 0.5}  # ours/original (rps_c32: issue 16, else issue 3)
+DIRECT_TARGETS = {"chunks_per_s": 0.4}  # ours/direct (issue 16: the floor)
 ANTHROPIC_TARGETS = {"cpu_per_1k": 0.3}  # ours/original
 CCR_TARGETS = {"events_per_s": 1.3, "cpu_per_1k": 0.6}  # ours/claude-code-router (issue 16)
+# Absolute targets for ours, by metric key: (limit, text); met when the value is <= limit.
+OPENAI_ABS = {"cpu_per_req_c32_ms": (0.25, "≤ 0.25 ms"), "ttfc_overhead_ms": (0.4, "≤ 0.4 ms"),
+              "s256_errors": (0, "0")}
+ROUTE_ABS = {"ttfe_overhead_ms": (0.6, "≤ 0.6 ms")}  # Anthropic and Responses routes (issue 16)
+FDS_LEFT_LIMIT = 64  # the upstream pool keeps up to 64 idle connections per host
+S1024_ABS = {"errors": (0, "0"), "peak_rss_mb": (120, "≤ 120 MB"),  # keys without "s1024_"
+             "threads_left": (0, "+0 (back to idle)"),
+             "fds_left": (FDS_LEFT_LIMIT, f"≤ +{FDS_LEFT_LIMIT} (pooled upstream connections)")}
 # Rows about the process, not a route: shown for every proxy, whichever routes it serves.
 PROCESS_KEYS = {"idle_rss_mb", "peak_rss_mb", "healthy_ms"}
-METRIC_KEYS = ["rps_c1", "p50_c1_ms", "p99_c1_ms", "rps_c32", "p50_c32_ms", "p99_c32_ms", "ttfc_ms",
-               "chunks_per_s", "cpu_per_1k", "idle_rss_mb", "peak_rss_mb", "healthy_s", "s256_errors",
-               "s256_time_s", "stream32_errors", "fake_cpu_per_1k", "loadgen_cpu_per_1k", "events_per_s"]
+S1024_KEYS = ["s1024_errors", "s1024_time_s", "s1024_ttfc_ms", "s1024_ttfc_p99_ms", "s1024_listen_overflows", "s1024_cpu_per_1k", "s1024_idle_rss_mb", "s1024_peak_rss_mb",
+              "s1024_threads_idle", "s1024_threads_peak", "s1024_threads_after", "s1024_threads_left",
+              "s1024_fds_idle", "s1024_fds_peak", "s1024_fds_after", "s1024_fds_left"]
+METRIC_KEYS = ["rps_c1", "p50_c1_ms", "p99_c1_ms", "rps_c32", "p50_c32_ms", "p99_c32_ms", "cpu_per_req_c1_ms",
+               "cpu_per_req_c32_ms", "ttfc_ms", "chunks_per_s", "cpu_per_1k", "idle_rss_mb", "peak_rss_mb",
+               "healthy_s", "s256_errors", "s256_time_s", "stream32_errors", "fake_cpu_per_1k",
+               "loadgen_cpu_per_1k", "events_per_s", *S1024_KEYS]
 
 
 def note_key(prefix):
-    """Where a route's n/a reason is kept: '' is the OpenAI route, 'a_' / 'r_' the ROUTES."""
+    """Where a route's n/a reason is kept: '' is the OpenAI route, 'a_' / 'r_' the ROUTES,
+    's1024_' the 1024-stream phase."""
     return f"{prefix}note" if prefix else "openai_note"
 
 
@@ -580,7 +746,7 @@ def medians(rounds, t):
     for k, src in [("ttfc_overhead_ms", "ttfc_ms")] + [(f"{p}_ttfe_overhead_ms", f"{p}_ttfe_ms") for p in ROUTES]:
         med[k] = overhead(rounds, t, src) if t != "direct" else None
     med["healthy_ms"] = med["healthy_s"] * 1000 if med["healthy_s"] is not None else None
-    for prefix in ["", *(f"{p}_" for p in ROUTES)]:
+    for prefix in ["", *(f"{p}_" for p in ROUTES), "s1024_"]:
         reasons = [m[note_key(prefix)] for m in rounds.get(t, []) if m.get(note_key(prefix))]
         med[note_key(prefix)] = reasons[0] if reasons else None
     return med
@@ -598,14 +764,20 @@ def fmt(v, digits=None):
     return f"{v:,.{digits}f}"
 
 
+def passes(value, limit, higher_is_better=False):
+    """'PASS' / 'FAIL' for value against limit, '—' without a value."""
+    if value is None:
+        return "—"
+    return "PASS" if (value >= limit if higher_is_better else value <= limit) else "FAIL"
+
+
 def ratio_cell(ours, orig, target, higher_is_better):
     if ours is None or orig is None or orig == 0:
         return "—", "—"
     r = ours / orig
     if target is None:
         return f"{r:.2f}x", ""
-    ok = r >= target if higher_is_better else r <= target
-    return f"{r:.2f}x", ("PASS" if ok else "FAIL")
+    return f"{r:.2f}x", passes(r, target, higher_is_better)
 
 
 def target_text(target, higher):
@@ -614,25 +786,34 @@ def target_text(target, higher):
     return ("≥ " if higher else "≤ ") + ("1/3" if target == 1 / 3 else f"{target:.2f}x")
 
 
-def table(rows, cols, ratios):
+def table(rows, cols, ratios, absolute=None):
     """A markdown table. rows: (label, metric key, higher is better); cols: (header, medians, key
     prefix), one value column each ("n/a" where that subject lacks the route); ratios: (header,
-    numerator col, denominator col, targets by metric key), one ratio column each, followed by
-    target and verdict columns when it has targets."""
+    numerator col, denominator col, targets by metric key[, True: only the rows with a target]),
+    one ratio column each, followed by target and verdict columns when it has targets; absolute: (header, col, {key: (limit, text)})
+    adds a target and a verdict column for one column's own values (met when value <= limit)."""
     head = ["Metric"] + [header for header, _, _ in cols]
-    for header, _, _, targets in ratios:
+    for header, _, _, targets, *_ in ratios:
         head += [header] + (["target", ""] if targets else [])
+    if absolute:
+        head += [absolute[0], ""]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, key, higher in rows:
         cells = [label] + ["n/a" if med.get(note_key(prefix)) and key not in PROCESS_KEYS
                            else fmt(med.get(prefix + key)) for _, med, prefix in cols]
-        for _, (_, num, num_prefix), (_, den, den_prefix), targets in ratios:
-            ours = num.get(num_prefix + key)
-            ratio, verdict = ratio_cell(ours, den.get(den_prefix + key), targets.get(key), higher)
-            tgt = target_text(targets.get(key), higher)
-            if key == "s256_errors":  # an absolute target: none may fail
-                ratio, tgt, verdict = "", "0", ("PASS" if ours == 0 else "FAIL") if ours is not None else "—"
-            cells += [ratio] + ([tgt, verdict] if targets else [])
+        for _, (_, num, num_prefix), (_, den, den_prefix), targets, *only_targeted in ratios:
+            if only_targeted and only_targeted[0] and key not in targets:
+                cells += ["", "", ""] if targets else [""]
+                continue
+            ratio, verdict = ratio_cell(num.get(num_prefix + key), den.get(den_prefix + key), targets.get(key), higher)
+            cells += [ratio] + ([target_text(targets.get(key), higher), verdict] if targets else [])
+        if absolute:
+            _, (_, med, prefix), limits = absolute
+            if key in limits:
+                limit, text = limits[key]
+                cells += [text, passes(med.get(prefix + key), limit)]
+            else:
+                cells += ["", ""]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
@@ -653,15 +834,63 @@ def round_notes(rounds, subjects):
                               ("stream32_errors", "32-stream errors"), ("s256_errors", "256-stream errors"),
                               ("a_errors", "Anthropic 32-stream errors"),
                               ("r_errors", "Responses 32-stream errors"),
+                              ("s1024_errors", "1024-stream errors"),
                               ("fake_conn_errors", "upstream connections that ended in an error (fake's log)")):
                 if m.get(key):
                     notes.append(f"{LABELS[t]} round {i}: {m[key]} {what}")
             for key in ("stream32_error_samples", "s256_error_samples", "a_error_samples", "r_error_samples",
-                        "fake_error_samples"):
+                        "s1024_error_samples", "fake_error_samples"):
                 if m.get(key):
                     samples = (str(x).replace("\n", "\\n").replace("`", "'") for x in m[key][:3])
                     notes.append(f"{LABELS[t]} round {i} samples: " + "; ".join(f"`{x}`" for x in samples))
+            if (m.get("s1024_note") or "").startswith("failed"):
+                notes.append(f"{LABELS[t]} round {i}: 1024-stream phase: {m['s1024_note']}")
     return notes
+
+
+def issue16_summary(med, shown, args):
+    """Issue 16's targets for ours, one row each: (target, ours, against, verdict)."""
+    o = med["ours"]
+    rows = []
+
+    def ratio_row(what, key, other, limit, higher, text):
+        mine, theirs = o.get(key), med[other].get(key) if other in shown else None
+        r = mine / theirs if mine is not None and theirs else None
+        rows.append((what, fmt(mine), f"{LABELS[other]}: {fmt(theirs)}" if other in shown else f"{LABELS[other]}: not run",
+                     f"{r:.2f}x" if r is not None else "—", text, passes(r, limit, higher)))
+
+    def abs_row(what, key, limit, text, unit=""):
+        v = o.get(key)
+        rows.append((what, fmt(v) + (f" {unit}" if unit and v is not None else ""), "", "", text, passes(v, limit)))
+
+    ratio_row("Non-stream c=32: requests/s", "rps_c32", "original", 8.0, True, "≥ 8x the original")
+    abs_row("Non-stream c=32: proxy CPU per request", "cpu_per_req_c32_ms", 0.25, "≤ 0.25 ms", "ms")
+    abs_row("First-chunk overhead vs direct, OpenAI route (c=1, p50)", "ttfc_overhead_ms", 0.4, "≤ 0.4 ms", "ms")
+    abs_row("First-event overhead vs direct, Anthropic route (c=1, p50)", "a_ttfe_overhead_ms", 0.6, "≤ 0.6 ms", "ms")
+    abs_row("First-event overhead vs direct, Responses route (c=1, p50)", "r_ttfe_overhead_ms", 0.6, "≤ 0.6 ms", "ms")
+    ratio_row("32 streams: chunks/s", "chunks_per_s", "direct", 0.4, True, "≥ 0.40x direct")
+    rows.append(("32 streams: proxy CPU s per 1000 chunks", fmt(o.get("cpu_per_1k")), "", "",
+                 "unchanged or better", "compare with an earlier run"))
+    ratio_row("Anthropic route, 32 streams: events/s", "a_events_per_s", "ccr", 1.3, True, "≥ 1.3x claude-code-router")
+    ratio_row("Anthropic route, 32 streams: CPU s per 1000 upstream chunks", "a_cpu_per_1k", "ccr", 0.6, False,
+              "≤ 0.6x claude-code-router")
+    ratio_row("Idle RSS (MB)", "idle_rss_mb", "original", 0.5, False, "≤ 0.5x the original")
+    if o.get(note_key("s1024_")):
+        rows.append((f"{S1024} streams", o[note_key("s1024_")], "", "", "", "—"))
+    else:
+        abs_row(f"{S1024} streams x {args.chunks1024} chunks: errors (worst round)", "s1024_errors", 0, "0")
+        abs_row(f"{S1024} streams: peak RSS", "s1024_peak_rss_mb", 120, "≤ 120 MB", "MB")
+        rows.append((f"{S1024} streams: threads {S1024_SETTLE_S:.0f} s after / idle before (worst round)",
+                     f"{fmt(o.get('s1024_threads_after'))} / {fmt(o.get('s1024_threads_idle'))}", "",
+                     f"{o['s1024_threads_left']:+d}" if o.get("s1024_threads_left") is not None else "—",
+                     "+0 (back to idle)", passes(o.get("s1024_threads_left"), 0)))
+        rows.append((f"{S1024} streams: fds {S1024_SETTLE_S:.0f} s after / idle before (worst round)",
+                     f"{fmt(o.get('s1024_fds_after'))} / {fmt(o.get('s1024_fds_idle'))}", "",
+                     f"{o['s1024_fds_left']:+d}" if o.get("s1024_fds_left") is not None else "—",
+                     f"≤ +{FDS_LEFT_LIMIT} (pooled upstream connections)", passes(o.get("s1024_fds_left"), FDS_LEFT_LIMIT)))
+    out = ["| Target | ours | against | ratio / change | target | |", "|---|---|---|---|---|---|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
 
 
 def build_report(rounds, notes, args, meta):
@@ -678,6 +907,8 @@ def build_report(rounds, notes, args, meta):
         ("Non-stream c=32: requests/s", "rps_c32", True),
         ("Non-stream c=32: p50 latency (ms)", "p50_c32_ms", False),
         ("Non-stream c=32: p99 latency (ms)", "p99_c32_ms", False),
+        ("Non-stream c=1: proxy CPU ms per request", "cpu_per_req_c1_ms", False),
+        ("Non-stream c=32: proxy CPU ms per request", "cpu_per_req_c32_ms", False),
         ("Stream: time to first chunk (ms)", "ttfc_ms", False),
         ("Stream: first-chunk overhead vs direct (ms)", "ttfc_overhead_ms", False),
         ("32 streams: chunks/s at client", "chunks_per_s", True),
@@ -705,15 +936,23 @@ def build_report(rounds, notes, args, meta):
         f"{', paced ' + str(args.pace_us) + ' µs' if args.pace_us else ', unpaced'}; "
         f"machine: {meta['machine']}; 1-min load average {meta['load']}.",
         f"Original: iflow2api {ORIGINAL_VERSION} ({meta['original_stack']}), api_concurrency=10. "
-        f"Ours: {meta['ours']}, concurrency=512.",
+        f"Ours: {meta['ours']}, config {json.dumps(OURS_CONFIG)} "
+        f"(1024-stream phase: {json.dumps(OURS_WIDE_CONFIG)}).",
     ]
     if meta.get("peers"):
         lines.append(f"Peers: {meta['peers']}.")
     lines += [
         "",
+        "### Issue 16 targets (ours)",
+        "",
+        issue16_summary(med, shown, args),
+        "",
         "### OpenAI path: POST /v1/chat/completions",
         "",
-        table(rows, [col[t] for t in shown], [("ours/original", col["ours"], col["original"], OPENAI_TARGETS)]),
+        table(rows, [col[t] for t in shown],
+              [("ours/original", col["ours"], col["original"], OPENAI_TARGETS),
+               ("ours/direct", col["ours"], col["direct"], DIRECT_TARGETS, True)],
+              ("target (ours)", col["ours"], OPENAI_ABS)),
     ]
     lines += route_notes(med, proxies, "")
     a_col = {t: (LABELS[t], med[t], "a_") for t in COLUMNS}
@@ -728,7 +967,7 @@ def build_report(rounds, notes, args, meta):
         "first-event overhead is against direct's first chunk on /v1/chat/completions."
         + (" ours/ccr: issue 16's targets against claude-code-router." if "ccr" in shown else ""),
         "",
-        table(route_rows, [a_col[t] for t in proxies], a_ratios),
+        table(route_rows, [a_col[t] for t in proxies], a_ratios, ("target (ours)", a_col["ours"], ROUTE_ABS)),
     ]
     lines += route_notes(med, proxies, "a_")
     ours_a, ours_r = ("ours /v1/messages", med["ours"], "a_"), ("ours /v1/responses", med["ours"], "r_")
@@ -743,12 +982,53 @@ def build_report(rounds, notes, args, meta):
         "Events are `response.output_text.delta` events, the first event is the first delta, a stream "
         "succeeds when `response.completed` arrives.",
         "",
-        table(route_rows, r_cols, [("Responses/Anthropic", ours_r, ours_a, {"cpu_per_1k": RESPONSES_CPU_TARGET})]),
+        table(route_rows, r_cols, [("Responses/Anthropic", ours_r, ours_a, {"cpu_per_1k": RESPONSES_CPU_TARGET})],
+              ("target (ours /v1/responses)", ours_r, ROUTE_ABS)),
         "",
         f"Responses CPU per 1000 chunks / Anthropic: {ra[0]} (target ≤ {RESPONSES_CPU_TARGET:.1f}x)"
         + (f": {ra[1]}" if ra[1] else ""),
     ]
     lines += route_notes(med, [t for t in proxies if t not in ("original", "ccr")], "r_")
+    s_col = {t: (LABELS[t], med[t], "s1024_") for t in COLUMNS}
+    s_rows = [
+        ("Errors (worst round)", "errors", False),
+        ("Total time (s)", "time_s", False),
+        ("Time to first chunk, p50 (ms)", "ttfc_ms", False),
+        ("Time to first chunk, p99 (ms)", "ttfc_p99_ms", False),
+        ("Listen queue overflows (kernel, machine-wide)", "listen_overflows", False),
+        ("Proxy CPU s per 1000 upstream chunks", "cpu_per_1k", False),
+        ("Idle RSS before (MB)", "idle_rss_mb", False),
+        ("Peak RSS (MB, VmHWM at the end)", "peak_rss_mb", False),
+        ("Threads: idle before", "threads_idle", False),
+        ("Threads: peak (sampled every 0.1 s)", "threads_peak", False),
+        (f"Threads: {S1024_SETTLE_S:.0f} s after", "threads_after", False),
+        ("Threads: after − idle (worst round)", "threads_left", False),
+        ("Open fds: idle before", "fds_idle", False),
+        ("Open fds: peak (sampled every 0.1 s)", "fds_peak", False),
+        (f"Open fds: {S1024_SETTLE_S:.0f} s after", "fds_after", False),
+        ("Open fds: after − idle (worst round)", "fds_left", False),
+    ]
+    s_shown = [t for t in shown if t in args.s1024]
+    s_skipped = [t for t in shown if t not in args.s1024 and rounds.get(t)]
+    lines += [
+        "",
+        f"### {S1024} concurrent streams: POST /v1/chat/completions",
+        "",
+        f"{S1024} streams of {args.chunks1024} chunks, paced {args.pace1024_us / 1000:g} ms apart by the fake, "
+        f"{S1024} connections at once, on a fresh instance of each subject (ours with "
+        f"{json.dumps(OURS_WIDE_CONFIG)}). Threads and open fds of the proxy's process tree are counted idle "
+        f"(after one warm-up stream) and {S1024_SETTLE_S:.0f} s after the last stream ended; the upstream "
+        "pool may keep idle connections (ours: up to 64)."
+        + (" claude-code-router: POST /v1/messages, the only route it serves." if "ccr" in s_shown else ""),
+        "",
+        table(s_rows, [s_col[t] for t in s_shown], [], ("target (ours)", s_col["ours"], S1024_ABS))
+        if "ours" in s_shown else table(s_rows, [s_col[t] for t in s_shown], []),
+    ]
+    lines += route_notes(med, s_shown, "s1024_")
+    if s_skipped:
+        lines += ["", f"Not run for {', '.join(LABELS[t] for t in s_skipped)}: `--s1024` chooses the subjects "
+                      "(default ours, direct and claude-code-router; the original would need about 100 s a round, "
+                      "its upstream calls being capped at 10, LiteLLM about 50 s)."]
     d = med["direct"]
     lines += [
         "",
@@ -822,6 +1102,13 @@ def main():
     p.add_argument("--chunks", type=int, help="chunks per stream in the 32-stream tests (default 2000, quick 300)")
     p.add_argument("--chunks256", type=int, help="chunks per stream in the 256-stream test (default 50, quick 20)")
     p.add_argument("--duration", type=float, help="seconds per non-stream test (default 2, quick 1)")
+    p.add_argument("--chunks1024", type=int, help="chunks per stream in the 1024-stream test (default 50, quick 20)")
+    p.add_argument("--pace1024-us", type=int, default=20000,
+                   help="fake upstream pause between chunks in the 1024-stream test, µs (default 20000)")
+    p.add_argument("--s1024", default="ours,direct,ccr",
+                   help="comma list of the subjects that run the 1024-stream phase, if they run at all "
+                        "(default ours,direct,ccr; '' = none; the original takes ~100 s a round, its "
+                        "upstream calls capped at 10, LiteLLM ~50 s)")
     p.add_argument("--ttfc-samples", type=int, help="sequential streams for first-chunk time (default 50, quick 20)")
     p.add_argument("--pace-us", type=int, default=0, help="fake upstream pause between chunks, µs (default 0)")
     p.add_argument("--targets", default=",".join(TARGETS), help="comma list of direct,original,ours (and peers)")
@@ -843,6 +1130,8 @@ def main():
     args.rounds = args.rounds or (1 if q else 3)
     args.chunks = args.chunks or (300 if q else 2000)
     args.chunks256 = args.chunks256 or (20 if q else 50)
+    args.chunks1024 = args.chunks1024 or (20 if q else 50)
+    args.s1024 = [t.strip() for t in args.s1024.split(",") if t.strip()]
     args.duration = args.duration or (1.0 if q else 2.0)
     args.ttfc_samples = args.ttfc_samples or (20 if q else 50)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
@@ -860,6 +1149,9 @@ def main():
 
     build_tools()
     exes, ours_digest = install_subjects(targets, args, notes)
+    fd_limit = raise_fd_limit()
+    if args.s1024 and fd_limit < 3 * S1024:
+        notes.append(f"open-file limit {fd_limit} (hard limit): the {S1024}-stream phase may fail for want of fds")
 
     load_start = os.getloadavg()[0]
     if load_start > 1.0:
@@ -867,9 +1159,11 @@ def main():
     fake = Fake(args.pace_us)
     results = {t: [] for t in [*TARGETS, *asked]}
     failed = set()
+    round_loads = []  # 1-min load average as each round starts
     started = time.time()
     try:
         for rnd in range(args.rounds):
+            round_loads.append(os.getloadavg()[0])
             shift = rnd % max(len(targets), 1)
             order = targets[shift:] + targets[:shift]
             for name in order:
@@ -882,8 +1176,18 @@ def main():
                 if note:
                     notes.append(f"{LABELS[name]} (round {rnd + 1}): {note}; skipped from then on")
                     failed.add(name)
+                    continue
+                if name in args.s1024:
+                    log(f"round {rnd + 1}/{args.rounds}: {name}, {S1024} streams...")
+                    t0 = time.time()
+                    wide, s_note = measure_s1024(name, fake, args, exes.get(name))
+                    log(f"  done in {time.time() - t0:.1f} s" + (f" -- FAILED: {s_note}" if s_note else ""))
+                    m.update(wide)
+                    if s_note:
+                        m["s1024_note"] = f"failed: {s_note}"
                 else:
-                    results[name].append(m)
+                    m["s1024_note"] = "not run (see --s1024)"
+                results[name].append(m)
     finally:
         fake.stop()
     log(f"total {time.time() - started:.0f} s")
@@ -898,8 +1202,10 @@ def main():
         "machine": f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
                    f"Linux {platform.release()}, Python {platform.python_version()}",
         "original_stack": stack,
-        "load": f"{load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end",
+        "load": f"{load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end"
+                + (f" (at each round's start: {', '.join(f'{x:.2f}' for x in round_loads)})" if len(round_loads) > 1 else ""),
         "ours": f"`{ours_name}`" + (f" (sha256 {ours_digest}, copied at start)" if ours_digest else ""),
+        "fd_limit": fd_limit,
         "peers": peers_meta(exes),
     }
     report = build_report(results, notes, args, meta)

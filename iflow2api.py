@@ -1315,6 +1315,7 @@ class UsageStore:
 
     BATCH = 500
     PRUNE_EVERY_S = 600.0
+    WRITE_EVERY_S = 0.5  # rows wait this long at most: no thread switch per request
 
     def __init__(self, path: str, retention_days: float = 90.0, max_mb: float = 100.0, queue_size: int = 10000):
         self.path, self.retention_days, self.max_mb = path, retention_days, max_mb
@@ -1337,7 +1338,8 @@ class UsageStore:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._write_loop, name="iflow2api-usage", daemon=True)
                 self._thread.start()
-            self._wake.notify()
+            elif len(self._queue) in (1, self.BATCH):  # the first of a batch wakes the writer; a full one too
+                self._wake.notify()
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Write what is queued, then stop the writer."""
@@ -1354,8 +1356,8 @@ class UsageStore:
         db = None
         while True:
             with self._wake:
-                while not self._queue and not self._closing:
-                    self._wake.wait()
+                self._wake.wait_for(lambda: self._closing or self._queue)  # idle: asleep
+                self._wake.wait_for(lambda: self._closing or len(self._queue) >= self.BATCH, self.WRITE_EVERY_S)
                 rows = [self._queue.popleft() for _ in range(min(self.BATCH, len(self._queue)))]
                 closing = self._closing and not self._queue
             if rows:
@@ -7678,7 +7680,7 @@ class _ThreadingServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
     daemon_threads = True
     allow_reuse_address = True
-    request_queue_size = 256
+    request_queue_size = 2048  # the listen backlog: 1024 clients may connect at once (256 dropped SYNs)
 
     def __init__(self, address, handler_class, app: App, limits: Limits, watcher: DisconnectWatcher):
         self.app, self.limits, self.watcher = app, limits, watcher

@@ -514,7 +514,7 @@ CONFIG_HELP = {
     "providers": "providers besides iFlow (iflow2api providers add)",
     "default_provider": "provider for model names no other rule routes",
     "model_routes": "model name -> provider or provider/model (JSON object)",
-    "scenario_routes": "Claude Code's request kinds -> provider/model: background, think, long_context, image, default",
+    "scenario_routes": "request kinds (background, think, long_context, image, default) -> provider/model",
     "long_context_tokens": "prompt tokens (estimated) above which long_context routes",
     "fallbacks": "model or provider -> provider/model list tried when it fails before answering",
     "fallback_attempts": "upstream calls at most per request, fallbacks included",

@@ -367,11 +367,12 @@ def setup_original(home, port, fake, exe, wide=False):
 # allowed at once and 1024 client connections (plus the bench's own probes) must be accepted.
 OURS_CONFIG = {"concurrency": 512}
 OURS_WIDE_CONFIG = {"concurrency": 1024, "max_connections": 1100}
+OURS_EXTRA = {}  # --ours-config KEY=VALUE (e.g. usage_history=false, to measure what a feature costs)
 
 
 def setup_ours(home, port, fake, exe, wide=False):
     write_iflow_settings(home, fake)
-    write_json(home / ".iflow2api" / "config.json", OURS_WIDE_CONFIG if wide else OURS_CONFIG)
+    write_json(home / ".iflow2api" / "config.json", dict(OURS_WIDE_CONFIG if wide else OURS_CONFIG, **OURS_EXTRA))
     # no update check: nothing a bench starts may reach beyond 127.0.0.1
     env = {"IFLOW2API_HOME": str(home / ".iflow2api"), "IFLOW2API_NO_UPDATE_CHECK": "1"}
     return [sys.executable, str(exe), "--host", "127.0.0.1", "--port", str(port)], env
@@ -1117,6 +1118,8 @@ def main():
     p.add_argument("--ours", default="build",
                    help="path of our server, or 'build' (default): build dist-style iflow2api.pyz from "
                         "this checkout with build.py and measure that, the file users download")
+    p.add_argument("--ours-config", action="append", default=[], metavar="KEY=VALUE",
+                   help="one more key of our config.json (VALUE read as JSON, else text); repeatable")
     p.add_argument("--original-venv", default=str(BENCH / ".venv-original"),
                    help="venv with iflow2api 1.6.10 (created if missing)")
     p.add_argument("--litellm-venv", default=str(BENCH / ".venv-litellm"),
@@ -1126,6 +1129,12 @@ def main():
     p.add_argument("--out", default=str(BENCH / "results.md"), help="markdown output ('' = don't write)")
     p.add_argument("--update-readme", action="store_true", help="also replace the Results section of bench/README.md")
     args = p.parse_args()
+    for item in args.ours_config:
+        key, _, value = item.partition("=")
+        try:
+            OURS_EXTRA[key] = json.loads(value)
+        except ValueError:
+            OURS_EXTRA[key] = value
     q = args.quick
     args.rounds = args.rounds or (1 if q else 3)
     args.chunks = args.chunks or (300 if q else 2000)

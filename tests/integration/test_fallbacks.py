@@ -90,25 +90,47 @@ def test_a_timeout_and_a_dead_provider_fall_back_too(served, fake_upstream, back
     assert row[4] == "iflow/glm-5 > dead/d-1 > backup/b-1"
 
 
-@pytest.mark.parametrize("route", ["openai", "anthropic", "responses"])
-def test_a_stream_that_fails_before_its_first_byte_falls_back_on_every_route(served, fake_upstream, backup,
-                                                                           home, route):
-    server = served(fallbacks={"glm-5": ["backup/b-1"]})
-    fake_upstream.push(Reply(stream=text_stream(["never"]), drop_after=0))  # headers, then the connection ends
+def answer_text(server, route, stream):
+    """The text of one answer on a route, streamed or not, through the official SDKs."""
     if route == "openai":
-        text = "".join(c.choices[0].delta.content or "" for c in oa(server).chat.completions.create(
+        if not stream:
+            return oa(server).chat.completions.create(model="glm-5", messages=CHAT).choices[0].message.content
+        return "".join(c.choices[0].delta.content or "" for c in oa(server).chat.completions.create(
             model="glm-5", messages=CHAT, stream=True) if c.choices)
-    elif route == "anthropic":
-        with anthropic.Anthropic(base_url=server.url, api_key="x", max_retries=0).messages.stream(
-                model="glm-5", max_tokens=20, messages=CHAT) as stream:
-            text = stream.get_final_text()
-    else:
-        text = "".join(e.delta for e in oa(server).responses.create(model="glm-5", input="hi", stream=True)
-                       if e.type == "response.output_text.delta")
-    assert text == "from backup"
+    if route == "anthropic":
+        client = anthropic.Anthropic(base_url=server.url, api_key="x", max_retries=0)
+        if not stream:
+            return client.messages.create(model="glm-5", max_tokens=20, messages=CHAT).content[0].text
+        with client.messages.stream(model="glm-5", max_tokens=20, messages=CHAT) as events:
+            return events.get_final_text()
+    if not stream:
+        return oa(server).responses.create(model="glm-5", input="hi").output_text
+    return "".join(e.delta for e in oa(server).responses.create(model="glm-5", input="hi", stream=True)
+                   if e.type == "response.output_text.delta")
+
+
+FAILURES = {
+    "429": Reply(429, {"error": {"message": "slow down"}}, headers={"retry-after": "1"}),
+    "5xx": Reply(502, {"error": {"message": "bad gateway"}}),
+    "context-length": Reply(400, OVERFLOW),
+    "timeout": Reply(body={}, delay_s=2),  # silent past upstream_read_timeout_s
+    "dropped-before-first-byte": Reply(stream=text_stream(["never"]), drop_after=0),
+}
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
+@pytest.mark.parametrize("route", ["openai", "anthropic", "responses"])
+@pytest.mark.parametrize("failure", sorted(FAILURES))
+def test_every_failure_kind_falls_back_on_every_route(served, fake_upstream, backup, home, failure, route,
+                                                      stream):
+    if failure == "dropped-before-first-byte" and route == "openai" and not stream:
+        pytest.skip("a whole OpenAI answer is not streamed upstream: there is no first byte to miss")
+    server = served(upstream_read_timeout_s=0.5)
+    fake_upstream.push(FAILURES[failure])
+    assert answer_text(server, route, stream) == "from backup"
     assert [json.loads(r.body)["model"] for r in backup.chat_requests()] == ["b-1"]
     (row,) = usage_rows(home, 1)
-    assert row[2] == "b-1" and row[4] == "iflow/glm-5 > backup/b-1"
+    assert row[1:3] == ("backup", "b-1") and row[4] == "iflow/glm-5 > backup/b-1"
 
 
 def test_anthropic_and_responses_fall_back_without_streaming(served, fake_upstream, backup, home):

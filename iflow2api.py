@@ -89,7 +89,8 @@ _ONE_SHOT_ARGS = {"version", "models", "config", "login", "logout", "accounts", 
                   "usage", "-h", "--help", "--version"}
 
 if __name__ == "__main__" and __spec__ is None and os.name == "posix" and sys.executable \
-        and not _ONE_SHOT_ARGS.intersection(sys.argv[1:]):  # pragma: no cover
+        and sys.gettrace() is None and not _ONE_SHOT_ARGS.intersection(sys.argv[1:]):  # pragma: no cover
+    # (not under a debugger or a coverage tool: the restart would leave them behind)
     _restart_as_import()
 
 # Optional packages: each imported here only, bound to None when missing.
@@ -1048,7 +1049,7 @@ class Config:
         self.file_data = data
         self._resolve()
         if from_file and self._name_unnamed_entries():
-            self.save()
+            self._save_names()
 
     def _read_file(self) -> dict:
         data, problem = read_json_file(self.path)
@@ -1099,8 +1100,15 @@ class Config:
             self.file_data = self._read_file()
             self._resolve()
             if self._name_unnamed_entries():
-                self.save()
+                self._save_names()
             return True
+
+    def _save_names(self) -> None:
+        """Keep the ids just given (a read-only file keeps working with them in memory)."""
+        try:
+            self.save()
+        except OSError as exc:
+            self.warnings.append("%s: the ids given could not be saved (%s)" % (self.path, exc))
 
     def _name_unnamed_entries(self) -> bool:
         """Give hand-written `accounts` entries an id and `instances` entries a name (both

@@ -475,3 +475,17 @@ def test_concurrency_limiter_can_grow_and_shrink_while_requests_wait():
     got[0]()
     assert limiter.in_flight == 0 and limiter.rejected == 1
     limiter.acquire()()  # room again
+
+
+def test_ids_given_to_a_config_that_cannot_be_written_stay_in_memory(tmp_path, monkeypatch):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"accounts": [{"api_key": "sk-hand-written-0123456789"}]}))
+
+    def refuse(*_args):
+        raise PermissionError("read-only file system")
+    monkeypatch.setattr(I, "write_json_atomic", refuse)
+    config = I.Config(path=str(path), env={})
+    (entry,) = config["accounts"]
+    assert entry["id"].startswith("acct-")  # usable now, saved the next time the file can be written
+    assert any("could not be saved" in w and "read-only" in w for w in config.warnings)
+    assert "acct-" not in path.read_text()

@@ -42,6 +42,13 @@ def chunk(delta=None, finish_reason=None, usage=None, model="glm-5"):
     return body
 
 
+def compact_text_chunk(text, finish_reason=None) -> bytes:
+    """A text chunk's data as compact JSON, the form the text fast path reads; odd lengths
+    escape non-ASCII (\\u00e9) and even ones do not, so both spellings get covered."""
+    return json.dumps(chunk({"content": text}, finish_reason), separators=(",", ":"),
+                      ensure_ascii=len(text) % 2 == 0).encode()
+
+
 def text_stream(pieces=("Hel", "lo", " world"), reasoning=(), usage=(12, 3), done=True):
     """Chunks of a streamed answer: reasoning pieces, text pieces, finish, usage, [DONE]."""
     chunks = [chunk({"role": "assistant", "content": ""})]

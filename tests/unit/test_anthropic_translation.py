@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import iflow2api as T
+from fakes import compact_text_chunk
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -1723,17 +1724,11 @@ def _translated(chunks, fast: bool) -> list:
     return _sse_events(raw), stream.usage_for_log()
 
 
-def _text_chunk(text, **extra):
-    choice = dict({"index": 0, "delta": {"content": text}, "finish_reason": None}, **extra)
-    return json.dumps({"id": "c", "choices": [choice]}, separators=(",", ":"),
-                      ensure_ascii=len(text) % 2 == 0).encode()  # both escapings
-
-
 @settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.text(min_size=0, max_size=12), min_size=1, max_size=8))
 def test_the_fast_path_gives_the_events_the_state_machine_gives(texts):
-    chunks = [_text_chunk(t) for t in texts]
-    chunks.append(_text_chunk("", finish_reason="stop"))
+    chunks = [compact_text_chunk(t) for t in texts]
+    chunks.append(compact_text_chunk("", "stop"))
     assert _translated(chunks, fast=True) == _translated(chunks, fast=False)
 
 
@@ -1750,5 +1745,5 @@ def test_the_fast_path_gives_the_events_the_state_machine_gives(texts):
 ])
 def test_chunks_that_do_more_than_add_text_take_the_full_path(chunk):
     assert T.plain_text_literal(chunk) is None
-    opening = [_text_chunk("Hello")]
+    opening = [compact_text_chunk("Hello")]
     assert _translated(opening + [chunk], fast=True) == _translated(opening + [chunk], fast=False)

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import iflow2api
 import iflow2api as R
+from fakes import compact_text_chunk
 
 try:
     import pydantic
@@ -1157,14 +1158,8 @@ def _translated(chunks, fast: bool):
     return [(name, json.loads(data)) for name, data in R.SSEParser().feed(raw)], stream.result
 
 
-def _text_chunk(text, **extra):
-    choice = dict({"index": 0, "delta": {"content": text}, "finish_reason": None}, **extra)
-    return json.dumps({"id": "c", "choices": [choice]}, separators=(",", ":"),
-                      ensure_ascii=len(text) % 2 == 0).encode()  # both escapings
-
-
 @settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.text(min_size=0, max_size=12), min_size=1, max_size=8))
 def test_the_fast_path_gives_the_events_and_response_the_state_machine_gives(texts):
-    chunks = [_text_chunk(t) for t in texts] + [_text_chunk("", finish_reason="stop")]
+    chunks = [compact_text_chunk(t) for t in texts] + [compact_text_chunk("", "stop")]
     assert _translated(chunks, fast=True) == _translated(chunks, fast=False)

@@ -230,10 +230,15 @@ def memory_mb(pid, key):
 
 
 def threads_and_fds(pid):
-    """(threads, open fds) summed over the process tree: `Threads:` of /proc/<pid>/status and
-    the entries of /proc/<pid>/fd."""
+    """(threads, open fds) summed over the process tree."""
+    return threads_and_fds_of(process_tree(pid))
+
+
+def threads_and_fds_of(pids):
+    """(threads, open fds) summed over pids: `Threads:` of /proc/<pid>/status and the entries
+    of /proc/<pid>/fd (a process that ended counts 0)."""
     threads = fds = 0
-    for p in process_tree(pid):
+    for p in pids:
         try:
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
                 if line.startswith("Threads:"):
@@ -271,15 +276,7 @@ class PeakSampler:
 
     def _run(self):
         while not self.done.wait(self.every):
-            threads = fds = 0
-            for p in self.pids:
-                try:
-                    for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                        if line.startswith("Threads:"):
-                            threads += int(line.split()[1])
-                    fds += len(os.listdir(f"/proc/{p}/fd"))
-                except OSError:
-                    continue
+            threads, fds = threads_and_fds_of(self.pids)
             self.threads, self.fds = max(self.threads, threads), max(self.fds, fds)
 
     def stop(self):

@@ -157,6 +157,16 @@ def open_tab(page, name):
     expect(page.locator("[data-panel=%s]" % name)).to_be_visible()
 
 
+def signed_in_page(server, pages, tab=None):
+    """A new page signed in to the admin of a server without a password yet (set here), on tab."""
+    set_password(server.url)
+    page = pages.new()
+    sign_in(page, server.url)
+    if tab:
+        open_tab(page, tab)
+    return page
+
+
 def send_and_watch_it_stream(page):
     """Send the playground form: text shows while the answer still streams, then it ends."""
     page.click("#pg-send")
@@ -253,9 +263,7 @@ def test_login_after_logout(server, pages):
 
 def test_dashboard_numbers_change_after_api_calls(server, fake_upstream, caplog, pages):
     caplog.set_level("INFO", logger="iflow2api")  # as `iflow2api serve` does: the live log shows requests
-    set_password(server.url)
-    page = pages.new()
-    sign_in(page, server.url)
+    page = signed_in_page(server, pages)
     requests = page.locator("[data-stat=requests]")
     expect(requests).to_have_attribute("data-value", "0")
     expect(page.locator("#log-state")).to_have_attribute("data-state", "live")
@@ -277,10 +285,7 @@ def test_dashboard_numbers_change_after_api_calls(server, fake_upstream, caplog,
 
 
 def test_start_and_stop_an_instance(server, pages):
-    set_password(server.url)
-    page = pages.new()
-    sign_in(page, server.url)
-    open_tab(page, "instances")
+    page = signed_in_page(server, pages, "instances")
     expect(page.locator("tr[data-instance=default]")).to_have_attribute("data-running", "true")
 
     port = free_port()
@@ -345,10 +350,7 @@ def test_config_change_persists_across_restart(start_service, fake_upstream, hom
 
 def test_playground_streams_an_answer_from_the_fake_upstream(server, fake_upstream, pages):
     fake_upstream.push(Reply(stream=text_stream(["Streamed ", "from ", "the fake upstream."]), piece_delay_s=0.25))
-    set_password(server.url)
-    page = pages.new()
-    sign_in(page, server.url)
-    open_tab(page, "playground")
+    page = signed_in_page(server, pages, "playground")
     expect(page.locator("#pg-model option[value='glm-5']")).to_have_count(1)
     page.select_option("#pg-model", "glm-5")
     page.fill("#pg-prompt", "Say something streamed")
@@ -370,10 +372,7 @@ def test_playground_streams_an_answer_from_the_fake_upstream(server, fake_upstre
 def test_playground_can_use_the_responses_api(server, fake_upstream, pages):
     fake_upstream.push(Reply(stream=text_stream(["Answered ", "through ", "Responses."], reasoning=["Thinking it over."]),
                              piece_delay_s=0.2))
-    set_password(server.url)
-    page = pages.new()
-    sign_in(page, server.url)
-    open_tab(page, "playground")
+    page = signed_in_page(server, pages, "playground")
     expect(page.locator("#pg-api")).to_have_value("chat")
     expect(page.locator("#pg-model option[value='glm-5']")).to_have_count(1)
     page.select_option("#pg-model", "glm-5")
@@ -438,9 +437,7 @@ def test_playground_can_use_the_responses_api(server, fake_upstream, pages):
 
 
 def test_language_switch_to_chinese(server, pages):
-    set_password(server.url)
-    page = pages.new()
-    sign_in(page, server.url)
+    page = signed_in_page(server, pages)
     html = page.locator("html")
     expect(html).to_have_attribute("lang", "en")
     expect(page.locator("[data-tab=dashboard]")).to_have_text("Dashboard")
@@ -657,10 +654,7 @@ def rows_of(page, selector):
 def test_an_upstream_401_in_the_playground_is_shown_and_only_the_session_end_signs_out(server, fake_upstream, pages):
     fake_upstream.push(Reply(401, {"error": {"message": "Invalid API key (from the fake upstream)",
                                              "type": "invalid_request_error"}}))
-    set_password(server.url)
-    page = pages.new()
-    sign_in(page, server.url)
-    open_tab(page, "playground")
+    page = signed_in_page(server, pages, "playground")
     expect(page.locator("#pg-model option[value='glm-5']")).to_have_count(1)
     page.fill("#pg-prompt", "hello")
     page.click("#pg-send")
@@ -682,10 +676,7 @@ def test_an_upstream_401_in_the_playground_is_shown_and_only_the_session_end_sig
 
 
 def test_the_instance_serving_the_page_asks_before_it_stops_and_says_how_to_come_back(server, pages):
-    set_password(server.url)
-    page = pages.new()
-    sign_in(page, server.url)
-    open_tab(page, "instances")
+    page = signed_in_page(server, pages, "instances")
     home_row = page.locator("tr[data-instance=default]")
     expect(home_row).to_have_attribute("data-this-page", "true")
     expect(home_row.locator("[data-col=name] .badge")).to_have_text("this page")
@@ -779,9 +770,7 @@ def test_without_credentials_every_tab_says_so_and_the_status_is_amber(start_ser
 
 
 def test_dashboard_cards_top_bar_and_tables_fit_every_width(server, pages):
-    set_password(server.url)
-    page = pages.new()
-    sign_in(page, server.url)
+    page = signed_in_page(server, pages)
     expect(page.locator("[data-stat=status]")).to_have_attribute("data-value", "running")
     expect(page.locator("#credentials-banner")).to_be_hidden()
 
@@ -820,10 +809,7 @@ def test_dashboard_cards_top_bar_and_tables_fit_every_width(server, pages):
 
 
 def test_creating_the_first_client_key_warns_about_local_clients(server, pages):
-    set_password(server.url)
-    page = pages.new()
-    sign_in(page, server.url)
-    open_tab(page, "keys")
+    page = signed_in_page(server, pages, "keys")
     expect(page.locator("#keys-table tr.empty")).to_be_visible()
     page.click("#key-create")
     dialog = page.locator("#confirm-dialog")
@@ -858,10 +844,7 @@ def test_creating_the_first_client_key_warns_about_local_clients(server, pages):
 
 
 def test_providers_presets_add_and_everything_translated(server, pages):
-    set_password(server.url)
-    page = pages.new()
-    sign_in(page, server.url)
-    open_tab(page, "providers")
+    page = signed_in_page(server, pages, "providers")
     deepseek = page.locator("tr[data-provider=deepseek]")
     expect(deepseek.locator("[data-action=add]")).to_be_visible()
     expect(page.locator("tr[data-provider=iflow] [data-action=add]")).to_be_hidden()
@@ -907,10 +890,7 @@ def test_providers_presets_add_and_everything_translated(server, pages):
 def test_adding_an_account_key_checks_it_with_the_provider(server, fake_upstream, pages):
     refused = "sk-refused-0123456789abcdefghijkl"
     fake_upstream.refused_keys.add(refused)
-    set_password(server.url)
-    page = pages.new()
-    sign_in(page, server.url)
-    open_tab(page, "accounts")
+    page = signed_in_page(server, pages, "accounts")
     page.check("#account-add-extra")
     page.fill("#account-key", refused)
     page.click("#account-add")
@@ -962,10 +942,7 @@ def test_the_playground_preselects_the_configured_default_model(start_server, fa
 
 
 def test_config_page_groups_typed_controls_hints_and_field_errors(server, pages):
-    set_password(server.url)
-    page = pages.new()
-    sign_in(page, server.url)
-    open_tab(page, "config")
+    page = signed_in_page(server, pages, "config")
     form = page.locator("#config-form")
     groups = form.locator("details.config-group")
     expect(groups).to_have_count(6)

@@ -1483,6 +1483,16 @@ def since_time(text: str, now: float) -> float:
         raise ConfigError("--since %s: expected 7d, 24h, 30m or a date such as 2026-11-01" % _shown(text)) from None
 
 
+def usage_db_path(config_path: str) -> str:
+    """Where the usage history lives: usage.db beside the config file."""
+    return os.path.join(os.path.dirname(os.path.abspath(config_path)), "usage.db")
+
+
+def start_of_day(now: float) -> float:
+    """The unix time of local midnight before now (the usage history's and quotas' day)."""
+    return since_time(time.strftime("%Y-%m-%d", time.localtime(now)), now)
+
+
 USAGE_GROUPS = {"model": "COALESCE(model_used, model_asked, '-')", "provider": "COALESCE(provider, '-')",
                 "account": "COALESCE(account, '-')", "key": "COALESCE(client_key, '-')",
                 "day": "date(at, 'unixepoch', 'localtime')"}
@@ -6605,7 +6615,7 @@ class DailyQuota:
         if day != self._day:
             self._day, self._used = day, {}
             if self.usage is not None:
-                start = time.mktime(time.strptime(day, "%Y-%m-%d"))
+                start = start_of_day(self.clock())
                 try:
                     self._used = {row["key"]: row["input_tokens"] + row["output_tokens"]
                                   for row in self.usage.query(start, "key")}
@@ -9511,7 +9521,7 @@ class Service:
         self.route_sets = []
         self._watch_stop = threading.Event()
         self._watcher = None
-        self.usage = UsageStore(os.path.join(os.path.dirname(os.path.abspath(self.config.path)), "usage.db"),
+        self.usage = UsageStore(usage_db_path(self.config.path),
                                 self.config["usage_retention_days"], self.config["usage_max_mb"]) \
             if self.config["usage_history"] else None
         self.quota = DailyQuota(self.config, self.usage)  # one count per key over every instance
@@ -9588,8 +9598,7 @@ class Service:
 
     def usage_today(self) -> dict:
         """Today's totals (local time) for the desktop app: requests, errors, tokens."""
-        start = time.mktime(time.localtime()[:3] + (0, 0, 0, 0, 0, -1))
-        days = self.usage_report(start)["days"]
+        days = self.usage_report(start_of_day(time.time()))["days"]
         return {column: sum(day[column] for day in days)
                 for column in ("requests", "errors", "input_tokens", "output_tokens")}
 
@@ -10924,7 +10933,7 @@ USAGE_COLUMNS = ("requests", "errors", "input_tokens", "output_tokens", "reasoni
 
 def _cmd_usage(config: Config, args) -> int:
     since = since_time(args.since, time.time())
-    store = UsageStore(os.path.join(os.path.dirname(os.path.abspath(config.path)), "usage.db"))
+    store = UsageStore(usage_db_path(config.path))
     rows = store.query(since, args.by)
     if args.csv:
         import csv

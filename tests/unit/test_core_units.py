@@ -4,8 +4,10 @@ import hmac
 import json
 import logging
 import os
+import socket
 import stat
 import threading
+import time
 
 import pytest
 from hypothesis import given, strategies as st
@@ -501,3 +503,21 @@ def test_ids_given_to_a_config_that_cannot_be_written_stay_in_memory(tmp_path, m
     assert entry["id"].startswith("acct-")  # usable now, saved the next time the file can be written
     assert any("could not be saved" in w and "read-only" in w for w in config.warnings)
     assert "acct-" not in path.read_text()
+
+
+# -- socket timeouts -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("timeout_s", [0.05, 1e-9])
+def test_a_timed_read_times_out_however_short_the_timeout(timeout_s):
+    """On Linux the kernel times plain sockets (SO_RCVTIMEO), where zero would mean never."""
+    a, b = socket.socketpair()
+    with a, b:
+        I.set_timeout(a, timeout_s)
+        started = time.monotonic()
+        with pytest.raises(socket.timeout):
+            I.recv_timed(a)
+        assert time.monotonic() - started < 2
+        b.sendall(b"x")
+        assert I.recv_timed(a) == b"x"
+        if I.KERNEL_TIMEOUTS:
+            assert a.gettimeout() is None  # blocking mode, timed by the kernel: no poll per read

@@ -436,6 +436,11 @@ class Server:
         self.health_url = self.url + HEALTH_PATHS.get(name, "/health")
         cmd, extra_env = SETUPS[name](self.home, self.port, fake, exe, wide)
         env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+        # As on a user's machine, where Python caches a module's bytecode on its first import:
+        # a sandbox that sets PYTHONDONTWRITEBYTECODE makes our one-file server compile itself
+        # twice per start (script, then its re-exec as an import), while pip-installed subjects
+        # have their caches from the install.
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
         env.update(HOME=str(self.home), NO_PROXY="*", **extra_env)
         self.log_path = self.home / "server.log"
         self.log_file = open(self.log_path, "wb")

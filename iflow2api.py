@@ -4987,7 +4987,7 @@ class EventSplitter:
 def _last_event_end(buf, start: int) -> int:
     """The end of the last blank line (\n\n or \n\r\n) at or after start, or -1."""
     i = buf.rfind(b"\n\n", start)
-    j = buf.rfind(b"\n\r\n", start)
+    j = buf.rfind(b"\n\r\n", i if i > start else start)  # from i on: a stream without \r is scanned once
     return max(i + 2 if i != -1 else -1, j + 3 if j != -1 else -1)
 
 

@@ -31,38 +31,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-import argparse
-import gc
-import getpass
-import base64
-import collections
-import contextlib
-import datetime
-import difflib
-import hashlib
-import hmac
-import shutil
-import http.client
-import ipaddress
-import json
-import logging
-import math
 import os
-import random
-import re
-import selectors
-import signal
-import socket
-import socketserver
-import ssl
-import struct
-import subprocess
 import sys
-import threading
-import time
-import urllib.parse
-import uuid
-from http.server import BaseHTTPRequestHandler
 
 
 def _restart_as_import() -> None:
@@ -89,10 +59,43 @@ def _restart_as_import() -> None:
 _ONE_SHOT_ARGS = {"version", "models", "config", "login", "logout", "accounts", "providers", "admin-password",
                   "usage", "-h", "--help", "--version"}
 
+# Before the other imports, which the restarted process does anyway (25 ms of start-up).
 if __name__ == "__main__" and __spec__ is None and os.name == "posix" and sys.executable \
         and sys.gettrace() is None and not _ONE_SHOT_ARGS.intersection(sys.argv[1:]):  # pragma: no cover
     # (not under a debugger or a coverage tool: the restart would leave them behind)
     _restart_as_import()
+
+import argparse
+import gc
+import getpass
+import base64
+import collections
+import contextlib
+import datetime
+import difflib
+import hashlib
+import hmac
+import shutil
+import http.client
+import ipaddress
+import json
+import logging
+import math
+import random
+import re
+import selectors
+import signal
+import socket
+import socketserver
+import ssl
+import struct
+import subprocess
+import threading
+import time
+import urllib.parse
+import uuid
+from http.server import BaseHTTPRequestHandler
+
 
 # Optional packages: each imported here only, bound to None when missing.
 try:

@@ -257,3 +257,13 @@ def test_a_client_keys_daily_token_quota(start_service, fake_upstream, home):
     url = again.instances["default"].url
     with pytest.raises(openai.RateLimitError):
         ask(limited)
+
+
+def test_a_report_on_a_file_the_writer_has_not_set_up_yet_is_empty(tmp_path):
+    """The writer makes the file first and its table a moment later: a report in between
+    (the admin's dashboard polling) is empty, not an error."""
+    import sqlite3
+    path = tmp_path / "usage.db"
+    sqlite3.connect(str(path)).close()  # the file, no table
+    store = I.UsageStore(str(path))
+    assert store.report(0, ("model", "day")) == {"model": [], "day": []}

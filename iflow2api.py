@@ -5802,7 +5802,7 @@ class ConnectionPool:
                 if not reused:
                     raise UpstreamError(502, "api_error", "upstream closed the connection: %s" % exc) from None
                 reused, conn = False, None  # stale keep-alive connection: try once on a new one
-            except socket.timeout:
+            except (socket.timeout, BlockingIOError):  # BlockingIOError: the kernel's send timeout
                 conn.close()
                 raise UpstreamTimeoutError("upstream timed out (%s%s)" % (parts.hostname, self._via())) from None
             except (OSError, http.client.HTTPException) as exc:

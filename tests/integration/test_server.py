@@ -77,6 +77,52 @@ def test_keep_alive_serves_several_requests_on_one_connection(server, fake_upstr
     sock.close()
 
 
+def _length_delimited_answers(sock, count):
+    """The status and body of `count` answers read off one connection (Content-Length framing)."""
+    buf, answers = b"", []
+    while len(answers) < count:
+        head_end = buf.find(b"\r\n\r\n")
+        length = None
+        if head_end >= 0:
+            head = buf[:head_end].decode("latin-1").lower()
+            length = int(head.split("content-length:")[1].split("\r\n")[0])
+        if length is not None and len(buf) >= head_end + 4 + length:
+            answers.append((int(buf.split(b" ", 2)[1]), buf[head_end + 4:head_end + 4 + length]))
+            buf = buf[head_end + 4 + length:]
+            continue
+        piece = sock.recv(65536)
+        assert piece, "closed after %d answers" % len(answers)
+        buf += piece
+    return answers
+
+
+def test_pipelined_requests_are_answered_in_order(server, fake_upstream):
+    """Three requests in one write: the later ones wait in the adapter's buffer, whole."""
+    sock = connect(server)
+    chat = raw_request("POST", "/v1/chat/completions", CHAT, [("Content-Type", "application/json")])
+    sock.sendall(raw_request("GET", "/health") + chat + raw_request("GET", "/v1/models"))
+    (health, _), (completion, body), (models, listing) = _length_delimited_answers(sock, 3)
+    assert (health, completion, models) == (200, 200, 200)
+    assert json.loads(body)["choices"][0]["message"]["content"] == "Hello world"
+    assert json.loads(listing)["object"] == "list"
+    sock.close()
+
+
+def test_a_head_trickled_in_small_pieces_within_its_time_is_served(server, fake_upstream):
+    sock = connect(server)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    request = raw_request("POST", "/v1/chat/completions", CHAT, [("Content-Type", "application/json")])
+    head_end = request.index(b"\r\n\r\n") + 4
+    for i in range(0, head_end, 7):  # a head in pieces of 7 bytes, each its own segment
+        sock.sendall(request[i:min(i + 7, head_end)])
+        time.sleep(0.005)
+    time.sleep(0.1)
+    sock.sendall(request[head_end:])  # and the body a while later, as HTTP clients often send it
+    status, _headers, body = read_response(sock)
+    assert status == 200 and json.loads(body)["choices"][0]["message"]["content"] == "Hello world"
+    sock.close()
+
+
 def test_stream_is_chunked_on_http11_and_close_delimited_on_http10(server, fake_upstream):
     body = json.dumps({"model": "glm-5", "stream": True, "messages": [{"role": "user", "content": "x"}]})
     for version, framing in (("HTTP/1.1", "chunked"), ("HTTP/1.0", None)):

@@ -534,3 +534,48 @@ def test_the_cheap_tests_before_the_secret_patterns_change_nothing(text):
         slow = pattern.sub(replacement, slow)
     with mock.patch.object(I, "_known_secrets", set()):  # what other tests registered
         assert I.redact(text) == slow
+
+
+# -- the disconnect watcher ----------------------------------------------------------------
+
+@pytest.fixture
+def watcher():
+    w = I.DisconnectWatcher()
+    w.TICK_S, w.QUIET_TICKS = 0.02, 3  # its thread reads both each round
+    yield w
+    w.close()
+
+
+def test_the_watcher_calls_back_when_a_watched_client_closes(watcher):
+    client, peer = socket.socketpair()
+    with client, peer:
+        gone = threading.Event()
+        watcher.watch(client, gone.set)
+        time.sleep(0.1)  # taken up at a tick
+        peer.close()
+        assert gone.wait(2)
+
+
+def test_a_sleeping_watcher_wakes_for_a_new_watch(watcher):
+    assert wait_until(lambda: watcher._asleep, 2), "the watcher never went to sleep while idle"
+    client, peer = socket.socketpair()
+    with client, peer:
+        gone = threading.Event()
+        watcher.watch(client, gone.set)
+        assert not watcher._asleep
+        peer.close()
+        assert gone.wait(2)
+
+
+def test_an_ended_watch_never_calls_back_and_data_is_not_a_disconnect(watcher):
+    ended, ended_peer = socket.socketpair()
+    talking, talking_peer = socket.socketpair()
+    with ended, ended_peer, talking, talking_peer:
+        calls = []
+        watcher.watch(ended, lambda: calls.append("ended"))()  # cancelled at once
+        watcher.watch(talking, lambda: calls.append("talking"))
+        time.sleep(0.1)
+        ended_peer.close()
+        talking_peer.sendall(b"the next request")  # readable, but not gone
+        time.sleep(0.3)
+        assert calls == []

@@ -136,7 +136,12 @@ MIB = 1024 * 1024
 
 log = logging.getLogger("iflow2api")
 
-# (pattern, replacement, a pattern the lowercased text must hold for the first to match):
+# Ids that must be unique but need not be secret (request and conversation ids): drawn from a
+# generator of our own, seeded from os.urandom once, as os.urandom per id is a system call that
+# releases the GIL, and the random module's shared one may be seeded by an embedding app.
+_IDS = random.Random()
+
+# (pattern, replacement, a pattern the case-folded text must hold for the first to match):
 # the cheap test comes first, as the three patterns on every log line took 8 us, a third of
 # the cost of an access log line.
 _SECRET_PATTERNS = [
@@ -214,9 +219,9 @@ def redact(text: str) -> str:
     for secret in secrets_now:
         if secret in text:
             text = text.replace(secret, "***")
-    lowered = text.lower()
+    folded = text.casefold()  # as (?i) matches: "ſ" is an "s" to it, and casefold() knows, lower() not
     for pattern, replacement, needed in _SECRET_PATTERNS:
-        if needed.search(lowered):
+        if needed.search(folded):
             text = pattern.sub(replacement, text)
     return text
 
@@ -4999,24 +5004,40 @@ def _last_event_end(buf, start: int) -> int:
 def last_usage_in_stream(tail: bytes):
     """The `usage` object of the last chunk in the tail of an SSE stream that has one.
 
-    Looked for from the end, a line at a time (a chunk's JSON is one data line): parsing
-    the whole tail (the last three reads, up to 192 KiB) took 0.9 ms per stream, a quarter
-    of the CPU of a 2000-chunk stream; this takes about 5 us."""
+    Looked for from the end, a line at a time (a chunk's JSON is one data line): parsing the
+    whole tail (the last three reads, up to 192 KiB) took 0.9 ms per stream, a quarter of the
+    CPU of a 2000-chunk stream; this takes about 5 us. The whole tail is still parsed when the
+    lines do not settle it (a chunk's data over several lines, or many "usage": null)."""
     end = len(tail)
     for _ in range(USAGE_LOOK_BACK_LINES):
         at = tail.rfind(b'"usage"', 0, end)
         if at < 0:
             return None
         start, stop = tail.rfind(b"\n", 0, at) + 1, tail.find(b"\n", at)
-        for _event, data in SSEParser().feed(tail[start:stop if stop >= 0 else len(tail)] + b"\n\n"):
-            try:
-                found = json.loads(data).get("usage") if '"usage"' in data else None
-            except (ValueError, AttributeError):
-                found = None
-            if isinstance(found, dict):
-                return found
+        found, unparsed = _usage_objects(tail[start:stop if stop >= 0 else len(tail)])
+        if found:
+            return found[-1]
+        if unparsed:
+            break
         end = start
-    return None
+    found, _unparsed = _usage_objects(tail[tail.find(b"data:"):] if b"data:" in tail else b"")
+    return found[-1] if found else None
+
+
+def _usage_objects(sse: bytes) -> tuple:
+    """([the usage objects of the events in sse, in order], whether data naming "usage" did not parse)."""
+    found, unparsed = [], False
+    for _event, data in SSEParser().feed(sse + b"\n\n"):
+        if '"usage"' not in data:
+            continue
+        try:
+            usage = json.loads(data).get("usage")
+        except (ValueError, AttributeError):
+            unparsed = True
+            continue
+        if isinstance(usage, dict):
+            found.append(usage)
+    return found, unparsed
 
 
 USAGE_LOOK_BACK_LINES = 64  # some providers send "usage": null in every chunk but the last
@@ -5434,6 +5455,44 @@ def recv_timed(sock, size: int = 65536) -> bytes:
         raise socket.timeout("timed out") from None
 
 
+def send_all(sock, data: bytes) -> None:
+    """sock.sendall(data) within the socket's timeout for the whole of data, as Python's own
+    timeout does. The kernel's SO_SNDTIMEO counts per send() call, and each call that moves a
+    byte starts it again: a client reading a byte now and then would hold a write forever."""
+    if sock.gettimeout() is not None:  # Python's timeout: sendall() keeps a deadline itself
+        sock.sendall(data)
+        return
+    started = time.monotonic()
+    sent = _send_some(sock, data)
+    if sent == len(data):  # the usual case: one call
+        return
+    timeout_s = _seconds(sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, 16))
+    view = memoryview(data)
+    try:
+        while sent < len(data):
+            if timeout_s:
+                remaining = timeout_s - (time.monotonic() - started)
+                if remaining <= 0:
+                    raise socket.timeout("timed out")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(remaining))
+            sent += _send_some(sock, view[sent:])
+    finally:
+        if timeout_s:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(timeout_s))
+
+
+def _send_some(sock, data) -> int:
+    try:
+        return sock.send(data)
+    except BlockingIOError:  # EAGAIN: SO_SNDTIMEO passed without room for a byte
+        raise socket.timeout("timed out") from None
+
+
+def _seconds(timeval: bytes) -> float:
+    seconds, micros = struct.unpack("ll", timeval)
+    return seconds + micros / 1e6
+
+
 def _tune_socket(sock, read_timeout_s):
     # Without TCP_NODELAY, Nagle + delayed ACK adds ~40 ms to small SSE writes.
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -5795,7 +5854,7 @@ class ConnectionPool:
             try:
                 if conn.sock is None:
                     conn.connect()  # http.client's: TCP, the proxy tunnel, TLS
-                conn.sock.sendall(head + body if body else head)
+                send_all(conn.sock, head + body if body else head)
                 return self._answer(key, conn, method)
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
                 conn.close()
@@ -5855,7 +5914,7 @@ class IFlowProvider:
             "User-Agent": IFLOW_USER_AGENT,
             "session-id": self.session_id,
             # as uuid4() gives, without its system call (os.urandom releases the GIL)
-            "conversation-id": str(uuid.UUID(int=random.getrandbits(128), version=4)),
+            "conversation-id": str(uuid.UUID(int=_IDS.getrandbits(128), version=4)),
             "x-iflow-timestamp": str(timestamp_ms),
             "x-iflow-signature": iflow_signature(api_key, self.session_id, timestamp_ms),
         }
@@ -7322,8 +7381,7 @@ class Request:
         self.sock = sock
         self.params = {}
         self.dialect = "openai"
-        # Not a secret, only unique: os.urandom() would be a system call releasing the GIL.
-        self.id = "req_%024x" % random.getrandbits(96)
+        self.id = "req_%024x" % _IDS.getrandbits(96)
         self.log = {}  # model, tokens, ... for the access log line
         self.abort_callbacks = []  # abort(reason) of the upstream calls serving it (a stopping server)
         self._watcher = watcher
@@ -7799,9 +7857,9 @@ def send_response(sock, framer, resp: Response, head_only: bool = False) -> bool
             body = resp.body or b""
             head = framer.head(resp.status, headers + [("content-length", str(len(body)))])
             if head_only or not body:
-                sock.sendall(head + framer.end())
+                send_all(sock, head + framer.end())
             else:
-                sock.sendall(head + framer.data(body) + framer.end())
+                send_all(sock, head + framer.data(body) + framer.end())
             return True
         pieces = iter(resp.stream)
         first = b""
@@ -7809,11 +7867,11 @@ def send_response(sock, framer, resp: Response, head_only: bool = False) -> bool
             if first:
                 break
         resp.first_byte_at = time.monotonic()
-        sock.sendall(framer.head(resp.status, headers) + (framer.data(first) if first else b""))
+        send_all(sock, framer.head(resp.status, headers) + (framer.data(first) if first else b""))
         for piece in pieces:
             if piece:
-                sock.sendall(framer.data(piece))
-        sock.sendall(framer.end())
+                send_all(sock, framer.data(piece))
+        send_all(sock, framer.end())
         return True
     except OSError:
         return False  # the client went away; close() below frees the upstream
@@ -8026,7 +8084,7 @@ class _SendAll:
         self._sock = sock
 
     def write(self, data: bytes) -> int:
-        self._sock.sendall(data)
+        send_all(self._sock, data)
         return len(data)
 
     def flush(self) -> None:
@@ -8161,7 +8219,7 @@ class _H11Handler(socketserver.BaseRequestHandler):
             event = conn.next_event()
             if event is h11.NEED_DATA:
                 if head is not None and conn.they_are_waiting_for_100_continue:
-                    sock.sendall(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+                    send_all(sock, conn.send(h11.InformationalResponse(status_code=100, headers=[])))
                 if not got_bytes:
                     timeout_s = limits.idle_timeout_s
                 elif head is None:

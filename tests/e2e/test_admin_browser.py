@@ -1207,8 +1207,13 @@ def test_dashboard_usage_history_charts(start_service, fake_upstream, home, page
             "Requests per day" if lang == "en" else "每日请求数")
         expect(page.locator("#usage-total")).to_contain_text("Requests: 8" if lang == "en" else "请求：8")
         expect(glm.locator("text.value")).to_contain_text("7 req" if lang == "en" else "7 次")
-        # the charts are drawn at the width they have (the text keeps its size) and stay inside the page
+        # the charts are drawn at the width they have (the text keeps its size) and stay inside the page;
+        # after a resize they are drawn again on the next animation frame: wait for that first
+        page.wait_for_function("() => { const c = document.querySelector('#usage-charts');"
+                               " return c.offsetWidth > 0 && c.dataset.width === String(c.offsetWidth); }",
+                               timeout=WAIT_MS)
         for chart in page.locator("#usage-charts svg.chart-svg").all():
+            expect(chart).to_be_visible()
             box = chart.bounding_box()
             view_width = float(chart.get_attribute("viewBox").split()[2])
             assert box and box["x"] >= 0 and box["x"] + box["width"] <= width, box

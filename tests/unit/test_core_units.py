@@ -175,9 +175,16 @@ def test_last_usage_is_the_last_object_behind_null_usages_and_cut_lines():
     assert I.last_usage_in_stream(tail) == {"prompt_tokens": 2}
     assert I.last_usage_in_stream(b'data: {"choices":[],"usage":{"prompt_tokens":3}}') == {"prompt_tokens": 3}
     assert I.last_usage_in_stream(b'data: {"usage": 5}\n\n' + chunk) is None
-    behind = b'data: {"usage":{"prompt_tokens":4}}\n\n' + chunk * (I.USAGE_LOOK_BACK_LINES - 1)
-    assert I.last_usage_in_stream(behind) == {"prompt_tokens": 4}
-    assert I.last_usage_in_stream(behind + chunk) is None  # a bounded look back
+    behind = b'data: {"usage":{"prompt_tokens":4}}\n\n' + chunk * (I.USAGE_LOOK_BACK_LINES + 5)
+    assert I.last_usage_in_stream(behind) == {"prompt_tokens": 4}  # past the look back: the whole tail
+
+
+def test_last_usage_in_streams_of_unusual_shape():
+    """Lines ending in CR only, and a chunk's JSON over two data lines: as parsing it all would say."""
+    cr_only = b'data: {"usage":{"prompt_tokens":1}}\r\rdata: {"usage":{"prompt_tokens":2}}\r\rdata: [DONE]\r\r'
+    assert I.last_usage_in_stream(cr_only) == {"prompt_tokens": 2}
+    split = b'data: {"usage":{"prompt_tokens":1}}\n\ndata: {"usage":\ndata: {"prompt_tokens":3}}\n\n'
+    assert I.last_usage_in_stream(split) == {"prompt_tokens": 3}
 
 
 # -- errors -------------------------------------------------------------------------------
@@ -526,6 +533,7 @@ def test_a_timed_read_times_out_however_short_the_timeout(timeout_s):
 
 @given(st.lists(st.sampled_from(["Bearer ", "BEARER\t", "api_key", "ApiKey", '"token"', "Password", "x-api-key",
                                  "SECRET", "tokens", "sk-", "SK-", ": ", "=", '"', " ", "abcd1234", "z" * 9, "\u0130",
+                                 "\u017f", "\u212a", "pa\u017f\u017fword", "\u017fecret", "\u0131",
                                  "refresh_token", "&", ","]), max_size=12).map("".join))
 def test_the_cheap_tests_before_the_secret_patterns_change_nothing(text):
     """Each pattern is skipped when its cheap test fails: the result is the same as running all."""
@@ -579,3 +587,41 @@ def test_an_ended_watch_never_calls_back_and_data_is_not_a_disconnect(watcher):
         talking_peer.sendall(b"the next request")  # readable, but not gone
         time.sleep(0.3)
         assert calls == []
+
+
+def _tcp_pair():
+    """A connected pair of TCP sockets on 127.0.0.1 (the server's sockets are TCP: a Unix
+    socketpair's send() waits out its timeout differently)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        server, _address = listener.accept()
+    return server, client
+
+
+def test_a_write_to_a_client_that_reads_a_little_now_and_then_times_out():
+    """The timeout is for the whole write, not per send() call (each of which moves a few bytes)."""
+    writer, reader = _tcp_pair()
+    with writer, reader:
+        # Small buffers and 8 KiB read every 0.1 s: each send() moves a little within the
+        # timeout, so a plain sendall() on these kernel-timed sockets would go on for 50 s.
+        writer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        stop = threading.Event()
+
+        def read_slowly():
+            while not stop.wait(0.1):
+                try:
+                    reader.recv(8192)
+                except OSError:
+                    return
+        threading.Thread(target=read_slowly, daemon=True).start()
+        I.set_timeout(writer, 0.5)
+        started = time.monotonic()
+        try:
+            with pytest.raises(socket.timeout):
+                I.send_all(writer, b"x" * (4 * 1024 * 1024))
+            assert time.monotonic() - started < 3
+        finally:
+            stop.set()
+        if I.KERNEL_TIMEOUTS:  # the socket's own timeout is back as it was
+            assert writer.getsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, 16) == I._timeval(0.5)

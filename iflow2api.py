@@ -8156,14 +8156,18 @@ class _ClientReader:
         return self._recv(timeout_s, size)
 
     def body_line(self, limit: int, timeout_s: float) -> bytes:
-        """A line of the body (chunk sizes, trailers), each socket read within timeout_s."""
-        buf, scanned = self._buf, 0
+        """A line of the body (chunk sizes, trailers), whole within timeout_s: timing each read
+        alone let a size line trickled a byte at a time outlast the body's deadline."""
+        buf, scanned, deadline = self._buf, 0, time.monotonic() + timeout_s
         while True:
             end = buf.find(b"\n", scanned, limit)
             if end >= 0 or len(buf) >= limit:
                 return self._take(end + 1 if end >= 0 else limit)
             scanned = len(buf)
-            data = self._recv(timeout_s)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout("body line too slow")
+            data = self._recv(remaining)
             if not data:
                 return self._take(len(buf))
             buf += data

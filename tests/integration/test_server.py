@@ -364,14 +364,18 @@ def test_keyless_body_on_a_keyed_server_is_refused_before_it_is_sent(start_serve
     assert status == 401 and time.monotonic() - started < 3
 
 
-def test_a_trickled_body_is_cut_off_by_a_total_deadline(start_server, fake_upstream, home):
+@pytest.mark.parametrize("framing, trickle", [
+    (b"Content-Length: 100", b"x"),
+    (b"Transfer-Encoding: chunked", b"0"),  # a chunk-size line of zeros that never ends
+])
+def test_a_trickled_body_is_cut_off_by_a_total_deadline(start_server, fake_upstream, home, framing, trickle):
     write_settings(str(home), fake_upstream.url)
     server = start_server(body_timeout_s=1.0, header_timeout_s=5.0)
     sock = connect(server)
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n")
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n" + framing + b"\r\n\r\n")
     started = time.monotonic()
     for _ in range(30):  # one byte every 0.2 s: each read is in time, the whole is not
-        sock.sendall(b"x")
+        sock.sendall(trickle)
         sock.settimeout(0.2)
         try:
             if sock.recv(1, socket.MSG_PEEK):

@@ -5459,7 +5459,7 @@ def send_all(sock, data: bytes) -> None:
     """sock.sendall(data) within the socket's timeout for the whole of data, as Python's own
     timeout does. The kernel's SO_SNDTIMEO counts per send() call, and each call that moves a
     byte starts it again: a client reading a byte now and then would hold a write forever."""
-    if sock.gettimeout() is not None:  # Python's timeout: sendall() keeps a deadline itself
+    if sock.gettimeout() is not None or not KERNEL_TIMEOUTS:  # Python's timeout: sendall() keeps a deadline
         sock.sendall(data)
         return
     started = time.monotonic()

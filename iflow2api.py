@@ -7697,14 +7697,18 @@ class DisconnectWatcher:
             new, self._new = self._new, []
         for watch in new:
             if watch.active:
-                try:
-                    self._selector.register(watch.sock, selectors.EVENT_READ, watch)
-                except KeyError:  # the fd number is still mapped to a closed socket's watch
-                    self._forget(watch.sock)
-                    self._selector.register(watch.sock, selectors.EVENT_READ, watch)
-                except (ValueError, OSError):
-                    pass  # the socket is closed already
+                self._register(watch)
         return len(new)
+
+    def _register(self, watch) -> None:
+        for _attempt in range(2):
+            try:
+                self._selector.register(watch.sock, selectors.EVENT_READ, watch)
+                return
+            except KeyError:  # the fd number is still mapped to a closed socket's watch
+                self._forget(watch.sock)
+            except (ValueError, OSError):
+                return  # the socket is closed already
 
     def _forget(self, sock) -> None:
         try:

@@ -625,3 +625,25 @@ def test_a_write_to_a_client_that_reads_a_little_now_and_then_times_out():
             stop.set()
         if I.KERNEL_TIMEOUTS:  # the socket's own timeout is back as it was
             assert writer.getsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, 16) == I._timeval(0.5)
+
+
+def test_a_watch_on_a_reused_fd_number_replaces_the_stale_one(watcher):
+    """A watched socket closed without its watch ended: the next socket with its fd number
+    is still watched (the thread survives the stale entry)."""
+    first, first_peer = socket.socketpair()
+    watcher.watch(first, lambda: None)
+    time.sleep(0.1)  # registered
+    number = first.fileno()
+    first.close()
+    first_peer.close()
+    second, second_peer = socket.socketpair()
+    with second, second_peer:
+        assert number in (second.fileno(), second_peer.fileno())
+        watched = second if second.fileno() == number else second_peer
+        other = second_peer if watched is second else second
+        gone = threading.Event()
+        watcher.watch(watched, gone.set)
+        time.sleep(0.1)
+        other.close()
+        assert gone.wait(2)
+        assert watcher._thread.is_alive()

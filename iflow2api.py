@@ -8116,27 +8116,14 @@ class _ClientReader:
 
     def readline(self, limit: int = 65537) -> bytes:
         """A line of the head (at most limit bytes), or what came before the client closed."""
-        buf = self._buf
         if self._head_deadline is None:
-            if not buf:
+            if not self._buf:
                 data = self._recv(self._limits.idle_timeout_s)
                 if not data:
                     return b""  # the client closed the connection
-                buf += data
+                self._buf += data
             self._head_deadline = time.monotonic() + self._limits.header_timeout_s
-        scanned = 0  # a head trickled byte by byte is scanned once, not once per byte
-        while True:
-            end = buf.find(b"\n", scanned, limit)
-            if end >= 0 or len(buf) >= limit:
-                return self._take(end + 1 if end >= 0 else limit)
-            scanned = len(buf)
-            remaining = self._head_deadline - time.monotonic()
-            if remaining <= 0:
-                raise socket.timeout("request head too slow")
-            data = self._recv(remaining)
-            if not data:
-                return self._take(len(buf))
-            buf += data
+        return self._line(limit, self._head_deadline, "request head too slow")
 
     def buffered_head_lines(self):
         """The header lines when the buffer holds them all up to the blank line (a head
@@ -8162,7 +8149,11 @@ class _ClientReader:
     def body_line(self, limit: int, timeout_s: float) -> bytes:
         """A line of the body (chunk sizes, trailers), whole within timeout_s: timing each read
         alone let a size line trickled a byte at a time outlast the body's deadline."""
-        buf, scanned, deadline = self._buf, 0, time.monotonic() + timeout_s
+        return self._line(limit, time.monotonic() + timeout_s, "body line too slow")
+
+    def _line(self, limit: int, deadline: float, too_slow: str) -> bytes:
+        """A line of at most limit bytes, reading as needed until the deadline."""
+        buf, scanned = self._buf, 0  # a line trickled byte by byte is scanned once, not once per byte
         while True:
             end = buf.find(b"\n", scanned, limit)
             if end >= 0 or len(buf) >= limit:
@@ -8170,7 +8161,7 @@ class _ClientReader:
             scanned = len(buf)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise socket.timeout("body line too slow")
+                raise socket.timeout(too_slow)
             data = self._recv(remaining)
             if not data:
                 return self._take(len(buf))

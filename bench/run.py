@@ -299,6 +299,11 @@ def raise_fd_limit(want=8192):
 
 # ---------------------------------------------------------------- servers
 
+def failure_note(error, server) -> str:
+    """What a failed phase reports: the error, and the tail of the server's log when it started."""
+    return str(error) + (f" (log: {server.log_tail()})" if server else "")
+
+
 def snapshot(path):
     """Copies our server into a temp dir (its siblings symlinked), so edits made
     during the run don't mix versions; compiles it once so round 1's start-up is
@@ -530,10 +535,7 @@ def measure(name, fake, args, exe):
             m["fake_error_samples"] = errors[:3]
         return m, None
     except Exception as e:  # noqa: BLE001 - reported, the run goes on
-        note = str(e)
-        if server:
-            note += f" (log: {server.log_tail()})"
-        return m, note
+        return m, failure_note(e, server)
     finally:
         if server:
             server.stop()
@@ -675,10 +677,7 @@ def measure_s1024(name, fake, args, exe):
             m["s1024_peak_rss_mb"] = memory_mb(pid, "VmHWM")
         return m, None
     except Exception as e:  # noqa: BLE001 - reported, the run goes on
-        note = str(e)
-        if server:
-            note += f" (log: {server.log_tail()})"
-        return m, note
+        return m, failure_note(e, server)
     finally:
         fake.configure(args.chunks, args.pace_us)  # the other phases' pacing
         if server:

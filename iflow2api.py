@@ -73,6 +73,7 @@ import collections
 import contextlib
 import datetime
 import difflib
+import functools
 import hashlib
 import hmac
 import shutil
@@ -260,7 +261,7 @@ class RecentLogHandler(logging.Handler):
         self.entries = collections.deque(maxlen=capacity)  # (number, line)
         self.count = 0
         self._changed = threading.Condition()
-        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        self.setFormatter(LineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
 
     def emit(self, record):
         try:
@@ -283,13 +284,86 @@ class RecentLogHandler(logging.Handler):
             return self.count, [line for n, line in self.entries if n > number]
 
 
+class LineFormatter(logging.Formatter):
+    """logging.Formatter with the time text made once a second rather than once a line
+    (localtime and strftime were 3 of the 14 us an access line cost with two handlers)."""
+
+    _cached = (None, "")  # (second, its text)
+
+    def formatTime(self, record, datefmt=None):
+        second, text = self._cached
+        if second != int(record.created):
+            second = int(record.created)
+            text = time.strftime(datefmt or self.default_time_format, self.converter(record.created))
+            self._cached = (second, text)  # one assignment: threads may race, never tear it
+        return text if datefmt else self.default_msec_format % (text, record.msecs)
+
+
+ACCESS_LOG = get_logger("access")  # one line per request (App._log)
+
+
+class BatchedStreamHandler(logging.StreamHandler):
+    """A stream handler that writes access lines in batches and everything else at once.
+
+    An access line waits up to FLUSH_AFTER_S for others, so a busy server makes one write
+    per batch instead of one per request: each write is a system call that hands the GIL
+    to another thread (at 32 clients the access log cost 0.09 ms per request, 0.04 ms
+    at one). Any other line is written at once, after the access lines waiting before it,
+    so the order holds; flush() (also at exit, from logging.shutdown) writes what waits."""
+
+    FLUSH_AFTER_S = 0.1
+    MAX_WAITING = 500
+
+    def __init__(self, stream=None):
+        super().__init__(stream)
+        self._waiting = []
+        self._due = threading.Condition(self.lock)  # emit() runs under self.lock
+        self._flusher = None
+
+    def emit(self, record):
+        try:
+            self._waiting.append(self.format(record) + self.terminator)
+            if record.name != ACCESS_LOG.name or len(self._waiting) >= self.MAX_WAITING:
+                self._write_waiting()
+            elif self._flusher is None:
+                self._flusher = threading.Thread(target=self._flush_loop, name="iflow2api-log", daemon=True)
+                self._flusher.start()
+            elif len(self._waiting) == 1:
+                self._due.notify()
+        except Exception:  # a broken record or stream must never break serving
+            self.handleError(record)
+
+    def flush(self):
+        with self._due:
+            self._write_waiting()
+
+    def _write_waiting(self):
+        if self._waiting:
+            text = "".join(self._waiting)
+            self._waiting.clear()
+            if self.stream is not None:
+                self.stream.write(text)
+        if self.stream is not None and hasattr(self.stream, "flush"):
+            self.stream.flush()
+
+    def _flush_loop(self):
+        with self._due:
+            while True:
+                self._due.wait_for(lambda: self._waiting)  # idle: asleep
+                self._due.wait(self.FLUSH_AFTER_S)  # let more lines join the batch
+                try:
+                    self._write_waiting()
+                except Exception:  # a closed or broken stream: drop the batch, keep serving
+                    self._waiting.clear()
+
+
 def setup_logging(level: str = "INFO") -> None:
     """Log to stderr at the given level (once per process)."""
     root = logging.getLogger("iflow2api")
     root.setLevel(getattr(logging, str(level).upper(), logging.INFO))
     if not any(getattr(h, "_iflow2api_stderr", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        handler = BatchedStreamHandler(sys.stderr)
+        handler.setFormatter(LineFormatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
         handler._iflow2api_stderr = True
         root.addHandler(handler)
 
@@ -1357,7 +1431,7 @@ class UsageStore:
             if len(self._queue) >= self._queue_size:
                 self.dropped += 1
                 return
-            self._queue.append(tuple(row.get(field) for field in USAGE_FIELDS))
+            self._queue.append(tuple(map(row.get, USAGE_FIELDS)))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._write_loop, name="iflow2api-usage", daemon=True)
                 self._thread.start()
@@ -5189,6 +5263,13 @@ class Headers:
     def __init__(self, items=()):
         self._items = [(k.lower(), v) for k, v in items]
 
+    @classmethod
+    def lowered(cls, items: list) -> "Headers":
+        """Headers of (name, value) pairs whose names are lower case already (taken as is)."""
+        headers = cls.__new__(cls)
+        headers._items = items
+        return headers
+
     def get(self, name: str, default=None):
         name = name.lower()
         for key, value in self._items:
@@ -5236,13 +5317,13 @@ def parse_header_lines(lines) -> Headers:
     line that is not one (folded lines included: HTTP/1.1 no longer allows them)."""
     items = []
     for line in lines:
-        name, sep, value = line.partition(b":")
-        if not sep or not name or name[-1:] in b" \t" or line[:1] in b" \t":
+        name, sep, value = line.decode("latin-1").partition(":")
+        if not sep or not name or name[-1] in " \t" or name[0] in " \t":
             raise ValueError("malformed header line %r" % line[:60])
-        items.append((name.decode("latin-1"), value.strip(b" \t").decode("latin-1")))
+        items.append((name.lower(), value.strip(" \t")))
     if len(items) > MAX_HEADER_COUNT:
         raise ValueError("more than %d headers" % MAX_HEADER_COUNT)
-    return Headers(items)
+    return Headers.lowered(items)
 
 
 def parse_response_head(head: bytes) -> tuple:
@@ -5729,7 +5810,8 @@ class UpstreamResponse:
                 return
             self._closed = True
         if self._complete and self._keep_alive:
-            set_timeout(self._sock, self._conn.read_timeout_s)
+            if self._timeout != self._conn.read_timeout_s:  # as _recv() found it
+                set_timeout(self._sock, self._conn.read_timeout_s)
             self._pool.put(self._key, self._conn)
         else:
             self._conn.close()
@@ -5756,6 +5838,16 @@ def _read_head(sock, data: bytes) -> tuple:
                 raise UpstreamStreamError("the upstream closed the connection in the middle of its answer's head")
             raise http.client.RemoteDisconnected("the upstream closed the connection without answering")
         data += more
+
+
+@functools.lru_cache(maxsize=256)
+def _url_parts(url: str) -> tuple:
+    """(urlsplit(url), its pool key (scheme, host, port) or None when url is no http(s) URL).
+    Cached: a provider calls the same few URLs, and their split was 5 us of each request."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return parts, None
+    return parts, (parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
 
 
 class ConnectionPool:
@@ -5834,10 +5926,9 @@ class ConnectionPool:
 
     def request(self, method: str, url: str, headers: dict, body: bytes = None) -> UpstreamResponse:
         """Send a request; a reused connection the server closed meanwhile is retried once fresh."""
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        parts, key = _url_parts(url)
+        if key is None:
             raise UpstreamError(502, "api_error", "invalid upstream URL %r" % url)
-        key = (parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
         path = self._request_target(parts, key)
         if path.startswith("http://") and self.proxy.basic_auth():
             headers = dict(headers, **{"Proxy-Authorization": self.proxy.basic_auth()})
@@ -7521,7 +7612,7 @@ class App:
         self.usage = usage  # a UsageStore for the API routes' requests, or None
         self.quota = quota  # a DailyQuota that counts the API routes' tokens, or None
         self.head_checks = list(head_checks)
-        self.access_log = get_logger("access")
+        self.access_log = ACCESS_LOG
         self.stopping = False  # set by a graceful stop: new requests get 503
         self._active = {}  # request id -> Request, from handle() until its response closed
         self._active_lock = threading.Lock()
@@ -7955,8 +8046,8 @@ class _StdlibHandler(BaseHTTPRequestHandler):
 
     def setup(self):
         self.connection = self.request
-        set_timeout(self.connection, self.server.limits.idle_timeout_s)
         self.rfile = _ClientReader(self.connection, self.server.limits)
+        self.rfile.set_timeout(self.server.limits.idle_timeout_s)
         self.wfile = _SendAll(self.connection)
 
     def finish(self):
@@ -8067,7 +8158,7 @@ class _StdlibHandler(BaseHTTPRequestHandler):
         except (OSError, ConnectionError):
             self.close_connection = True
             return
-        set_timeout(self.connection, self.server.limits.idle_timeout_s)  # for writing the answer
+        self.rfile.set_timeout(self.server.limits.idle_timeout_s)  # for writing the answer
         req = Request(self.command, self.path, headers, body, self.client_address, self.connection,
                       self.server.watcher)
         resp = self.server.app.handle(req)
@@ -8109,9 +8200,17 @@ class _ClientReader:
         self._sock, self._limits = sock, limits
         self._buf = bytearray()
         self._head_deadline = None
+        self._timeout = None  # as last set here: nothing else sets this socket's timeout
+
+    def set_timeout(self, timeout_s: float) -> None:
+        """The socket's timeout for what comes next: without even the system call that
+        asks the socket when it is the one set last (two per request)."""
+        if timeout_s != self._timeout:
+            set_timeout(self._sock, timeout_s)
+            self._timeout = timeout_s
 
     def _recv(self, timeout_s: float, size: int = 65536) -> bytes:
-        set_timeout(self._sock, timeout_s)
+        self.set_timeout(timeout_s)
         return recv_timed(self._sock, size)
 
     def readline(self, limit: int = 65537) -> bytes:

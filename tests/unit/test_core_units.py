@@ -1,6 +1,7 @@
 """Pure parts of the core: signature, per-model tweaks, reasoning, SSE, config, redaction."""
 import hashlib
 import hmac
+import io
 import json
 import logging
 import os
@@ -647,3 +648,57 @@ def test_a_watch_on_a_reused_fd_number_replaces_the_stale_one(watcher):
         other.close()
         assert gone.wait(2)
         assert watcher._thread.is_alive()
+
+
+# -- the stderr log handler ------------------------------------------------------------------
+
+def _record(name, level, message):
+    return logging.LogRecord(name, level, "(test)", 0, message, None, None)
+
+
+def _batched(stream, flush_after_s):
+    handler = I.BatchedStreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    handler.FLUSH_AFTER_S = flush_after_s
+    return handler
+
+
+def test_access_lines_wait_for_a_batch_and_any_other_line_writes_them_first():
+    stream = io.StringIO()
+    handler = _batched(stream, 60.0)  # the flusher never comes in time here
+    for n in range(3):
+        handler.handle(_record(I.ACCESS_LOG.name, logging.INFO, "request %d" % n))
+    assert stream.getvalue() == ""  # no write per request
+    handler.handle(_record("iflow2api", logging.INFO, "listening"))  # not an access line: at once
+    assert stream.getvalue().splitlines() == ["INFO request 0", "INFO request 1", "INFO request 2", "INFO listening"]
+    handler.handle(_record(I.ACCESS_LOG.name, logging.INFO, "request 3"))
+    handler.flush()  # as logging.shutdown() does at exit
+    assert stream.getvalue().splitlines()[-1] == "INFO request 3"
+
+
+def test_waiting_access_lines_are_written_after_a_short_while_without_a_flush():
+    stream = io.StringIO()
+    handler = _batched(stream, 0.05)
+    handler.handle(_record(I.ACCESS_LOG.name, logging.INFO, "first"))
+    assert wait_until(lambda: stream.getvalue() == "INFO first\n", timeout_s=5)
+    handler.handle(_record(I.ACCESS_LOG.name, logging.INFO, "second"))  # the flusher, asleep, wakes
+    assert wait_until(lambda: stream.getvalue() == "INFO first\nINFO second\n", timeout_s=5)
+
+
+def test_a_full_batch_is_written_at_once():
+    stream = io.StringIO()
+    handler = _batched(stream, 60.0)
+    for n in range(handler.MAX_WAITING):
+        handler.handle(_record(I.ACCESS_LOG.name, logging.INFO, "r%d" % n))
+    assert len(stream.getvalue().splitlines()) == handler.MAX_WAITING
+
+
+def test_the_line_formatter_writes_the_time_as_logging_does():
+    plain, cached = logging.Formatter("%(asctime)s %(message)s"), I.LineFormatter("%(asctime)s %(message)s")
+    short = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    short_cached = I.LineFormatter("%(asctime)s %(message)s", "%H:%M:%S")
+    for created in (1700000000.0, 1700000000.25, 1700000000.999, 1700000001.5, 1700000000.5):
+        record = _record("iflow2api", logging.INFO, "m")
+        record.created, record.msecs = created, int((created - int(created)) * 1000)
+        assert cached.format(record) == plain.format(record)
+        assert short_cached.format(record) == short.format(record)

@@ -423,6 +423,21 @@ def format_uptime(seconds, t) -> str:
     return " ".join("%d%s" % (n, t(u)) for n, u in parts[first:first + 2])
 
 
+# Room left on the screen around the window, at 96 dpi: the task bar or dock and the title bar.
+SCREEN_MARGIN = (32, 96)
+MIN_WINDOW_HEIGHT = 360  # at 96 dpi: below this, pages scroll more than they show
+
+
+def window_size(natural: tuple, screen: tuple, margin: tuple, scrollbar: int) -> tuple:
+    """(width, height) of the window: its natural size, but no larger than the screen less the
+    margin; when the height is cut, the width gains room for the pages' scroll bar."""
+    width, height = natural
+    most_w, most_h = (max(1, s - m) for s, m in zip(screen, margin))
+    if height > most_h:
+        height, width = most_h, width + scrollbar
+    return min(width, most_w), height
+
+
 def format_count(n) -> str:
     return "{:,}".format(int(n or 0))
 
@@ -1346,14 +1361,92 @@ def configured_keys(service) -> set:
     return set(service.config_keys_set())
 
 
+class ScrollArea:
+    """Content that scrolls up and down when the window is shorter than it, so the window
+    never has to be taller than the screen (a 768 px laptop screen, 150% scaling). The
+    scroll bar shows only while it is needed; when the window is taller than the content,
+    the content is stretched to fill it, as a plain frame would be."""
+
+    OWN_WHEEL = ("Text", "Treeview", "Listbox")  # lists that scroll themselves with the wheel
+
+    def __init__(self, parent, padding):
+        self.outer = ttk.Frame(parent)
+        self.outer.rowconfigure(0, weight=1)
+        self.outer.columnconfigure(0, weight=1)
+        self.canvas = tk.Canvas(self.outer, highlightthickness=0, borderwidth=0)
+        self.canvas.grid(row=0, column=0, sticky="nsew")
+        self.bar = ttk.Scrollbar(self.outer, orient="vertical", command=self.canvas.yview)
+        self.canvas.configure(yscrollcommand=self.bar.set)
+        self.inner = ttk.Frame(self.canvas, padding=padding)
+        self._item = self.canvas.create_window(0, 0, window=self.inner, anchor="nw")
+        self.scrolls = False
+        self.canvas.bind("<Configure>", lambda _e: self.fit())
+        # The wheel scrolls the area over any of its widgets but the lists: they get this area's
+        # binding tag, before their class's (a combo box would change its value instead).
+        self._wheel_tag = "IflowScroll%d" % id(self)
+        for sequence in ("<MouseWheel>", "<Button-4>", "<Button-5>"):
+            self.canvas.bind_class(self._wheel_tag, sequence, self._on_wheel)
+        for widget in (self.canvas, self.inner, self.bar):
+            widget.bindtags((str(widget), self._wheel_tag) + widget.bindtags()[1:])
+
+    def match_content(self) -> None:
+        """Ask for the content's own size: the window's natural size is that of its largest page."""
+        self.canvas.configure(width=self.inner.winfo_reqwidth(), height=self.inner.winfo_reqheight())
+
+    def fit(self) -> None:
+        """Lay the content out for the area's current size (after a resize, a language
+        switch, a message: whatever may change the content's height or the area's)."""
+        width, height = self.canvas.winfo_width(), self.canvas.winfo_height()
+        if width <= 1:  # not laid out yet
+            return
+        needed = self.inner.winfo_reqheight()
+        self.scrolls = needed > height
+        # height 0: the content's own; else stretched to the area's
+        self.canvas.itemconfigure(self._item, width=width, height=0 if self.scrolls else height)
+        self.canvas.configure(scrollregion=(0, 0, width, max(needed, height)))
+        if self.scrolls:
+            self.bar.grid(row=0, column=1, sticky="ns")
+        else:
+            self.bar.grid_remove()
+            self.canvas.yview_moveto(0)
+        self._tag_for_wheel(self.inner)
+
+    def _tag_for_wheel(self, widget) -> None:
+        for child in widget.winfo_children():
+            tags = child.bindtags()
+            if child.winfo_class() not in self.OWN_WHEEL and self._wheel_tag not in tags:
+                child.bindtags(tags[:1] + (self._wheel_tag,) + tags[1:])
+            self._tag_for_wheel(child)
+
+    def _on_wheel(self, event) -> str:
+        if self.scrolls:
+            up = event.num == 4 or event.delta > 0  # X11 sends buttons 4/5, the others a delta
+            self.canvas.yview_scroll(-1 if up else 1, "units")
+        return "break"  # not the widget class's binding too
+
+    def show(self, widget) -> None:
+        """Scroll so that widget (inside the area) is in view."""
+        if not self.scrolls:
+            return
+        top = widget.winfo_rooty() - self.inner.winfo_rooty()
+        bottom = top + widget.winfo_height()
+        first, last = self.canvas.yview()
+        total = max(1, self.inner.winfo_height())
+        if top < first * total or bottom > last * total:
+            self.canvas.yview_moveto(max(0.0, min(top, bottom - self.canvas.winfo_height()) / total))
+
+
 class Page:
-    """A notebook page: a frame, a message line, and the App's helpers."""
+    """A notebook page: a frame (that scrolls when the window is short), a message line,
+    and the App's helpers."""
 
     title_key = ""
 
     def __init__(self, app):
         self.app, self.t = app, app.t
-        self.frame = ttk.Frame(app.notebook, padding=(app.px(16), app.px(12)))
+        self.area = ScrollArea(app.notebook, padding=(app.px(16), app.px(12)))
+        self.tab = self.area.outer  # what the notebook holds
+        self.frame = self.area.inner  # what the page builds in
         self._message = (None, False, {})
         self.build()
 
@@ -1376,6 +1469,11 @@ class Page:
         """Show a message (a catalogue key or plain text) under the page's controls."""
         self._message = (key, error, values)
         self._show_message()
+        if key:  # a message may be a line longer; an error must be seen, wherever it is
+            self.app.root.update_idletasks()
+            self.area.fit()
+            if error:
+                self.area.show(self.message)
 
     def fail(self, exc: BaseException) -> None:
         key = str(exc) if isinstance(exc, ValueError) and str(exc) in self.app.catalogue.strings["en"] else None
@@ -2420,7 +2518,7 @@ class App:
         return messagebox.askyesno("iflow2api", self.t(key, **values), parent=self.root)
 
     def select(self, page) -> None:
-        self.notebook.select(page.frame)
+        self.notebook.select(page.tab)
 
     # -- work in threads --
     def run(self, fn, on_done=None, on_error=None, tag: str = None) -> None:
@@ -2603,7 +2701,7 @@ class App:
 
     def current_page(self):
         selected = self.notebook.select()
-        return next((p for p in self.pages if str(p.frame) == selected), None)
+        return next((p for p in self.pages if str(p.tab) == selected), None)
 
     # -- building --
     def _setup_fonts(self) -> None:
@@ -2645,21 +2743,28 @@ class App:
         self.pages = [self.status_page, self.accounts_page, self.providers_page, self.instances_page,
                       self.settings_page, self.log_page]
         for page in self.pages:
-            self.notebook.add(page.frame)
-            self.on_language(lambda p=page: self.notebook.tab(p.frame, text=self.t(p.title_key)))
+            self.notebook.add(page.tab)
+            self.on_language(lambda p=page: self.notebook.tab(p.tab, text=self.t(p.title_key)))
         self.notebook.bind("<<NotebookTabChanged>>", lambda _e: self._page_changed())
         self._tick_after = self.root.after(self.LOG_MS, self._tick)
 
     def _fix_size(self) -> None:
-        """Size the window once, to fit the widest language, so switching never clips or jumps."""
+        """Size the window once, to fit the widest language, so switching never clips or
+        jumps; but never beyond the screen: the pages scroll instead."""
         language, sizes = self.catalogue.language, []
         for candidate in LANGUAGES:
             self.set_language(candidate, save=False)
             self.root.update_idletasks()
+            for page in self.pages:
+                page.area.match_content()
+            self.root.update_idletasks()
             sizes.append((self.root.winfo_reqwidth(), self.root.winfo_reqheight()))
         self.set_language(language, save=False)
-        width, height = max(w for w, _h in sizes), max(h for _w, h in sizes)
-        self.root.minsize(width, height)
+        natural = max(w for w, _h in sizes), max(h for _w, h in sizes)
+        screen = self.root.winfo_screenwidth(), self.root.winfo_screenheight()
+        width, height = window_size(natural, screen, [self.px(m) for m in SCREEN_MARGIN],
+                                    self.status_page.area.bar.winfo_reqwidth())
+        self.root.minsize(width, min(height, self.px(MIN_WINDOW_HEIGHT)))
         self.root.geometry("%dx%d" % (width, height))
 
     def _page_changed(self) -> None:
@@ -2702,6 +2807,9 @@ class App:
             setter()
         for page in self.pages:
             page.retranslate()
+        self.root.update_idletasks()
+        for page in self.pages:
+            page.area.fit()
         if self.tray is not None:
             self.run(self.tray.refresh_texts)
         if save:
@@ -2793,6 +2901,8 @@ class App:
                         arrowsize=px(13))
             s.map(orient, background=[("active", p["border"])])
         self.root.configure(background=p["bg"])
+        for page in getattr(self, "pages", ()):
+            page.area.canvas.configure(background=p["bg"])
         for option, value in (("background", p["surface"]), ("foreground", p["fg"]),
                               ("selectBackground", p["accent"]), ("selectForeground", p["accent_fg"])):
             self.root.option_add("*TCombobox*Listbox." + option, value)

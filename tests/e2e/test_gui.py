@@ -31,22 +31,28 @@ def missing(what: str):
     pytest.skip("%s not installed" % what)
 
 
-@pytest.fixture(scope="module")
-def xvfb():
-    """A private X display (Xvfb picks a free number and tells us through -displayfd)."""
+def start_xvfb(size: str):
+    """(display, process) of a private X display of the given size ("1920x1200"); Xvfb
+    picks a free number and tells us through -displayfd."""
     if gui.tk is None:
         missing("tkinter (python3-tk)")
     binary = shutil.which("Xvfb")
     if binary is None:
         missing("Xvfb (Debian xvfb)")
     read_fd, write_fd = os.pipe()
-    proc = subprocess.Popen([binary, "-displayfd", str(write_fd), "-screen", "0", "1920x1200x24", "-nolisten",
+    proc = subprocess.Popen([binary, "-displayfd", str(write_fd), "-screen", "0", size + "x24", "-nolisten",
                              "tcp"], pass_fds=(write_fd,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     os.close(write_fd)
     with os.fdopen(read_fd) as pipe:
         number = pipe.readline().strip()
     assert number, "Xvfb did not start"
-    display = ":" + number
+    return ":" + number, proc
+
+
+@pytest.fixture(scope="module")
+def xvfb():
+    """The tests' X display, a large one, in DISPLAY."""
+    display, proc = start_xvfb("1920x1200")
     saved = os.environ.get("DISPLAY")
     os.environ["DISPLAY"] = display
     yield display
@@ -54,6 +60,15 @@ def xvfb():
         os.environ.pop("DISPLAY", None)
     else:
         os.environ["DISPLAY"] = saved
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def laptop_screen(xvfb):
+    """A second display the size of a common laptop screen (1366x768); DISPLAY stays the large one."""
+    display, proc = start_xvfb("1366x768")
+    yield display
     proc.terminate()
     proc.wait(10)
 
@@ -85,14 +100,14 @@ def make_app(xvfb, home):
     """Build the real window on a temp HOME (config with a free port); all closed at the end."""
     apps = []
 
-    def make(tray=False, scaling=None, config=None):
+    def make(tray=False, scaling=None, config=None, display=None):
         settings = {"port": free_port(), "host": "127.0.0.1", "language": "en"}  # not the machine's locale
         settings.update(config or {})
         os.makedirs(os.path.join(str(home), ".iflow2api"), exist_ok=True)
         with open(os.path.join(str(home), ".iflow2api", "config.json"), "w") as f:
             json.dump(settings, f)
         service = iflow2api.Service.from_config()
-        root = gui.tk.Tk(className="iflow2api")
+        root = gui.tk.Tk(className="iflow2api", screenName=display)
         if scaling:
             root.tk.call("tk", "scaling", scaling)
         opened = []  # what the window asked the browser to open
@@ -313,7 +328,7 @@ def screenshot(app, name: str):
     from PIL import ImageGrab
     app.root.update()
     x, y, w, h = app.root.winfo_rootx(), app.root.winfo_rooty(), app.root.winfo_width(), app.root.winfo_height()
-    image = ImageGrab.grab(bbox=(x, y, x + w, y + h), xdisplay=os.environ["DISPLAY"])
+    image = ImageGrab.grab(bbox=(x, y, x + w, y + h), xdisplay=app.root.winfo_screen())
     os.makedirs(ARTIFACTS, exist_ok=True)
     image.save(os.path.join(ARTIFACTS, name + ".png"))
     return image
@@ -335,7 +350,7 @@ def test_language_and_theme_switch_live(make_app, home):
     language_box = page.choices["language"][0]
     theme_box = page.choices["theme_mode"][0]
     pick(app, language_box, "\u4e2d\u6587")
-    assert app.notebook.tab(app.status_page.frame, "text") == "\u72b6\u6001"
+    assert app.notebook.tab(app.status_page.tab, "text") == "\u72b6\u6001"
     assert page.save_button.cget("text") == "\u4fdd\u5b58"
     assert gui.tkfont.nametofont("TkDefaultFont").actual("family") in gui.CJK_FONTS
     pick(app, theme_box, "\u6df1\u8272")
@@ -348,7 +363,7 @@ def test_language_and_theme_switch_live(make_app, home):
     assert saved["language"] == "zh" and saved["theme_mode"] == "dark"
     pick(app, language_box, "English")
     pick(app, theme_box, "Light")
-    assert app.notebook.tab(app.status_page.frame, "text") == "Status"
+    assert app.notebook.tab(app.status_page.tab, "text") == "Status"
     assert luminance(screenshot(app, "live-switch-light-en")) > 180
 
 
@@ -484,3 +499,75 @@ def test_a_stale_lock_file_is_taken_over(tmp_path):
     first.release()
     assert not (tmp_path / "gui.lock").exists()
     assert gui.SingleInstance(str(tmp_path), lambda: None).acquire()
+
+
+def in_view(area, widget) -> bool:
+    """Whether widget is wholly inside the visible part of a page's scroll area."""
+    top, bottom = area.canvas.winfo_rooty(), area.canvas.winfo_rooty() + area.canvas.winfo_height()
+    return top <= widget.winfo_rooty() and widget.winfo_rooty() + widget.winfo_height() <= bottom
+
+
+def a_label(widget):
+    """The first label with text inside widget."""
+    for child in widget.winfo_children():
+        if child.winfo_class() == "TLabel" and child.cget("text"):
+            return child
+        found = a_label(child)
+        if found is not None:
+            return found
+    return None
+
+
+def wheel_down(app, widget, clicks: int) -> None:
+    """Turn the mouse wheel over widget, as a user does (xdotool: real X input events)."""
+    xdotool = shutil.which("xdotool")
+    if xdotool is None:
+        missing("xdotool (Debian xdotool)")
+    x, y = widget.winfo_rootx() + 5, widget.winfo_rooty() + 5
+    env = dict(os.environ, DISPLAY=app.root.winfo_screen())
+    subprocess.run([xdotool, "mousemove", str(x), str(y)], env=env, check=True)
+    for _ in range(clicks):
+        subprocess.run([xdotool, "click", "5"], env=env, check=True)
+        app.settle()
+
+
+@pytest.mark.parametrize("scaling", [None, 1.25 * 96 / 72], ids=["1x", "1.25x"])
+def test_the_window_fits_a_laptop_screen_and_a_tall_page_scrolls(make_app, laptop_screen, home, scaling):
+    """On 1366x768 (at 1x, and at 125% scaling) the window is no taller than the screen less
+    room for a task bar; the Providers page, taller than that, scrolls with the wheel to
+    its last button, and a page that fits shows no scroll bar."""
+    app = make_app(display=laptop_screen, scaling=scaling)
+    root = app.root
+    root.geometry("+0+0")  # on screen whole (there is no window manager to place it)
+    app.settle()
+    assert (root.winfo_screenwidth(), root.winfo_screenheight()) == (1366, 768)
+    assert root.winfo_height() <= 768 - app.px(gui.SCREEN_MARGIN[1]), root.winfo_height()
+    assert root.winfo_width() <= 1366 - app.px(gui.SCREEN_MARGIN[0]), root.winfo_width()
+    page = app.providers_page
+    app.select(page)
+    app.settle()
+    last = page.save_scenarios_button
+    assert page.area.scrolls and page.area.bar.winfo_ismapped(), "the tall page has no scroll bar"
+    assert not in_view(page.area, last), "the page fits after all: nothing to scroll"
+    for theme in ("light", "dark"):
+        app.set_theme(theme, save=False)
+        for language in ("en", "zh"):
+            app.set_language(language, save=False)
+            app.settle()
+            page.area.canvas.yview_moveto(0)
+            app.settle()
+            assert not in_view(page.area, last)
+            wheel_down(app, a_label(page.frame), 1)  # over a label: not only the scroll bar scrolls
+            assert page.area.canvas.yview()[0] > 0, "the wheel over a label did not scroll the page"
+            wheel_down(app, page.area.bar, 15)
+            assert in_view(page.area, last), "the wheel did not bring the page's end into view"
+            suffix = "%s-%s-%s" % (theme, language, "1x" if scaling is None else "1.25x")
+            screenshot(app, "laptop-providers-end-" + suffix)
+            app.select(app.log_page)
+            app.settle()
+            assert not app.log_page.area.scrolls and not app.log_page.area.bar.winfo_ismapped()
+            screenshot(app, "laptop-log-" + suffix)
+            app.select(page)
+            app.settle()
+    # the content stays as wide as the window less the bar: nothing cut off at the right
+    assert page.frame.winfo_width() >= page.frame.winfo_reqwidth() - 2

@@ -624,3 +624,17 @@ def test_status_shows_todays_totals_from_the_usage_history(service, home):
     assert model.snapshot()["today"] == {"requests": 2, "errors": 1, "input_tokens": 15, "output_tokens": 30}
     service.usage = None  # usage_history off
     assert model.snapshot()["today"] is None
+
+
+def test_the_window_is_its_natural_size_when_the_screen_has_room():
+    assert gui.window_size((994, 749), (1920, 1200), (32, 96), 16) == (994, 749)
+
+
+def test_a_window_taller_than_the_screen_is_cut_and_gains_room_for_a_scroll_bar():
+    # 1366x768 less a task bar and a title bar: the pages scroll instead
+    assert gui.window_size((994, 749), (1366, 768), (32, 96), 16) == (1010, 672)
+
+
+def test_the_window_is_never_wider_than_the_screen():
+    assert gui.window_size((1300, 904), (1024, 768), (32, 96), 16) == (992, 672)
+    assert gui.window_size((900, 500), (800, 600), (32, 96), 16) == (768, 500)

@@ -8285,7 +8285,9 @@ class _ClientReader:
         self._sock, self._limits = sock, limits
         self._buf = bytearray()
         self._head_deadline = None
-        self._timeout = None  # as last set here: nothing else sets this socket's timeout
+        # as last set here: the answer's writes only change it for a moment (send_all), and a
+        # refused request's _drain() is followed by the close
+        self._timeout = None
 
     def set_timeout(self, timeout_s: float) -> None:
         """The socket's timeout for what comes next: without even the system call that

@@ -1363,7 +1363,7 @@ def configured_keys(service) -> set:
 
 class ScrollArea:
     """Content that scrolls up and down when the window is shorter than it, so the window
-    never has to be taller than the screen (a 768 px laptop screen, 150% scaling). The
+    never has to be taller than the screen (1366x768 laptops, 1920x1080 at 150%). The
     scroll bar shows only while it is needed; when the window is taller than the content,
     the content is stretched to fill it, as a plain frame would be."""
 
@@ -1380,26 +1380,33 @@ class ScrollArea:
         self.inner = ttk.Frame(self.canvas, padding=padding)
         self._item = self.canvas.create_window(0, 0, window=self.inner, anchor="nw")
         self.scrolls = False
+        self._laid_out = None  # (width, height, content height) of the last fit()
+        self._wheel_rest = 0  # wheel delta not yet scrolled (fine-grained wheels, touchpads)
         self.canvas.bind("<Configure>", lambda _e: self.fit())
         # The wheel scrolls the area over any of its widgets but the lists: they get this area's
-        # binding tag, before their class's (a combo box would change its value instead).
-        self._wheel_tag = "IflowScroll%d" % id(self)
-        for sequence in ("<MouseWheel>", "<Button-4>", "<Button-5>"):
-            self.canvas.bind_class(self._wheel_tag, sequence, self._on_wheel)
+        # binding tag, before their class's (a combo box would change its value instead). A
+        # widget that takes the focus (Tab) is scrolled into view.
+        self._tag = "IflowScroll%d" % id(self)
+        self._tag_commands = [self.canvas.bind_class(self._tag, sequence, self._on_wheel)
+                              for sequence in ("<MouseWheel>", "<Button-4>", "<Button-5>")]
+        self._tag_commands.append(self.canvas.bind_class(self._tag, "<FocusIn>", lambda e: self.show(e.widget)))
+        self.outer.bind("<Destroy>", self._forget_tag, add="+")
         for widget in (self.canvas, self.inner, self.bar):
-            widget.bindtags((str(widget), self._wheel_tag) + widget.bindtags()[1:])
+            widget.bindtags((str(widget), self._tag) + widget.bindtags()[1:])
 
     def match_content(self) -> None:
         """Ask for the content's own size: the window's natural size is that of its largest page."""
         self.canvas.configure(width=self.inner.winfo_reqwidth(), height=self.inner.winfo_reqheight())
 
     def fit(self) -> None:
-        """Lay the content out for the area's current size (after a resize, a language
-        switch, a message: whatever may change the content's height or the area's)."""
+        """Lay the content out for the area's current size. Runs on a resize, a language
+        switch, a message, and each second for the page shown (App._tick: content may grow
+        at any time, as an update notice does); it does nothing when nothing changed."""
         width, height = self.canvas.winfo_width(), self.canvas.winfo_height()
-        if width <= 1:  # not laid out yet
-            return
         needed = self.inner.winfo_reqheight()
+        if width <= 1 or (width, height, needed) == self._laid_out:  # not laid out yet; or as it is
+            return
+        self._laid_out = (width, height, needed)
         self.scrolls = needed > height
         # height 0: the content's own; else stretched to the area's
         self.canvas.itemconfigure(self._item, width=width, height=0 if self.scrolls else height)
@@ -1414,15 +1421,33 @@ class ScrollArea:
     def _tag_for_wheel(self, widget) -> None:
         for child in widget.winfo_children():
             tags = child.bindtags()
-            if child.winfo_class() not in self.OWN_WHEEL and self._wheel_tag not in tags:
-                child.bindtags(tags[:1] + (self._wheel_tag,) + tags[1:])
+            if child.winfo_class() not in self.OWN_WHEEL and self._tag not in tags:
+                child.bindtags(tags[:1] + (self._tag,) + tags[1:])
             self._tag_for_wheel(child)
 
     def _on_wheel(self, event) -> str:
         if self.scrolls:
-            up = event.num == 4 or event.delta > 0  # X11 sends buttons 4/5, the others a delta
-            self.canvas.yview_scroll(-1 if up else 1, "units")
+            if event.num in (4, 5):  # X11: a button per notch
+                units = -1 if event.num == 4 else 1
+            elif sys.platform == "darwin":  # Tk on macOS: the delta is in lines already
+                units = -event.delta
+            else:  # Windows: 120 a notch, less per event from fine wheels and touchpads
+                self._wheel_rest += event.delta
+                units = -int(self._wheel_rest / 120)
+                self._wheel_rest += units * 120
+            if units:
+                self.canvas.yview_scroll(units, "units")
         return "break"  # not the widget class's binding too
+
+    def _forget_tag(self, event) -> None:
+        # bind_class's Tcl commands are not freed with the window before Python 3.11
+        if event.widget is self.outer:
+            for command in self._tag_commands:
+                try:
+                    self.outer._root().deletecommand(command)  # and off the root's list (3.11+ keeps one)
+                except tk.TclError:  # gone with the interpreter already
+                    pass
+            self._tag_commands = []
 
     def show(self, widget) -> None:
         """Scroll so that widget (inside the area) is in view."""
@@ -2693,6 +2718,9 @@ class App:
         visible = self.is_visible()
         if visible and self.current_page() is self.log_page:
             self.log_page.on_show()
+        page = self.current_page() if visible else None
+        if page is not None:
+            page.area.fit()
         self._ticks = getattr(self, "_ticks", 0) + 1
         every = (self.STATUS_VISIBLE_MS if visible else self.STATUS_HIDDEN_MS) // self.LOG_MS
         if self._ticks % every == 0:

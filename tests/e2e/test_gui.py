@@ -65,12 +65,19 @@ def xvfb():
 
 
 @pytest.fixture(scope="module")
-def laptop_screen(xvfb):
-    """A second display the size of a common laptop screen (1366x768); DISPLAY stays the large one."""
-    display, proc = start_xvfb("1366x768")
-    yield display
-    proc.terminate()
-    proc.wait(10)
+def screens(xvfb):
+    """screens(size): one more display of that size ("1366x768") per size asked for; DISPLAY
+    stays the large one."""
+    started = {}
+
+    def screen(size: str) -> str:
+        if size not in started:
+            started[size] = start_xvfb(size)
+        return started[size][0]
+    yield screen
+    for _display, proc in started.values():
+        proc.terminate()
+        proc.wait(10)
 
 
 def chat(url: str, model: str = "glm-5"):
@@ -531,18 +538,21 @@ def wheel_down(app, widget, clicks: int) -> None:
         app.settle()
 
 
-@pytest.mark.parametrize("scaling", [None, 1.25 * 96 / 72], ids=["1x", "1.25x"])
-def test_the_window_fits_a_laptop_screen_and_a_tall_page_scrolls(make_app, laptop_screen, home, scaling):
-    """On 1366x768 (at 1x, and at 125% scaling) the window is no taller than the screen less
-    room for a task bar; the Providers page, taller than that, scrolls with the wheel to
-    its last button, and a page that fits shows no scroll bar."""
-    app = make_app(display=laptop_screen, scaling=scaling)
+@pytest.mark.parametrize("size,scale", [("1366x768", 1.0), ("1366x768", 1.25), ("1920x1080", 1.5)],
+                         ids=["768-1x", "768-1.25x", "1080-1.5x"])
+def test_the_window_fits_a_laptop_screen_and_a_tall_page_scrolls(make_app, screens, home, size, scale):
+    """On common laptop screens (1366x768 at 100% and 125%, 1920x1080 at 150%) the window is
+    no larger than the screen less room for a task bar; the Providers page, taller than
+    that, scrolls with the wheel to its last button, nothing is cut off at the right, and a
+    page that fits shows no scroll bar."""
+    app = make_app(display=screens(size), scaling=scale * 96 / 72)
     root = app.root
     root.geometry("+0+0")  # on screen whole (there is no window manager to place it)
     app.settle()
-    assert (root.winfo_screenwidth(), root.winfo_screenheight()) == (1366, 768)
-    assert root.winfo_height() <= 768 - app.px(gui.SCREEN_MARGIN[1]), root.winfo_height()
-    assert root.winfo_width() <= 1366 - app.px(gui.SCREEN_MARGIN[0]), root.winfo_width()
+    screen_w, screen_h = map(int, size.split("x"))
+    assert (root.winfo_screenwidth(), root.winfo_screenheight()) == (screen_w, screen_h)
+    assert root.winfo_height() <= screen_h - app.px(gui.SCREEN_MARGIN[1]), root.winfo_height()
+    assert root.winfo_width() <= screen_w - app.px(gui.SCREEN_MARGIN[0]), root.winfo_width()
     page = app.providers_page
     app.select(page)
     app.settle()
@@ -561,7 +571,8 @@ def test_the_window_fits_a_laptop_screen_and_a_tall_page_scrolls(make_app, lapto
             assert page.area.canvas.yview()[0] > 0, "the wheel over a label did not scroll the page"
             wheel_down(app, page.area.bar, 15)
             assert in_view(page.area, last), "the wheel did not bring the page's end into view"
-            suffix = "%s-%s-%s" % (theme, language, "1x" if scaling is None else "1.25x")
+            assert page.frame.winfo_reqwidth() <= page.area.canvas.winfo_width(), "cut off at the right"
+            suffix = "%s-%s-%s-%sx" % (theme, language, size, scale)
             screenshot(app, "laptop-providers-end-" + suffix)
             app.select(app.log_page)
             app.settle()
@@ -569,5 +580,21 @@ def test_the_window_fits_a_laptop_screen_and_a_tall_page_scrolls(make_app, lapto
             screenshot(app, "laptop-log-" + suffix)
             app.select(page)
             app.settle()
-    # the content stays as wide as the window less the bar: nothing cut off at the right
-    assert page.frame.winfo_width() >= page.frame.winfo_reqwidth() - 2
+
+
+def test_a_page_that_grows_after_it_was_laid_out_gets_its_scroll_bar(make_app, screens, home):
+    """The update notice comes after start-up, when the Status page was laid out already; on
+    a short screen the page must then scroll down to it (the window's tick fits it again)."""
+    app = make_app(display=screens("1366x768"), scaling=1.25 * 96 / 72)
+    app.root.geometry("+0+0")
+    app.select(app.status_page)
+    app.settle()
+    area = app.status_page.area
+    assert not area.scrolls, "the test needs a Status page that fits at first"
+    app.service.backend.update.notice = lambda: {"latest": "99.0.0", "current": iflow2api.__version__,
+                                                 "url": "http://127.0.0.1:9/release"}
+    pump_until(app, lambda: area.scrolls and area.bar.winfo_ismapped(), timeout_s=10)
+    button = next(w for w in app.status_page.update_box.winfo_children() if w.winfo_class() == "TButton")
+    wheel_down(app, area.bar, 10)
+    assert in_view(area, button), "the update notice's button cannot be reached"
+    screenshot(app, "laptop-status-update-light-en-1366x768-1.25x")

@@ -257,8 +257,8 @@ class _UnlockedHandler(logging.Handler):
     logging holds a handler's lock around emit(), and so while the line is formatted. A
     lock that every request's log line takes, held while functions run, made all threads
     queue on it whenever the GIL changed hands inside (a lock convoy: at 32 clients, most
-    handler threads were found waiting there). emit() here needs no lock of its own: it
-    only appends to a deque, which is safe from any thread."""
+    handler threads were found waiting there). emit() here takes no lock for a line that
+    goes into a deque (an access line, a recent line while nobody waits for one)."""
 
     def handle(self, record):
         allowed = self.filter(record)
@@ -368,7 +368,7 @@ class BatchedStreamHandler(_UnlockedHandler, logging.StreamHandler):
     def emit(self, record):
         try:
             line = self.format(record) + self.terminator
-            if record.name != ACCESS_LOG.name or not self._flusher_running():
+            if record.name != ACCESS_LOG.name or self._closed or not self._flusher_running():
                 self._write(line)
                 return
             self._waiting.append(line)
@@ -383,10 +383,12 @@ class BatchedStreamHandler(_UnlockedHandler, logging.StreamHandler):
         self._write()
 
     def close(self):
-        self.flush()
-        self._closed = True
-        self._due.set()  # the flusher ends
-        super().close()
+        try:
+            self.flush()
+        finally:
+            self._closed = True  # from now on every line is written at once
+            self._due.set()  # the flusher ends
+            super().close()
 
     def _write(self, line: str = "") -> None:
         """The waiting access lines, then line, in one write."""
@@ -1380,9 +1382,8 @@ class IFlowCredentials:
     def __init__(self, config: Config, path: str = None):
         self.config = config
         self.path = path or iflow_settings_path()
-        self._stamp = None
-        self._data = {}
-        self._lock = threading.Lock()
+        self._read = (None, {})  # (the file's stat stamp, its contents): one attribute, read whole
+        self._lock = threading.Lock()  # for re-reading the file
 
     def _load(self) -> dict:
         try:
@@ -1390,17 +1391,18 @@ class IFlowCredentials:
             stamp = (st.st_mtime_ns, st.st_size)
         except OSError:
             stamp = None
+        read_stamp, data = self._read
+        if stamp == read_stamp:  # unchanged (or still missing): no lock, as every request asks
+            return data
         with self._lock:
-            if stamp != self._stamp:
+            if stamp != self._read[0]:
                 data, problem = ({}, None) if stamp is None else _read_settings(self.path)
                 if problem:
                     log.warning("%s", problem)
-                self._data, self._stamp = data, stamp
-                register_secret(self._data.get("apiKey"))
-                register_secret(self._data.get("searchApiKey"))
-                for key in ("oauth_access_token", "oauth_refresh_token"):
-                    register_secret(self._data.get(key))
-            return self._data
+                for key in ("apiKey", "searchApiKey", "oauth_access_token", "oauth_refresh_token"):
+                    register_secret(data.get(key))
+                self._read = (stamp, data)
+            return self._read[1]
 
     def data(self) -> dict:
         """The current settings.json contents (re-read only when the file changed)."""
@@ -1408,15 +1410,17 @@ class IFlowCredentials:
 
     def login(self) -> dict:
         """The login in one look at the file: api_key, base_url, auth_type, source."""
-        return self.login_from(self._load())
+        return self.login_from(self._load(), self.config.get("api_key"), self.config.get("base_url"))
 
-    def login_from(self, data: dict) -> dict:
-        """login() from settings.json contents already read (data())."""
+    def login_from(self, data: dict, api_key, base_url) -> dict:
+        """login() from settings.json contents already read (data()) and the config's
+        api_key and base_url (the fallbacks)."""
         from_file = data.get("apiKey") or data.get("searchApiKey")
-        key = from_file or usable_secret(self.config.get("api_key"))
+        key = from_file or usable_secret(api_key)
         register_secret(key)
+        file_url = data.get("baseUrl") if isinstance(data.get("baseUrl"), str) else ""  # a hand edit may put 5
         return {"api_key": key,
-                "base_url": (data.get("baseUrl") or self.config.get("base_url") or IFLOW_BASE_URL).rstrip("/"),
+                "base_url": (file_url or base_url or IFLOW_BASE_URL).rstrip("/"),
                 "auth_type": data.get("selectedAuthType") or ("api-key" if key else ""),
                 "source": self.path if from_file else (self.config.path if key else "")}
 
@@ -6148,6 +6152,11 @@ class Account:
                 "requests": self.requests, "errors": self.errors}
 
 
+def _same_objects(a, b) -> bool:
+    """Whether two tuples hold the very same objects (cheaper than comparing their contents)."""
+    return a is not None and b is not None and len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+
 class AccountSet:
     """The accounts (keys) of one provider; picks the least busy usable one.
 
@@ -6167,12 +6176,17 @@ class AccountSet:
         self._built_from = None  # the _sources() the list was last built from
 
     def accounts(self) -> list:
-        sources = self._sources()  # outside the lock: it may look at a file
-        if sources != self._built_from:
+        if not _same_objects(self._sources(), self._built_from):  # outside the lock: it may stat a file
             with self._lock:
+                # read again: a thread that read an older file before may only now get here
+                sources = self._sources()
                 if sources != self._built_from:
-                    self._rebuild(sources)
-                    self._built_from = sources  # after the swap: a reader that sees it sees the list
+                    try:
+                        self._rebuild(sources)
+                    finally:  # a list that cannot be built is kept, not retried on every call
+                        self._built_from = sources  # after the swap: a reader that sees it sees the list
+                else:
+                    self._built_from = sources  # equal, but new objects: compared by identity from now on
         return list(self._accounts.values())
 
     def get(self, account_id: str):
@@ -6263,9 +6277,9 @@ class AccountPool(AccountSet):
                 self.config.get("base_url"))
 
     def _rebuild(self, sources: tuple) -> None:
-        data = sources[0]
+        data, entries, api_key, base_url = sources
         fresh = collections.OrderedDict()
-        login = self.credentials.login_from(data)
+        login = self.credentials.login_from(data, api_key, base_url)
         if login["api_key"]:
             account = self._accounts.get(Account.PRIMARY) or Account(Account.PRIMARY)
             account.label = "iFlow CLI (%s)" % login["source"]
@@ -6273,8 +6287,11 @@ class AccountPool(AccountSet):
                           data.get("oauth_access_token"), data.get("oauth_refresh_token"),
                           data.get("oauth_expires_at"))
             fresh[account.id] = account
-        for entry in self.config.get("accounts") or []:
+        for entry in entries or []:
             if not isinstance(entry, dict) or not entry.get("id"):
+                continue
+            if not isinstance(entry.get("base_url") or "", str):
+                log.warning("config accounts: %s skipped: its base_url is not text", _shown(entry["id"]))
                 continue
             account = self._accounts.get(entry["id"]) or Account(str(entry["id"]))
             account.label = entry.get("label") or account.id
@@ -7220,7 +7237,10 @@ class TokenRefresher:
 
     def _run(self) -> None:
         while True:
-            self.check()
+            try:
+                self.check()
+            except Exception:  # a broken account entry must not end refreshing for the others
+                log.exception("token refresh check failed")
             if self._stop.wait(self.config["oauth_refresh_check_s"]):
                 return
 

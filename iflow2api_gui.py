@@ -1389,7 +1389,8 @@ class ScrollArea:
         self._tag = "IflowScroll%d" % id(self)
         self._tag_commands = [self.canvas.bind_class(self._tag, sequence, self._on_wheel)
                               for sequence in ("<MouseWheel>", "<Button-4>", "<Button-5>")]
-        self._tag_commands.append(self.canvas.bind_class(self._tag, "<FocusIn>", lambda e: self.show(e.widget)))
+        # <<TraverseIn>>: the focus came by Tab (not by the window being activated again)
+        self._tag_commands.append(self.canvas.bind_class(self._tag, "<<TraverseIn>>", lambda e: self.show(e.widget)))
         self.outer.bind("<Destroy>", self._forget_tag, add="+")
         for widget in (self.canvas, self.inner, self.bar):
             widget.bindtags((str(widget), self._tag) + widget.bindtags()[1:])
@@ -1429,9 +1430,11 @@ class ScrollArea:
         if self.scrolls:
             if event.num in (4, 5):  # X11: a button per notch
                 units = -1 if event.num == 4 else 1
-            elif sys.platform == "darwin":  # Tk on macOS: the delta is in lines already
+            elif sys.platform == "darwin" and abs(event.delta) < 120:  # Tk 8.6 on macOS: in lines
                 units = -event.delta
-            else:  # Windows: 120 a notch, less per event from fine wheels and touchpads
+            else:  # 120 a notch (Windows, newer Tk), less per event from fine wheels and touchpads
+                if (self._wheel_rest > 0) != (event.delta > 0):
+                    self._wheel_rest = 0  # the other way now: what was left of a notch is dropped
                 self._wheel_rest += event.delta
                 units = -int(self._wheel_rest / 120)
                 self._wheel_rest += units * 120

@@ -382,6 +382,53 @@ def test_credentials_follow_settings_json_changes(tmp_path):
     assert creds.api_key == "sk-two-2222222222"
 
 
+def test_a_broken_account_entry_or_settings_value_is_skipped_not_a_failure_per_request(tmp_path, caplog):
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"apiKey": "sk-primary-1111111", "baseUrl": 5}))  # a hand edit
+    config = I.Config(path=str(tmp_path / "c.json"), env={}, data={"accounts": [
+        {"id": "bad", "api_key": "sk-bad-22222222", "base_url": 5},
+        {"id": "good", "api_key": "sk-good-3333333", "base_url": "http://127.0.0.1:9/v1"}]})
+    pool = I.AccountPool(config, I.IFlowCredentials(config, str(settings)))
+    with caplog.at_level(logging.WARNING, logger="iflow2api"):
+        for _ in range(2):
+            assert [(a.id, a.base_url) for a in pool.accounts()] == [
+                (I.Account.PRIMARY, I.IFLOW_BASE_URL), ("good", "http://127.0.0.1:9/v1")]
+    assert sum("skipped" in r.getMessage() and "bad" in r.getMessage() for r in caplog.records) == 1  # once
+
+
+class _SourcesInTurn(I.AccountSet):
+    """An account set whose sources change between the look outside the lock and the one inside."""
+
+    def __init__(self, *sources):
+        super().__init__()
+        self.sources, self.built = list(sources), []
+
+    def _sources(self):
+        return self.sources.pop(0) if len(self.sources) > 1 else self.sources[0]
+
+    def _rebuild(self, sources):
+        self.built.append(sources)
+        if sources == ("broken",):
+            raise ValueError("cannot build")
+        self._accounts = {name: I.Account(name) for name in sources}
+
+
+def test_the_account_list_is_built_from_what_the_sources_say_under_the_lock():
+    # the first look (outside the lock) saw an older file; another thread may have built the
+    # newer one meanwhile: the list must never go back to the older one
+    accounts = _SourcesInTurn(("old",), ("new",))
+    assert [a.id for a in accounts.accounts()] == ["new"] and accounts.built == [("new",)]
+
+
+def test_an_account_list_that_cannot_be_built_fails_once_and_the_last_one_stays():
+    accounts = _SourcesInTurn(("a",), ("a",), ("broken",))
+    assert [a.id for a in accounts.accounts()] == ["a"]
+    with pytest.raises(ValueError):
+        accounts.accounts()
+    assert [a.id for a in accounts.accounts()] == ["a"]  # not rebuilt (and failed) on every call
+    assert accounts.built == [("a",), ("broken",)]
+
+
 # -- redaction ----------------------------------------------------------------------------
 
 def test_secrets_never_reach_log_handlers(caplog):
@@ -541,7 +588,7 @@ def test_the_cheap_tests_before_the_secret_patterns_change_nothing(text):
     slow = text
     for pattern, replacement, _needed in I._SECRET_PATTERNS:
         slow = pattern.sub(replacement, slow)
-    with mock.patch.object(I, "_known_secrets", set()):  # what other tests registered
+    with mock.patch.object(I, "_known_secrets", ()):  # what other tests registered
         assert I.redact(text) == slow
 
 

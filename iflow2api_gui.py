@@ -2719,11 +2719,11 @@ class App:
         if self._closing:
             return
         visible = self.is_visible()
-        if visible and self.current_page() is self.log_page:
-            self.log_page.on_show()
         page = self.current_page() if visible else None
         if page is not None:
             page.area.fit()
+        if page is self.log_page:
+            self.log_page.on_show()
         self._ticks = getattr(self, "_ticks", 0) + 1
         every = (self.STATUS_VISIBLE_MS if visible else self.STATUS_HIDDEN_MS) // self.LOG_MS
         if self._ticks % every == 0:

@@ -5,6 +5,7 @@ import io
 import json
 import logging
 import os
+import re
 import socket
 import stat
 import threading
@@ -703,41 +704,56 @@ def _record(name, level, message):
     return logging.LogRecord(name, level, "(test)", 0, message, None, None)
 
 
-def _batched(stream, flush_after_s):
-    handler = I.BatchedStreamHandler(stream)
+def _stderr_handler(stream):
+    handler = I.StderrHandler(stream)
     handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-    handler.FLUSH_AFTER_S = flush_after_s
     return handler
 
 
-def test_access_lines_wait_for_a_batch_and_any_other_line_writes_them_first():
+def test_each_line_is_written_at_once():
     stream = io.StringIO()
-    handler = _batched(stream, 60.0)  # the flusher never comes in time here
-    for n in range(3):
-        handler.handle(_record(I.ACCESS_LOG.name, logging.INFO, "request %d" % n))
-    assert stream.getvalue() == ""  # no write per request
-    handler.handle(_record("iflow2api", logging.INFO, "listening"))  # not an access line: at once
-    assert stream.getvalue().splitlines() == ["INFO request 0", "INFO request 1", "INFO request 2", "INFO listening"]
-    handler.handle(_record(I.ACCESS_LOG.name, logging.INFO, "request 3"))
-    handler.flush()  # as logging.shutdown() does at exit
-    assert stream.getvalue().splitlines()[-1] == "INFO request 3"
+    handler = _stderr_handler(stream)
+    handler.handle(_record(I.ACCESS_LOG.name, logging.INFO, "request 0"))
+    assert stream.getvalue() == "INFO request 0\n"  # no batch, no flush needed
+    handler.handle(_record("iflow2api", logging.WARNING, "listening"))
+    assert stream.getvalue().splitlines() == ["INFO request 0", "WARNING listening"]
 
 
-def test_waiting_access_lines_are_written_after_a_short_while_without_a_flush():
-    stream = io.StringIO()
-    handler = _batched(stream, 0.05)
-    handler.handle(_record(I.ACCESS_LOG.name, logging.INFO, "first"))
-    assert wait_until(lambda: stream.getvalue() == "INFO first\n", timeout_s=5)
-    handler.handle(_record(I.ACCESS_LOG.name, logging.INFO, "second"))  # the flusher, asleep, wakes
-    assert wait_until(lambda: stream.getvalue() == "INFO first\nINFO second\n", timeout_s=5)
+class _SlowStream(io.StringIO):
+    """Hands the GIL over in the middle of every write, as a write to a pipe may."""
+
+    def write(self, text):
+        half = len(text) // 2
+        super().write(text[:half])
+        time.sleep(0.0005)
+        return super().write(text[half:])
 
 
-def test_a_full_batch_is_written_at_once():
-    stream = io.StringIO()
-    handler = _batched(stream, 60.0)
-    for n in range(handler.MAX_WAITING):
-        handler.handle(_record(I.ACCESS_LOG.name, logging.INFO, "r%d" % n))
-    assert len(stream.getvalue().splitlines()) == handler.MAX_WAITING
+def test_lines_from_many_threads_come_out_whole_and_in_order():
+    stream = _SlowStream()
+    handler = _stderr_handler(stream)
+
+    def log_lines(name):
+        for n in range(50):
+            handler.handle(_record(I.ACCESS_LOG.name, logging.INFO, "%s-%02d" % (name, n)))
+    threads = [threading.Thread(target=log_lines, args=("t%d" % t,)) for t in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 400 and all(re.fullmatch(r"INFO t\d-\d\d", line) for line in lines)
+    for t in range(8):
+        assert [line for line in lines if line.startswith("INFO t%d-" % t)] == ["INFO t%d-%02d" % (t, n) for n in range(50)]
+
+
+def test_no_stream_is_no_error():
+    handler = _stderr_handler(io.StringIO())
+    handler.stream = None  # pythonw on Windows starts without stderr
+    errors = []
+    handler.handleError = errors.append
+    handler.handle(_record("iflow2api", logging.ERROR, "nowhere to go"))
+    assert errors == []
 
 
 def test_the_line_formatter_writes_the_time_as_logging_does():

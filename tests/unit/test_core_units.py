@@ -1,4 +1,5 @@
 """Pure parts of the core: signature, per-model tweaks, reasoning, SSE, config, redaction."""
+import collections
 import hashlib
 import hmac
 import io
@@ -765,3 +766,33 @@ def test_the_line_formatter_writes_the_time_as_logging_does():
         record.created, record.msecs = created, int((created - int(created)) * 1000)
         assert cached.format(record) == plain.format(record)
         assert short_cached.format(record) == short.format(record)
+
+
+def test_random_ids_are_24_base62_characters_drawn_evenly():
+    ids = [I.new_random_id("msg_") for _ in range(20000)]
+    assert len(set(ids)) == len(ids)
+    assert all(re.fullmatch(r"msg_[0-9A-Za-z]{24}", i) for i in ids)
+    counts = collections.Counter("".join(i[4:] for i in ids))
+    assert len(counts) == 62
+    # 480,000 characters, about 7,742 of each: a byte taken modulo 62 would give "0".."7" 25% more
+    assert max(counts.values()) < 1.15 * min(counts.values())  # chance alone: under 1.07
+
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.text() | st.integers() | st.booleans() | st.none() | st.floats(allow_nan=False), inner, max_size=4),
+    max_leaves=20)
+
+
+@given(_JSON_VALUES)
+def test_compact_json_is_json_dumps_with_our_options(value):
+    assert I.compact_json(value) == json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def test_compact_json_refuses_what_dumps_refuses():
+    for value in ({"a": object()}, {(1, 2): "tuple key"}, [b"bytes"]):
+        with pytest.raises(TypeError):
+            json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+        with pytest.raises(TypeError):
+            I.compact_json(value)

@@ -316,7 +316,7 @@ def check_loaded_config(config):
     try:
         backend.has_credentials()
         for route in backend.routes.values():
-            route.catalogue.static_ids()
+            route.catalogue.known_ids()
     finally:
         backend.close()
 

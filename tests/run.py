@@ -128,12 +128,20 @@ def ensure_gui_tools() -> None:
         apt_install(*missing)
 
 
+def ensure_valgrind() -> None:
+    """valgrind for bench/instructions.py's test (installed under CI only)."""
+    if shutil.which("valgrind") is None and in_ci():
+        print("tests/run.py: installing valgrind", flush=True)
+        apt_install("valgrind")
+
+
 def main(argv) -> int:
     python = ensure_venv()
     install_claude_code()
     install_codex()
     ensure_chromium()
     ensure_gui_tools()
+    ensure_valgrind()
     ensure_container_tools()
     fetch_docs_viewers()
     env = dict(os.environ)

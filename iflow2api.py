@@ -214,7 +214,8 @@ def _compact_json_encoder():
     if make is None:  # a Python without json's C accelerator
         return json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
     encode = make(None, json.JSONEncoder().default, json.encoder.encode_basestring, None, ":", ",",
-                  False, False, True)  # no circular check (markers None); NaN allowed, as in dumps()
+                  False, False, True)  # NaN allowed, as in dumps(); no circular check (markers None):
+    # a value that holds itself raises RecursionError, not ValueError (ours never do)
     return lambda obj: "".join(encode(obj, 0))
 
 
@@ -374,7 +375,7 @@ class StderrHandler(_UnlockedHandler, logging.StreamHandler):
             with self.lock:
                 if self.stream is not None:  # pythonw on Windows: no stderr
                     self.stream.write(line)
-                    self.stream.flush()
+                    self.flush()
         except Exception:  # a broken record or stream must never break serving
             self.handleError(record)
 
@@ -8779,7 +8780,8 @@ class Api:
         renamed = client_model if client_model != upstream_model else None
         if is_stream and "text/event-stream" in upstream.content_type:
             return self._stream_response(req, upstream, release, renamed)
-        result = _parse_completion(_read_all(upstream, release))
+        raw = _read_all(upstream, release)
+        result = _parse_completion(raw)
         _log_usage(req, result.get("usage"))
         if renamed:
             result["model"] = renamed
@@ -8787,10 +8789,14 @@ class Api:
             chunks = completion_to_chunks(result)
             return _sse_response(b"".join(encode_sse_data(json.dumps(c, ensure_ascii=False))
                                           for c in chunks) + encode_sse_data("[DONE]"))
+        messages = [choice["message"] for choice in result["choices"]
+                    if isinstance(choice, dict) and isinstance(choice.get("message"), dict)]
+        if not renamed and not any(map(_carries_reasoning, messages)) and _is_utf8_object(raw):
+            # Nothing to change: the body as it came (encoding it again was 4% of the request's work)
+            return Response(200, raw, [("content-type", "application/json")])
         preserve = self.config.get("preserve_reasoning_content")
-        for choice in result.get("choices") or []:
-            if isinstance(choice, dict) and isinstance(choice.get("message"), dict):
-                normalize_reasoning_message(choice["message"], preserve)
+        for message in messages:
+            normalize_reasoning_message(message, preserve)
         return Response.json(result)
 
     def _routing_name(self, req: Request, client_model: str, has_images=False, thinking=False,
@@ -8811,7 +8817,8 @@ class Api:
         if scenario is not None:
             req.log["rule"] = "scenario:" + scenario[0]
             return scenario[1]
-        known = frozenset().union(*[route.catalogue.known_ids() for route in routes.values()])
+        known_by_route = [route.catalogue.known_ids() for route in routes.values()]
+        known = known_by_route[0] if len(known_by_route) == 1 else frozenset().union(*known_by_route)
         name = resolve_model(client_model, config["model_map"], known, config.get("default_model") or DEFAULT_MODEL)
         req.log["rule"] = "model" if name == client_model else "model_map"
         return name
@@ -9532,6 +9539,17 @@ def _read_all(upstream: UpstreamResponse, release=None) -> bytes:
         upstream.close()
         if release is not None:
             release()
+
+
+def _carries_reasoning(message: dict) -> bool:
+    """Whether normalize_reasoning_message() has something to do in this message."""
+    return isinstance(message.get("reasoning_content"), str) or isinstance(message.get("reasoning"), str)
+
+
+def _is_utf8_object(raw: bytes) -> bool:
+    """Whether a body json.loads() accepted is a UTF-8 object as it stands (json.loads also
+    takes UTF-16 and UTF-32, whose "{" is followed by a zero byte, and a byte order mark)."""
+    return raw[:1] == b"{" and raw[1:2] != b"\x00"
 
 
 def _parse_completion(raw: bytes) -> dict:

@@ -13,7 +13,8 @@ worth 3% needs many alternating runs to show. Counted instructions move by about
 Our server runs under `valgrind --tool=callgrind` against the fake upstream, which sends
 streams of one chunk: a stream's figure is then mostly what comes before its first event.
 For each route, requests go one after another on one kept-alive connection. After a warm-up
-the counters are zeroed, --requests requests are made, and the counters are read. The figure
+callgrind dumps its counters (which starts them again from zero), --requests requests are
+made, and a second dump is read. The figure
 is the user-space instructions of every thread of the server divided by the requests; the
 kernel's work for our system calls is not in it, nor is time spent waiting, so pair it with
 bench/run.py's CPU figures.
@@ -24,7 +25,6 @@ the same either way. Needs valgrind (Debian: apt install valgrind).
 """
 
 import argparse
-import glob
 import http.client
 import json
 import os
@@ -64,10 +64,15 @@ class ServerUnderValgrind:
         env.update(HOME=str(self.home), IFLOW2API_HOME=str(self.home / ".iflow2api"),
                    IFLOW2API_NO_UPDATE_CHECK="1", NO_PROXY="*")
         self.log = open(self.home / "server.log", "wb")
-        self.proc = subprocess.Popen(["valgrind", "--tool=callgrind", "--callgrind-out-file=%s" % self.out,
-                                      sys.executable, "-c", run], env=env, stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
         self.conn = None
+        try:
+            self.proc = subprocess.Popen(["valgrind", "--tool=callgrind", "--callgrind-out-file=%s" % self.out,
+                                          sys.executable, "-c", run], env=env, stdout=self.log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        except OSError:
+            self.log.close()
+            shutil.rmtree(self.home, ignore_errors=True)
+            raise
 
     def wait_healthy(self, timeout_s: float = 180.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -93,20 +98,18 @@ class ServerUnderValgrind:
             if answer.status != 200:
                 raise RuntimeError("%s answered %d" % (path, answer.status))
 
-    def callgrind(self, *args) -> None:
-        subprocess.run(["callgrind_control", *args, str(self.proc.pid)], check=True, capture_output=True)
-
-    def instructions(self) -> int:
-        """Instructions since the last zeroing (a dump, read back)."""
-        self.callgrind("--dump=measured")
-        for _ in range(100):  # callgrind writes the dump at the server's next scheduling point
-            dumps = sorted(glob.glob(str(self.out) + ".*"))
-            text = Path(dumps[-1]).read_text() if dumps else ""
-            found = re.search(r"^totals: (\d+)", text, re.M)
+    def dump(self, number: int) -> int:
+        """Instructions since the last dump (or the start), from callgrind's dump `number`.
+        A dump starts the counters again from zero; callgrind_control reports success even
+        when it did not reach the process, so the dump's file is what proves it happened."""
+        subprocess.run(["callgrind_control", "--dump", str(self.proc.pid)], check=True, capture_output=True)
+        path = Path("%s.%d" % (self.out, number))
+        for _ in range(100):  # written at the server's next scheduling point
+            found = re.search(r"^totals: (\d+)$", path.read_text() if path.exists() else "", re.M)
             if found:
                 return int(found.group(1))
             time.sleep(0.1)
-        raise RuntimeError("callgrind wrote no dump")
+        raise RuntimeError("callgrind wrote no dump %d (%s)" % (number, path))
 
     def stop(self) -> None:
         if self.conn is not None:
@@ -125,9 +128,9 @@ def instructions_per_request(ours: Path, upstream_url: str, route: str, count: i
     try:
         server.wait_healthy()
         server.requests(path, data, WARM_UP)  # the connection's thread, caches and lazy imports
-        server.callgrind("--zero")
+        server.dump(1)  # start-up and warm-up: not counted
         server.requests(path, data, count)
-        return server.instructions() / count
+        return server.dump(2) / count
     finally:
         server.stop()
 

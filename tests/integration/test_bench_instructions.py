@@ -37,4 +37,4 @@ def test_more_work_per_request_shows_in_the_count(fake_upstream, tmp_path):
     assert 100e3 < ours < 10e6  # a request's work, not a start-up's (hundreds of millions)
     assert more - ours > 1e6
     # 20 to warm up and 10 counted for each of the two, every one answered by the fake upstream
-    assert len(fake_upstream.requests) == 60
+    assert len(fake_upstream.chat_requests()) == 60

@@ -139,6 +139,24 @@ def test_reasoning_preserve_mode(start_server, fake_upstream, home):
     assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == "thought"
 
 
+def test_an_answer_with_nothing_to_change_arrives_as_the_upstream_sent_it(server, fake_upstream):
+    as_sent = json.dumps(completion("grüße"), indent=2).encode("utf-8")  # spaced, non-ASCII
+    fake_upstream.push(Reply(body=as_sent))
+    status, headers, body = http(server, "POST", "/v1/chat/completions",
+                                 {"model": "glm-5", "messages": [{"role": "user", "content": "hi"}]})
+    assert (status, headers["content-type"], body) == (200, "application/json", as_sent)
+
+
+def test_an_answer_in_utf16_or_to_change_is_sent_again_as_compact_utf8(server, fake_upstream):
+    fake_upstream.push(Reply(body=json.dumps(completion("grüße")).encode("utf-16-le")),
+                       Reply(body=json.dumps(completion("4", reasoning="2+2")).encode("utf-8")))
+    for content in ("grüße", "2+2\n\n4"):
+        status, _, body = http(server, "POST", "/v1/chat/completions",
+                               {"model": "glm-5", "messages": [{"role": "user", "content": "hi"}]})
+        assert status == 200 and json.loads(body)["choices"][0]["message"]["content"] == content
+        assert body == I.compact_json(json.loads(body)).encode("utf-8")
+
+
 def test_stream_request_answered_with_json_is_replayed_as_sse(server, fake_upstream):
     fake_upstream.push(Reply(body=completion("whole answer")))
     text = "".join(c.choices[0].delta.content or "" for c in ask(server, stream=True) if c.choices)

@@ -7,8 +7,8 @@ with the machine's load, for comparing two versions of the code.
     python3 bench/instructions.py --route responses-stream --requests 500
 
 Timings on a shared machine move by 20% between runs (bench/README.md, Results), so a change
-worth 3% needs many alternating runs to show. Counted instructions move by about 1%
-(the server's own background threads, such as the usage history's writer, are counted too).
+worth 3% needs many alternating runs to show. Counted instructions of the same code move by
+about 0.1% (the server's own background threads, such as the usage history's writer, count too).
 
 Our server runs under `valgrind --tool=callgrind` against the fake upstream, which sends
 streams of one chunk: a stream's figure is then mostly what comes before its first event.

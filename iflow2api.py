@@ -1644,6 +1644,11 @@ def usage_table(rows) -> list:
 # clocks, files or randomness here. Tests: tests/unit/test_anthropic_translation.py,
 # tests/unit/test_responses_translation.py.
 
+def carries_reasoning(message: dict) -> bool:
+    """Whether normalize_reasoning_message() has something to do in this message."""
+    return isinstance(message.get("reasoning_content"), str) or isinstance(message.get("reasoning"), str)
+
+
 def normalize_reasoning_message(message: dict, preserve: bool) -> dict:
     """Apply `preserve_reasoning_content` to a non-streaming assistant message.
 
@@ -1653,11 +1658,11 @@ def normalize_reasoning_message(message: dict, preserve: bool) -> dict:
     when the model answered only there (GLM-5 does), so content-only clients work.
     Providers that name the field `reasoning` (OpenRouter, Ollama) are read the same
     way and answer with `reasoning_content`."""
-    if isinstance(message.get("reasoning"), str) and not isinstance(message.get("reasoning_content"), str):
-        message["reasoning_content"] = message.pop("reasoning")
-    reasoning = message.get("reasoning_content")
-    if not isinstance(reasoning, str):
+    if not carries_reasoning(message):
         return message
+    if not isinstance(message.get("reasoning_content"), str):
+        message["reasoning_content"] = message.pop("reasoning")
+    reasoning = message["reasoning_content"]
     content = message.get("content")
     content = content if isinstance(content, str) else ""
     if preserve:
@@ -8791,7 +8796,7 @@ class Api:
                                           for c in chunks) + encode_sse_data("[DONE]"))
         messages = [choice["message"] for choice in result["choices"]
                     if isinstance(choice, dict) and isinstance(choice.get("message"), dict)]
-        if not renamed and not any(map(_carries_reasoning, messages)) and _is_utf8_object(raw):
+        if not renamed and not any(map(carries_reasoning, messages)) and _is_utf8_object(raw):
             # Nothing to change: the body as it came (encoding it again was 4% of the request's work)
             return Response(200, raw, [("content-type", "application/json")])
         preserve = self.config.get("preserve_reasoning_content")
@@ -9539,11 +9544,6 @@ def _read_all(upstream: UpstreamResponse, release=None) -> bytes:
         upstream.close()
         if release is not None:
             release()
-
-
-def _carries_reasoning(message: dict) -> bool:
-    """Whether normalize_reasoning_message() has something to do in this message."""
-    return isinstance(message.get("reasoning_content"), str) or isinstance(message.get("reasoning"), str)
 
 
 def _is_utf8_object(raw: bytes) -> bool:

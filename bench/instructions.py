@@ -25,7 +25,6 @@ the same either way. Needs valgrind (Debian: apt install valgrind).
 """
 
 import argparse
-import http.client
 import json
 import os
 import re
@@ -36,9 +35,10 @@ import sys
 import tempfile
 import time
 import types
+from http.client import HTTPConnection
 from pathlib import Path
 
-from run import BENCH, Fake, build_tools, free_port, log, write_iflow_settings
+from run import BENCH, Fake, build_tools, free_port, http, log, write_iflow_settings
 
 HI = [{"role": "user", "content": "hi"}]
 ROUTES = {  # name: (path, request body)
@@ -79,15 +79,10 @@ class ServerUnderValgrind:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError("the server ended before answering: see %s" % self.log.name)
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-                conn.request("GET", "/health")
-                if conn.getresponse().status == 200:
-                    self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-                    conn.close()
-                    return
-            except OSError:
-                time.sleep(0.2)
+            if http("GET", "http://127.0.0.1:%d/health" % self.port, timeout=30)[0] == 200:
+                self.conn = HTTPConnection("127.0.0.1", self.port, timeout=60)
+                return
+            time.sleep(0.2)
         raise RuntimeError("the server did not answer /health within %.0f s" % timeout_s)
 
     def requests(self, path: str, body: bytes, count: int) -> None:
